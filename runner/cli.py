@@ -1,0 +1,98 @@
+"""`lilgatsby`: train one experiment, sweep a grid on Ray, rebuild an index, verify a recording."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from runner.config import ConfigError, load_runs
+from runner.corpus import CorpusError
+
+log = logging.getLogger("runner.cli")
+EXIT_BAD_INPUT = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lilgatsby", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def experiment_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("experiment", type=Path, help="experiment YAML file")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set train.steps=40 (repeatable)")
+        p.add_argument("--corpus", metavar="PATH", help="the book as a local file (same as --set corpus.path=PATH)")
+        p.add_argument("--runs", type=Path, default=Path("runs"), help="runs root (default: runs/)")
+        p.add_argument("--force", action="store_true", help="train again even if the run is complete")
+
+    train = sub.add_parser("train", help="run one experiment locally, without Ray")
+    experiment_args(train)
+    train.add_argument("--out", type=Path, help="run directory (default: <runs>/<name>/<run id>/)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    index = sub.add_parser("index", help="rebuild index.jsonl/index.csv from the run manifests")
+    index.add_argument("runs_dir", type=Path, help="a runs root or one experiment's directory")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from runner.index import rebuild_index
+    from runner.train import is_complete, run
+
+    overrides = args.overrides + ([f"corpus.path={args.corpus}"] if args.corpus else [])
+    runs = load_runs(args.experiment, overrides)
+    if len(runs) != 1:
+        raise ConfigError(f"{args.experiment}: grid: has {len(runs)} runs; use `lilgatsby sweep` for grids")
+    (spec,) = runs
+    run_dir = args.out or args.runs / spec.experiment.name / spec.run_id
+    if not args.force and is_complete(run_dir, spec.experiment):
+        log.info("%s is already complete (use --force to train again)", run_dir)
+        return 0
+    manifest = run(spec.experiment, run_dir, overrides=spec.overrides, progress=not args.quiet)
+    if args.out is None:
+        rebuild_index(run_dir.parent)
+    for prompt, text in manifest["samples"].items():
+        print(f"{prompt!r} -> {text!r}")
+    metrics = manifest["metrics"]
+    print(f"{run_dir}: final loss {metrics['final_loss']:.4f}, {metrics['steps_per_s']:.1f} steps/s, "
+          f"{manifest['recording']['bytes'] / 2**20:.1f} MiB recording, {manifest['n_params']:,} parameters")
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from runner.index import experiment_dirs, rebuild_index
+
+    if not args.runs_dir.is_dir():
+        raise ConfigError(f"{args.runs_dir}: not a directory")
+    dirs = experiment_dirs(args.runs_dir)
+    if not dirs:
+        raise ConfigError(f"{args.runs_dir}: no run directories (with run.json) found")
+    for d in dirs:
+        rows = rebuild_index(d)
+        print(f"{d}: {len(rows)} runs indexed")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:  # step lines go to train.log; the console has a bar
+        handler.addFilter(lambda record: not record.name.startswith("runner.progress"))
+    logging.getLogger("runner").setLevel(logging.INFO)
+    commands = {"train": cmd_train, "index": cmd_index}
+    try:
+        with logging_redirect_tqdm():
+            return commands[args.command](args)
+    except (ConfigError, CorpusError) as e:
+        print(f"lilgatsby: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("lilgatsby: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""Experiment files: typed dataclasses, validated when loaded, expanded into runs.
+
+One YAML format serves single runs and sweeps:
+
+    name: lil_gatsby
+    include: base.yaml            # optional: another experiment file used as base
+    corpus: {...}  model: {...}  train: {...}  record: {...}  resources: {...}
+    grid:                         # optional: dotted key -> list of values; runs = cartesian product
+      train.seed: {range: [0, 8]}
+      train.precision: [bf16-true, bf16-mixed]
+
+Every error is a one-line `ConfigError` naming the file, the key and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+RECORDED_TENSORS = ("W", "grads", "momentum", "variance", "logits", "loss")
+MAX_GRID_RUNS = 10_000
+MAX_STEPS = 10_000_000
+
+
+class ConfigError(ValueError):
+    """A bad experiment file, override or value; the message is one line naming file and key."""
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    path: str | None = None  # the book as a local file; None: $LILGATSBY_CORPUS, data/ cache, download
+    ascii: Literal["drop", "map"] = "drop"  # how non-ASCII characters become 7-bit ASCII
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 128  # the ASCII tokenizer has exactly 128 tokens
+    context_length: int = 128  # tokens per training window
+    n_positions: int = 128  # GPT-2 position embeddings; >= context_length
+    hidden_dim: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 10_000
+    batch_size: int = 32
+    lr: float = 1.0e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1.0e-8
+    seed: int = 42
+    precision: Literal["bf16-true", "bf16-mixed", "fp32"] = "bf16-true"
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    threads: int | None = None  # torch intra-op threads; None: all cores (or the CPUs Ray assigned)
+
+
+@dataclass(frozen=True)
+class RecordConfig:
+    every: int = 1  # record steps 0, every, 2*every, ... <= steps
+    tensors: tuple[str, ...] = RECORDED_TENSORS
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """What one run asks Ray for; scheduling only, so not part of the run id."""
+
+    cpus_per_run: float = 1.0
+    gpus_per_run: float = 1.0  # used only when the cluster has GPUs; fractions share a GPU
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    record: RecordConfig = field(default_factory=RecordConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @property
+    def run_id(self) -> str:
+        """Short stable hash of everything that determines the run's results. Not part of it: the
+        resources (scheduling only) and corpus.path (where the book is, not what it is; the
+        corpus's sha256 is in the manifest)."""
+        identity = {k: v for k, v in self.to_dict().items() if k != "resources"}
+        identity["corpus"] = {k: v for k, v in identity["corpus"].items() if k != "path"}
+        blob = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One point of an experiment's grid: the resolved config and the grid values that made it."""
+
+    experiment: Experiment
+    overrides: dict[str, Any]
+
+    @property
+    def run_id(self) -> str:
+        return self.experiment.run_id
+
+
+# --- value checks beyond types: (dotted key, predicate(value, experiment), requirement) ---
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+_RULES: list[tuple[str, typing.Callable[[Any, Experiment], bool], str]] = [
+    ("name", lambda v, e: bool(_NAME_RE.fullmatch(v)) and ".." not in v,
+     "must be 1-100 characters of letters, digits, '_', '.', '-' (it names a directory)"),
+    ("model.vocab_size", lambda v, e: v == 128, "must be 128: the tokenizer is ASCII-128"),
+    ("model.n_positions", lambda v, e: 1 <= v <= 65536, "must be between 1 and 65536"),
+    ("model.context_length", lambda v, e: 1 <= v <= e.model.n_positions,
+     "must be between 1 and model.n_positions"),
+    ("model.n_heads", lambda v, e: 1 <= v <= 1024, "must be between 1 and 1024"),
+    ("model.hidden_dim", lambda v, e: 1 <= v <= 65536 and v % e.model.n_heads == 0,
+     "must be a positive multiple of model.n_heads"),
+    ("model.n_layers", lambda v, e: 1 <= v <= 1024, "must be between 1 and 1024"),
+    ("train.steps", lambda v, e: 1 <= v <= MAX_STEPS, f"must be between 1 and {MAX_STEPS:,}"),
+    ("train.batch_size", lambda v, e: 1 <= v <= 65536, "must be between 1 and 65536"),
+    ("train.lr", lambda v, e: 0 < v <= 10, "must be > 0 and <= 10"),
+    ("train.betas", lambda v, e: all(0 <= b < 1 for b in v), "must both be in [0, 1)"),
+    ("train.eps", lambda v, e: 0 < v <= 1, "must be > 0 and <= 1"),
+    ("train.seed", lambda v, e: 0 <= v < 2**63, "must be between 0 and 2**63 - 1"),
+    ("train.threads", lambda v, e: v is None or 1 <= v <= 1024, "must be null or between 1 and 1024"),
+    ("record.every", lambda v, e: 1 <= v <= e.train.steps, "must be between 1 and train.steps"),
+    ("record.tensors", lambda v, e: set(v) <= set(RECORDED_TENSORS) and len(set(v)) == len(v),
+     f"must be distinct names from {list(RECORDED_TENSORS)}"),
+    ("resources.cpus_per_run", lambda v, e: 0 < v <= 1024, "must be > 0 and <= 1024"),
+    ("resources.gpus_per_run", lambda v, e: 0 <= v <= 64, "must be between 0 and 64"),
+]
+
+
+def _get(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it in the dataclass's type."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: must be one of {list(args)} (got {value!r})")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: must be a list (got {value!r})")
+        if args[-1] is Ellipsis:
+            return tuple(_coerce(args[0], v, key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: must be a list of {len(args)} values (got {value!r})")
+        return tuple(_coerce(a, v, key) for a, v in zip(args, value))
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number (got {value!r})")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: must be an integer (got {value!r})")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: must be a string (got {value!r})")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in this module, not user input
+
+
+def _build(cls: type, data: Any, prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'top level'}: must be a mapping (got {data!r})")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in fields(cls)]
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in known:
+            raise ConfigError(f"{key}: unknown key (known: {', '.join(known)})")
+        tp = hints[name]
+        kwargs[name] = _build(tp, value, key + ".") if is_dataclass(tp) else _coerce(tp, value, key)
+    missing = [f.name for f in fields(cls)
+               if f.name not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{prefix}{missing[0]}: required key is missing")
+    return cls(**kwargs)
+
+
+def build_experiment(data: dict) -> Experiment:
+    """Type-check and value-check a plain dict (one run's config) into an Experiment."""
+    exp = _build(Experiment, data)
+    for key, ok, requirement in _RULES:
+        value = _get(exp, key)
+        if not ok(value, exp):
+            raise ConfigError(f"{key}: {requirement} (got {value!r})")
+    return exp
+
+
+# --- files, includes, overrides and grids ---
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such experiment file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: invalid YAML{line}: {problem}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections (got {type(data).__name__})")
+    return data
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _load_with_includes(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: include: cycle ({' -> '.join(p.name for p in (*seen, path))})")
+    data = _read_yaml(path)
+    include = data.pop("include", None)
+    if include is None:
+        return data
+    if not isinstance(include, str):
+        raise ConfigError(f"{path}: include: must be a file path (got {include!r})")
+    base = _load_with_includes(path.parent / include, (*seen, path))
+    return _deep_merge(base, data)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    node = data
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {part} is not a section")
+        node = child
+    node[last] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.steps=40` -> ("train.steps", 40); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w.]*", key):
+        raise ConfigError(f"--set {text!r}: expected key=value with a dotted key, e.g. train.steps=40")
+    try:
+        return key, yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML") from None
+
+
+def _grid_values(key: str, spec: Any) -> list:
+    if isinstance(spec, dict) and set(spec) == {"range"}:
+        bounds = spec["range"]
+        if (not isinstance(bounds, list) or len(bounds) not in (2, 3)
+                or not all(isinstance(b, int) and not isinstance(b, bool) for b in bounds)):
+            raise ConfigError(f"grid.{key}: range must be [start, stop] or [start, stop, step] integers "
+                              f"(got {bounds!r})")
+        if len(bounds) == 3 and bounds[2] == 0:
+            raise ConfigError(f"grid.{key}: range step must not be 0")
+        # len(range) is computed without materialising, so a huge range is refused cheaply later.
+        return range(*bounds)  # type: ignore[return-value]
+    if not isinstance(spec, list):
+        raise ConfigError(f"grid.{key}: must be a list of values or {{range: [start, stop]}} (got {spec!r})")
+    return spec
+
+
+def load_runs(path: str | Path, overrides: typing.Iterable[str] = ()) -> list[Run]:
+    """Read an experiment file (with includes, `--set` overrides and grid) into validated runs."""
+    path = Path(path)
+    data = _load_with_includes(path)
+    try:
+        return _expand(data, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def _expand(data: dict, overrides: typing.Iterable[str]) -> list[Run]:
+    grid = data.pop("grid", None) or {}
+    if not isinstance(grid, dict):
+        raise ConfigError(f"grid: must be a mapping of dotted keys to lists (got {grid!r})")
+    for text in overrides:
+        key, value = parse_override(text)
+        grid.pop(key, None)  # an explicit --set wins over the grid
+        _set_dotted(data, key, value)
+    axes = {key: _grid_values(key, spec) for key, spec in grid.items()}
+    count = math.prod(len(v) for v in axes.values())
+    if count == 0:
+        raise ConfigError(f"grid: has no runs (empty axis: {[k for k, v in axes.items() if not v][0]})")
+    if count > MAX_GRID_RUNS:
+        raise ConfigError(f"grid: has {count:,} runs; the limit is {MAX_GRID_RUNS:,}")
+    runs: dict[str, Run] = {}
+    for values in itertools.product(*axes.values()):
+        point = dict(zip(axes, values))
+        where = f" (grid point {', '.join(f'{k}={v!r}' for k, v in point.items())})" if point else ""
+        config = json.loads(json.dumps(data))  # deep copy of plain YAML data
+        try:
+            for key, value in point.items():
+                _set_dotted(config, key, value)
+            run = Run(build_experiment(config), point)
+        except ConfigError as e:
+            raise ConfigError(f"{e}{where}") from None
+        if run.run_id in runs:
+            raise ConfigError(f"grid: points {runs[run.run_id].overrides} and {point} give the same run")
+        runs[run.run_id] = run
+    return list(runs.values())

@@ -1,0 +1,140 @@
+"""The Great Gatsby (Project Gutenberg eBook #64317): find it, clean it to 7-bit ASCII.
+
+Resolution order: explicit path (experiment or CLI) -> $LILGATSBY_CORPUS -> the copy cached
+under data/ -> download from Project Gutenberg (cached under data/ for next time).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import unicodedata
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+ENV_VAR = "LILGATSBY_CORPUS"
+GUTENBERG_URL = "https://www.gutenberg.org/cache/epub/64317/pg64317.txt"
+CACHE_PATH = Path("data") / "pg64317.txt"
+DOWNLOAD_TIMEOUT_S = 30
+START_MARKER = "*** START OF THE PROJECT GUTENBERG EBOOK"
+END_MARKER = "*** END OF THE PROJECT GUTENBERG EBOOK"
+# `map` mode: typographic punctuation that has an obvious ASCII spelling.
+ASCII_MAP = str.maketrans({"\u201c": '"', "\u201d": '"', "\u2018": "'", "\u2019": "'",
+                           "\u2014": "-", "\u2013": "-"})
+
+
+class CorpusError(RuntimeError):
+    """The corpus cannot be found or read; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Corpus:
+    text: str  # cleaned, 7-bit ASCII
+    source: str  # where the raw book came from
+    mode: str  # "drop" or "map"
+    dropped: int  # non-ASCII characters removed
+    replaced: int  # characters rewritten (map mode's punctuation, NFKD decompositions)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode("ascii")).hexdigest()
+
+    @property
+    def token_counts(self) -> list[int]:
+        """Occurrences of each of the 128 ASCII codes; a zero marks a dead token."""
+        counts = Counter(self.text.encode("ascii"))
+        return [counts.get(i, 0) for i in range(128)]
+
+
+def strip_gutenberg(raw: str, source: str) -> str:
+    """The text between the START and END marker lines; the whole text if they are missing."""
+    start, end = raw.find(START_MARKER), raw.find(END_MARKER)
+    if start < 0 or end < start:
+        log.warning("%s: no Project Gutenberg START/END markers; using the whole file", source)
+        return raw
+    return raw[raw.index("\n", start) + 1:end]
+
+
+def to_ascii(text: str, mode: str) -> tuple[str, int, int]:
+    """Make text 7-bit ASCII; returns (text, characters dropped, characters replaced)."""
+    if mode not in ("drop", "map"):
+        raise ValueError(f"unknown ascii mode {mode!r}")
+    mapped = text.translate(ASCII_MAP) if mode == "map" else text
+    replaced = sum(a != b for a, b in zip(text, mapped))  # the map is one character to one
+    dropped = 0
+    out = []
+    for ch in mapped:
+        if ch.isascii():
+            out.append(ch)
+            continue
+        ascii_part = "".join(c for c in unicodedata.normalize("NFKD", ch) if c.isascii())
+        replaced += bool(ascii_part)
+        dropped += not ascii_part
+        out.append(ascii_part)
+    return "".join(out), dropped, replaced
+
+
+def clean(raw: str, mode: str, source: str = "<text>") -> Corpus:
+    body = strip_gutenberg(raw.replace("\r\n", "\n"), source)
+    text, dropped, replaced = to_ascii(body, mode)
+    if not text:
+        raise CorpusError(f"{source}: no text left after cleaning")
+    return Corpus(text=text, source=source, mode=mode, dropped=dropped, replaced=replaced)
+
+
+def read_text(path: Path) -> str:
+    """Read a UTF-8 text file, refusing empty, binary and non-UTF-8 files with a clear message."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CorpusError(f"{path}: corpus file not found") from None
+    except OSError as e:
+        raise CorpusError(f"{path}: cannot read corpus: {e.strerror}") from None
+    if not data.strip():
+        raise CorpusError(f"{path}: corpus file is empty")
+    if b"\x00" in data:
+        raise CorpusError(f"{path}: corpus file is binary (contains NUL bytes), expected UTF-8 text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"{path}: corpus is not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+
+
+def _download(url: str, dest: Path) -> None:
+    log.info("downloading %s", url)
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+            data = response.read()
+    except OSError as e:
+        raise CorpusError(
+            f"cannot download the corpus from {url} ({getattr(e, 'reason', e)}); "
+            f"set {ENV_VAR}=/path/to/pg64317.txt (Project Gutenberg eBook #64317, UTF-8) or corpus.path"
+        ) from None
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".part")
+    tmp.write_bytes(data)
+    os.replace(tmp, dest)
+
+
+def resolve_path(path: str | None) -> Path:
+    """Where the raw book is, downloading it into the cache if there is no local copy."""
+    if path:
+        return Path(path)
+    if os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR])
+    if not CACHE_PATH.exists():
+        _download(GUTENBERG_URL, CACHE_PATH)
+    return CACHE_PATH
+
+
+def load_corpus(path: str | None, mode: str) -> Corpus:
+    source = resolve_path(path)
+    corpus = clean(read_text(source), mode, str(source))
+    log.info("corpus %s (%s): %d characters, %d dropped, %d replaced, %d dead tokens",
+             source, mode, len(corpus.text), corpus.dropped, corpus.replaced, corpus.token_counts.count(0))
+    return corpus

@@ -1,0 +1,274 @@
+"""Train one experiment and record every step. No Ray here: sweeps call `run()` inside a task."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import socket
+import subprocess
+import time
+import traceback
+from datetime import datetime, timezone
+from importlib import metadata as pkg_metadata
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from runner.config import ConfigError, Experiment
+from runner.corpus import Corpus, load_corpus
+from runner.index import dead_token_summary, read_manifest, write_manifest
+from runner.model import build_model, count_parameters
+from runner.record import RecordingWriter, check_layout, expected_layout
+from runner.tokenizer import build_tokenizer, encode, save_tokenizer
+
+log = logging.getLogger(__name__)
+progress_log = logging.getLogger("runner.progress")  # train.log only; the console has the bar
+
+PROMPTS = ("In my younger", "Gatsby", "The green light")
+SAMPLE_TOKENS, SAMPLE_TEMPERATURE = 50, 0.8
+RECORDING = "recording.safetensors"
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` = cuda, else mps, else cpu; an explicit device must exist."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if name == "auto":
+        return torch.device(next(d for d in ("cuda", "mps", "cpu") if available[d]))
+    if not available[name]:
+        raise ConfigError(f"train.device: {name} is not available on {socket.gethostname()} (got {name!r})")
+    return torch.device(name)
+
+
+class WindowSampler:
+    """Training windows of context_length + 1 tokens at every offset, shuffled without replacement
+    each epoch (like `DataLoader(shuffle=True, drop_last=True)`), as a pure function of the seed:
+    epoch e uses the e-th permutation drawn from a generator seeded with the run seed."""
+
+    def __init__(self, tokens: torch.Tensor, context_length: int, batch_size: int, seed: int):
+        self.tokens, self.batch_size, self.seed = tokens, batch_size, seed
+        self.n_windows = len(tokens) - context_length
+        if self.n_windows < batch_size:
+            raise ValueError(f"corpus has {len(tokens)} tokens: too few for batches of {batch_size} windows "
+                             f"of {context_length + 1} tokens")
+        self.batches_per_epoch = self.n_windows // batch_size
+        self.offsets = torch.arange(context_length + 1)
+
+    def batches(self, first_step: int = 1):
+        """Yield (inputs, targets) for steps first_step, first_step + 1, ... (step 1 is the first batch)."""
+        generator = torch.Generator().manual_seed(self.seed)
+        epoch, position = divmod(first_step - 1, self.batches_per_epoch)
+        for _ in range(epoch + 1):
+            order = torch.randperm(self.n_windows, generator=generator)
+        while True:
+            for b in range(position, self.batches_per_epoch):
+                starts = order[b * self.batch_size:(b + 1) * self.batch_size]
+                windows = self.tokens[starts[:, None] + self.offsets]  # (batch, context + 1), one gather
+                yield windows[:, :-1], windows[:, 1:]
+            order, position = torch.randperm(self.n_windows, generator=generator), 0
+
+
+def environment() -> dict:
+    """Versions, host and code revision, so a recording says what produced it."""
+    packages = ("torch", "transformers", "tokenizers", "safetensors", "ray", "pyyaml", "tqdm")
+    versions = {}
+    for name in packages:
+        with contextlib.suppress(pkg_metadata.PackageNotFoundError):
+            versions[name] = pkg_metadata.version(name)
+    return {"python": platform.python_version(), "packages": versions, "host": socket.gethostname(),
+            "platform": platform.platform(), "git_commit": git_commit(),
+            "image": os.environ.get("LILGATSBY_IMAGE")}
+
+
+def git_commit() -> str:
+    if os.environ.get("LILGATSBY_GIT_COMMIT"):
+        return os.environ["LILGATSBY_GIT_COMMIT"]  # baked into container images
+    here = Path(__file__).parent
+    try:
+        head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@contextlib.contextmanager
+def _log_to(path: Path):
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger("runner")
+    level = root.level
+    root.setLevel(min(level or logging.WARNING, logging.INFO))  # the file gets INFO whatever the console shows
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
+
+
+def run(exp: Experiment, run_dir: Path, *, overrides: dict | None = None, device: str | None = None,
+        threads: int | None = None, progress: bool = True) -> dict:
+    """Train `exp` into `run_dir` (recording, run.json, train.log); returns the manifest.
+
+    `device`/`threads` override the config's (a sweep passes what Ray assigned). Bad input (corpus,
+    device) raises before anything is written; a failure during training is written to run.json
+    with its traceback and re-raised."""
+    torch_device = resolve_device(device or exp.train.device)
+    corpus = load_corpus(exp.corpus.path, exp.corpus.ascii)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    manifest = {"run_id": exp.run_id, "name": exp.name, "status": "running", "overrides": overrides or {},
+                "config": exp.to_dict(), "started_at": _now(), "environment": environment()}
+    write_manifest(run_dir, manifest)
+    with _log_to(run_dir / "train.log"):
+        try:
+            manifest.update(_train(exp, run_dir, corpus, torch_device, threads or exp.train.threads,
+                                   progress, manifest))
+            manifest["status"] = "complete"
+        except BaseException as e:
+            manifest.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+            log.error("run %s failed: %s", exp.run_id, manifest["error"])
+            raise
+        finally:
+            manifest["ended_at"] = _now()
+            write_manifest(run_dir, manifest)
+    return manifest
+
+
+def is_complete(run_dir: Path, exp: Experiment) -> bool:
+    """A finished run: its manifest says complete and its recording has the expected tensors."""
+    manifest = read_manifest(run_dir)
+    if not manifest or manifest.get("status") != "complete" or manifest.get("run_id") != exp.run_id:
+        return False
+    return not check_layout(run_dir / RECORDING, recording_layout(exp))
+
+
+def recording_layout(exp: Experiment) -> dict:
+    return expected_layout(exp.train.steps, exp.record.every, exp.record.tensors, exp.model.vocab_size,
+                           exp.model.hidden_dim)
+
+
+def _train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.device, threads: int | None,
+           progress: bool, manifest: dict) -> dict:
+    t0 = time.perf_counter()
+    cfg, model_cfg = exp.train, exp.model
+    if threads:
+        torch.set_num_threads(threads)
+    sampler = WindowSampler(encode(corpus.text), model_cfg.context_length, cfg.batch_size, cfg.seed)
+    save_tokenizer(run_dir / "tokenizer")
+
+    model = build_model(model_cfg, cfg.seed).to(torch_device)
+    if cfg.precision == "bf16-true":
+        model.to(torch.bfloat16)  # parameters, gradients and Adam's moments all in bf16
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    autocast = torch.autocast(torch_device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16-mixed")
+    n_params = count_parameters(model)
+    W = model.lm_head.weight  # tied: the same Parameter as transformer.wte.weight
+    log.info("run %s: %s parameters, device %s, precision %s, %d threads", exp.run_id, f"{n_params:,}",
+             torch_device, cfg.precision, torch.get_num_threads())
+
+    header = _recording_metadata(exp, corpus, manifest, n_params, torch_device)
+    writer = RecordingWriter(run_dir / RECORDING, steps=cfg.steps, every=exp.record.every,
+                             names=exp.record.tensors, vocab=model_cfg.vocab_size, dim=model_cfg.hidden_dim,
+                             metadata=header, device=torch_device)
+    losses = torch.empty(cfg.steps, device=torch_device)
+    log_every = max(1, cfg.steps // 20)
+    bar = tqdm(total=cfg.steps, desc=f"{exp.name}/{exp.run_id}", unit="step", disable=not progress,
+               mininterval=1.0, dynamic_ncols=True)
+    t_train = time.perf_counter()
+    try:
+        for step, (inputs, targets) in zip(range(1, cfg.steps + 1), sampler.batches()):
+            inputs, targets = inputs.to(torch_device, non_blocking=True), targets.to(torch_device, non_blocking=True)
+            with autocast:
+                logits = model(input_ids=inputs).logits
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            loss.backward()
+            # Snapshots after backward, before the update; row 0 is the initial state on step 1's batch.
+            snapshot = {"logits": logits[:, -1].float().mean(0), "loss": loss}
+            if step == 1:
+                writer.write(0, {**snapshot, "W": W, "grads": None, "momentum": None, "variance": None})
+            if writer.wants(step):
+                state = optimizer.state.get(W, {})
+                writer.write(step, {**snapshot, "W": W, "grads": W.grad, "momentum": state.get("exp_avg"),
+                                    "variance": state.get("exp_avg_sq")})
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses[step - 1] = loss.detach()
+            if step % log_every == 0 or step == cfg.steps:  # one host sync per log line, not per step
+                current = losses[step - 1].item()
+                bar.set_postfix(loss=f"{current:.4f}", refresh=False)
+                progress_log.info("step %d/%d loss %.4f %.1f steps/s", step, cfg.steps, current,
+                         step / (time.perf_counter() - t_train))
+            bar.update()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+    train_s = time.perf_counter() - t_train
+
+    state = optimizer.state[W]
+    final_loss, last_100 = losses[-1].item(), losses[-100:].mean().item()
+    samples = sample_text(model, seed=cfg.seed, device=torch_device, autocast=autocast)
+    for prompt, text in samples.items():
+        log.info("sample %r -> %r", prompt, text)
+    metrics = {"final_loss": final_loss, "mean_loss_last_100": last_100, "train_s": train_s,
+               "steps_per_s": cfg.steps / train_s, "wall_s": time.perf_counter() - t0}
+    path = writer.close({"W_final": W, "momentum_final": state["exp_avg"], "variance_final": state["exp_avg_sq"]},
+                        {k: repr(v) for k, v in metrics.items()})
+    log.info("run %s complete: final loss %.4f, %.1f steps/s, %s", exp.run_id, final_loss,
+             metrics["steps_per_s"], path)
+    return {"device": str(torch_device), "threads": torch.get_num_threads(), "n_params": n_params,
+            "corpus": _corpus_summary(corpus), "metrics": metrics, "samples": samples,
+            "dead_token_summary": dead_token_summary(W, corpus.token_counts),
+            "recording": {"path": RECORDING, "bytes": path.stat().st_size}}
+
+
+def _corpus_summary(corpus: Corpus) -> dict:
+    counts = corpus.token_counts
+    return {"source": corpus.source, "ascii": corpus.mode, "length": len(corpus.text), "sha256": corpus.sha256,
+            "dropped": corpus.dropped, "replaced": corpus.replaced, "token_counts": counts,
+            "dead_tokens": [i for i, c in enumerate(counts) if c == 0]}
+
+
+def _recording_metadata(exp: Experiment, corpus: Corpus, manifest: dict, n_params: int,
+                        device: torch.device) -> dict[str, str]:
+    """Header metadata (safetensors allows only strings; structured values are JSON)."""
+    env = manifest["environment"]
+    return {"run_id": exp.run_id, "config": json.dumps(exp.to_dict(), sort_keys=True),
+            "seed": str(exp.train.seed), "precision": exp.train.precision, "device": str(device),
+            "steps": str(exp.train.steps), "record_every": str(exp.record.every), "n_params": str(n_params),
+            "packages": json.dumps(env["packages"], sort_keys=True), "python": env["python"],
+            "git_commit": env["git_commit"], "corpus_sha256": corpus.sha256,
+            "corpus_length": str(len(corpus.text)), "corpus_ascii": corpus.mode,
+            "token_counts": json.dumps(corpus.token_counts), "started_at": manifest["started_at"]}
+
+
+@torch.no_grad()
+def sample_text(model, *, seed: int, device: torch.device, autocast) -> dict[str, str]:
+    """Temperature-0.8 samples (no top-k) of up to 50 new tokens per prompt, seeded by the run seed."""
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    model.eval()
+    samples = {}
+    for prompt in PROMPTS:
+        ids = encode(prompt)[None].to(device)
+        new_tokens = min(SAMPLE_TOKENS, model.config.n_positions - ids.shape[1])
+        with autocast:
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                 do_sample=True, temperature=SAMPLE_TEMPERATURE, top_k=0,
+                                 pad_token_id=tokenizer.pad_token_id)
+        samples[prompt] = tokenizer.decode(out[0])
+    return samples

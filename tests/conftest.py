@@ -1,0 +1,55 @@
+"""Shared fixtures: the real book (from $LILGATSBY_CORPUS), a small Gutenberg-style corpus, tiny configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from runner.config import build_experiment
+from runner.corpus import ENV_VAR
+
+REPO = Path(__file__).resolve().parents[1]
+
+# ~7k characters of prose with Gutenberg markers, curly quotes and an em dash: enough windows
+# for small batches of the reference model's 128-token context.
+_PARAGRAPH = ("In my younger and more vulnerable years my father gave me some advice that I\u2019ve been "
+              "turning over in my mind ever since. \u201cWhenever you feel like criticizing anyone,\u201d "
+              "he told me, \u201cjust remember that all the people in this world haven\u2019t had the "
+              "advantages that you\u2019ve had.\u201d\u2014He didn\u2019t say any more.\n\n")
+SMALL_BOOK = ("The Project Gutenberg eBook of a test\n\n*** START OF THE PROJECT GUTENBERG EBOOK TEST ***\n"
+              + _PARAGRAPH * 20 + "*** END OF THE PROJECT GUTENBERG EBOOK TEST ***\nLicense text.\n")
+
+
+@pytest.fixture(scope="session")
+def book_path() -> Path:
+    """The shared copy of The Great Gatsby; CI always sets it, elsewhere the test is skipped."""
+    path = os.environ.get(ENV_VAR)
+    if not path or not Path(path).exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must set {ENV_VAR} to the book (pg64317.txt)")
+        pytest.skip(f"{ENV_VAR} is not set to a copy of pg64317.txt")
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def small_book(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "small_book.txt"
+    path.write_text(SMALL_BOOK, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def make_experiment(small_book):
+    """An Experiment on the small book: the reference model, few steps, small batches, CPU."""
+    def make(**sections):
+        data = {"name": "test", "corpus": {"path": str(small_book)},
+                "train": {"steps": 12, "batch_size": 4, "device": "cpu"}}
+        for section, values in sections.items():
+            if isinstance(values, dict):
+                data[section] = {**data.get(section, {}), **values}
+            else:
+                data[section] = values
+        return build_experiment(data)
+    return make

@@ -1,0 +1,62 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from runner.cli import main
+
+from conftest import REPO
+
+
+def test_smoke_experiment_end_to_end(tmp_path, small_book, capsys):
+    runs = tmp_path / "runs"
+    args = ["train", str(REPO / "experiments" / "smoke.yaml"), "--runs", str(runs), "--corpus", str(small_book),
+            "--quiet"]
+    assert main(args) == 0
+    (run_dir,) = [d for d in (runs / "smoke").iterdir() if d.is_dir()]
+    assert {p.name for p in run_dir.iterdir()} == {"recording.safetensors", "run.json", "train.log", "tokenizer"}
+    manifest = json.loads((run_dir / "run.json").read_text())
+    assert manifest["status"] == "complete" and manifest["run_id"] == run_dir.name
+    assert "final loss" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (runs / "smoke" / "index.jsonl").read_text().splitlines()]
+    assert [r["run_id"] for r in rows] == [run_dir.name]
+    # a complete run is not trained again
+    mtime = (run_dir / "recording.safetensors").stat().st_mtime_ns
+    assert main(args) == 0
+    assert (run_dir / "recording.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_out_and_set(tmp_path, small_book):
+    out = tmp_path / "here"
+    assert main(["train", str(REPO / "experiments" / "smoke.yaml"), "--out", str(out), "--quiet",
+                 "--set", f"corpus.path={small_book}", "--set", "train.steps=3"]) == 0
+    assert json.loads((out / "run.json").read_text())["config"]["train"]["steps"] == 3
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--set", "train.steps=0"], "smoke.yaml: train.steps: must be between 1"),
+    (["--set", "model.context_length=256"], "model.context_length: must be between 1 and model.n_positions"),
+    (["--set", "train.device=tpu"], "train.device: must be one of"),
+    (["--corpus", "/no/such/book.txt"], "/no/such/book.txt: corpus file not found"),
+])
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, extra, message):
+    runs = tmp_path / "runs"
+    result = subprocess.run([sys.executable, "-m", "runner.cli", "train", str(REPO / "experiments" / "smoke.yaml"),
+                             "--runs", str(runs), *extra], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr and result.stderr.count("\n") == 1
+    assert not runs.exists()
+
+
+def test_grid_file_is_refused_by_train(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text("name: g\ngrid: {train.seed: [1, 2]}\n")
+    assert main(["train", str(path), "--runs", str(tmp_path / "runs")]) == 2
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unavailable_device_is_refused(tmp_path, small_book):
+    assert main(["train", str(REPO / "experiments" / "smoke.yaml"), "--runs", str(tmp_path / "runs"),
+                 "--corpus", str(small_book), "--set", "train.device=cuda"]) == 2
+    assert not (tmp_path / "runs").exists()

@@ -1,0 +1,107 @@
+from pathlib import Path
+
+import pytest
+
+from runner.config import MAX_GRID_RUNS, ConfigError, Experiment, build_experiment, load_runs
+
+from conftest import REPO
+
+EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
+
+
+def write(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
+def test_shipped_experiments_validate(path):
+    runs = load_runs(path)
+    assert runs and all(isinstance(r.experiment, Experiment) for r in runs)
+
+
+def test_reference_experiment_is_the_notebook():
+    (run,) = load_runs(REPO / "experiments" / "lil_gatsby.yaml")
+    e = run.experiment
+    assert (e.model.vocab_size, e.model.context_length, e.model.hidden_dim, e.model.n_layers, e.model.n_heads) \
+        == (128, 128, 64, 2, 2)
+    assert (e.train.steps, e.train.batch_size, e.train.lr, e.train.seed, e.train.precision) \
+        == (10_000, 32, 1e-3, 42, "bf16-true")
+    assert e.record.every == 1 and len(e.record.tensors) == 6
+
+
+def test_defaults_are_the_reference():
+    (run,) = load_runs(REPO / "experiments" / "lil_gatsby.yaml")
+    assert run.experiment == build_experiment({"name": "lil_gatsby"})
+
+
+def test_overrides_are_typed_and_validated(tmp_path):
+    path = write(tmp_path, "name: x\n")
+    (run,) = load_runs(path, ["train.steps=40", "train.betas=[0.8, 0.9]", "train.threads=null"])
+    assert run.experiment.train.steps == 40 and run.experiment.train.betas == (0.8, 0.9)
+    with pytest.raises(ConfigError, match=r"exp.yaml: train.steps: must be between 1"):
+        load_runs(path, ["train.steps=0"])
+    with pytest.raises(ConfigError, match=r"--set 'steps': expected key=value"):
+        load_runs(path, ["steps"])
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("name: x\ntrain: {stpes: 3}\n", "train.stpes: unknown key"),
+    ("name: x\nbogus: 1\n", "bogus: unknown key"),
+    ("train: {steps: 3}\n", "name: required key is missing"),
+    ("name: x\ntrain: {steps: ten}\n", "train.steps: must be an integer (got 'ten')"),
+    ("name: x\ntrain: {steps: true}\n", "train.steps: must be an integer (got True)"),
+    ("name: x\ntrain: {lr: .nan}\n", "train.lr: must be a finite number"),
+    ("name: x\ntrain: {steps: 0}\n", "train.steps: must be between 1 and 10,000,000 (got 0)"),
+    ("name: x\ntrain: {steps: 100000000000}\n", "train.steps: must be between 1"),
+    ("name: x\ntrain: {batch_size: -1}\n", "train.batch_size: must be between 1"),
+    ("name: x\ntrain: {lr: -0.1}\n", "train.lr: must be > 0"),
+    ("name: x\ntrain: {betas: [0.9]}\n", "train.betas: must be a list of 2 values"),
+    ("name: x\ntrain: {betas: [0.9, 1.0]}\n", "train.betas: must both be in [0, 1)"),
+    ("name: x\ntrain: {eps: 0}\n", "train.eps: must be > 0"),
+    ("name: x\ntrain: {seed: -1}\n", "train.seed: must be between 0"),
+    ("name: x\ntrain: {precision: fp16}\n", "train.precision: must be one of ['bf16-true', 'bf16-mixed', 'fp32']"),
+    ("name: x\ntrain: {device: tpu}\n", "train.device: must be one of"),
+    ("name: x\ntrain: {threads: 0}\n", "train.threads: must be null or between 1"),
+    ("name: x\nmodel: {vocab_size: 256}\n", "model.vocab_size: must be 128: the tokenizer is ASCII-128 (got 256)"),
+    ("name: x\nmodel: {context_length: 256}\n", "model.context_length: must be between 1 and model.n_positions"),
+    ("name: x\nmodel: {hidden_dim: 65}\n", "model.hidden_dim: must be a positive multiple of model.n_heads"),
+    ("name: x\nmodel: {n_layers: 0}\n", "model.n_layers: must be between 1"),
+    ("name: x\nmodel: {n_heads: 0}\n", "model.n_heads: must be between 1"),
+    ("name: x\nmodel: {n_positions: 0}\n", "model.n_positions: must be between 1"),
+    ("name: x\nrecord: {every: 0}\n", "record.every: must be between 1 and train.steps"),
+    ("name: x\nrecord: {tensors: [W, Q]}\n", "record.tensors: must be distinct names"),
+    ("name: x\ncorpus: {ascii: keep}\n", "corpus.ascii: must be one of ['drop', 'map']"),
+    ("name: x\ncorpus: {path: 3}\n", "corpus.path: must be a string"),
+    ("name: x\nresources: {cpus_per_run: 0}\n", "resources.cpus_per_run: must be > 0"),
+    ("name: x\nresources: {gpus_per_run: -1}\n", "resources.gpus_per_run: must be between 0"),
+    ("name: ../../x\n", "name: must be 1-100 characters"),
+    ("name: /abs/path\n", "name: must be 1-100 characters"),
+    ("name: x\ntrain: [1, 2]\n", "train: must be a mapping"),
+    ("- just\n- a list\n", "top level must be a mapping"),
+    ("name: x\ntrain: {steps: 3\n", "invalid YAML at line"),
+    ("name: !!python/object/apply:os.system ['echo pwned']\n", "invalid YAML"),
+])
+def test_validation_errors_name_file_key_and_value(tmp_path, yaml_text, message):
+    path = write(tmp_path, yaml_text)
+    with pytest.raises(ConfigError) as e:
+        load_runs(path)
+    text = str(e.value)
+    assert message in text and str(path) in text and "\n" not in text
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such experiment file"):
+        load_runs(tmp_path / "nope.yaml")
+
+
+def test_run_id_is_stable_and_sensitive():
+    a = build_experiment({"name": "x"})
+    assert a.run_id == build_experiment({"name": "x", "train": {"seed": 42}}).run_id
+    assert len(a.run_id) == 12
+    assert a.run_id != build_experiment({"name": "x", "train": {"seed": 43}}).run_id
+    assert a.run_id != build_experiment({"name": "x", "train": {"lr": 2e-3}}).run_id
+    # where the book is and what a run asks Ray for do not change what it computes
+    assert a.run_id == build_experiment({"name": "x", "corpus": {"path": "/elsewhere.txt"},
+                                         "resources": {"cpus_per_run": 2}}).run_id

@@ -1,0 +1,23 @@
+import warnings
+
+import torch
+
+from runner.config import ModelConfig
+from runner.model import build_model, count_parameters
+
+
+def test_reference_model_shape_and_tying():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # transformers must not warn about the config
+        model = build_model(ModelConfig(), seed=42)
+    assert count_parameters(model) == 116_480
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model.lm_head.weight.shape == (128, 64)
+    assert model.config.n_positions == 128 and model.config.n_layer == 2 and model.config.n_head == 2
+    assert (model.config.resid_pdrop, model.config.embd_pdrop, model.config.attn_pdrop) == (0, 0, 0)
+
+
+def test_initialisation_depends_only_on_seed():
+    a, b, c = (build_model(ModelConfig(), seed) for seed in (1, 1, 2))
+    assert torch.equal(a.lm_head.weight, b.lm_head.weight)
+    assert not torch.equal(a.lm_head.weight, c.lm_head.weight)

@@ -1,0 +1,185 @@
+"""The recording is scientific data: its layout, its conventions and its exact values."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from runner.corpus import load_corpus
+from runner.record import load_recording, read_metadata
+from runner.train import RECORDING, run
+
+NAMES = ("W", "grads", "momentum", "variance", "logits", "loss")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, small_book):
+    """One short run per precision (and a repeat and another seed in bf16-true), trained once."""
+    from runner.config import build_experiment
+    base = {"name": "t", "corpus": {"path": str(small_book)}, "train": {"steps": 24, "batch_size": 4, "device": "cpu"}}
+    out = {}
+    for key, train in {"bf16-true": {}, "bf16-true-again": {}, "seed-7": {"seed": 7},
+                       "bf16-mixed": {"precision": "bf16-mixed"}, "fp32": {"precision": "fp32"}}.items():
+        exp = build_experiment({**base, "train": {**base["train"], **train}})
+        run_dir = tmp_path_factory.mktemp(key)
+        run(exp, run_dir, progress=False)
+        out[key] = (exp, run_dir, load_recording(run_dir / RECORDING))
+    return out
+
+
+def reference_loop(exp):
+    """A plain re-statement of the notebook's loop: HF model, torch Adam, snapshots after backward
+    and before the step; batches from a seeded permutation of all windows."""
+    cfg = exp.train
+    tokens = torch.tensor(list(load_corpus(exp.corpus.path, "drop").text.encode("ascii")))
+    torch.manual_seed(cfg.seed)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_positions=128, n_embd=64, n_layer=2, n_head=2,
+                                       resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, use_cache=False,
+                                       tie_word_embeddings=True, bos_token_id=2, eos_token_id=3, pad_token_id=3))
+    if cfg.precision == "bf16-true":
+        model.to(torch.bfloat16)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    W = model.lm_head.weight
+    n = len(tokens) - 128
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
+    rows = {k: [] for k in NAMES}
+    for step in range(1, cfg.steps + 1):
+        idx = order[(step - 1) * cfg.batch_size: step * cfg.batch_size]
+        batch = torch.stack([tokens[i:i + 129] for i in idx.tolist()])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16-mixed"):
+            logits = model(batch[:, :-1]).logits
+        loss = F.cross_entropy(logits.float().reshape(-1, 128), batch[:, 1:].reshape(-1))
+        loss.backward()
+        state = opt.state.get(W, {})
+        snap = {"W": W.detach().to(torch.bfloat16).clone(), "grads": W.grad.to(torch.bfloat16).clone(),
+                "momentum": state["exp_avg"].float().clone() if state else torch.zeros(128, 64),
+                "variance": state["exp_avg_sq"].float().clone() if state else torch.zeros(128, 64),
+                "logits": logits[:, -1].float().mean(0).detach(), "loss": loss.detach().float()}
+        if step == 1:
+            for k in NAMES:
+                rows[k].append(torch.zeros_like(snap[k]) if k in ("grads", "momentum", "variance") else snap[k])
+        for k in NAMES:
+            rows[k].append(snap[k])
+        opt.step()
+        opt.zero_grad()
+    finals = {"W_final": W.detach().to(torch.bfloat16), "momentum_final": opt.state[W]["exp_avg"].float(),
+              "variance_final": opt.state[W]["exp_avg_sq"].float()}
+    return {**{k: torch.stack(v) for k, v in rows.items()}, **finals}
+
+
+def test_names_shapes_dtypes(runs):
+    exp, _, rec = runs["bf16-true"]
+    n = exp.train.steps + 1
+    expected = {"W": ((n, 128, 64), torch.bfloat16), "grads": ((n, 128, 64), torch.bfloat16),
+                "momentum": ((n, 128, 64), torch.float32), "variance": ((n, 128, 64), torch.float32),
+                "logits": ((n, 128), torch.float32), "loss": ((n,), torch.float32),
+                "W_final": ((128, 64), torch.bfloat16), "momentum_final": ((128, 64), torch.float32),
+                "variance_final": ((128, 64), torch.float32)}
+    assert {k: (tuple(v.shape), v.dtype) for k, v in rec.items()} == expected
+
+
+def test_row_zero_is_initialisation(runs):
+    for exp, _, rec in runs.values():
+        for name in ("grads", "momentum", "variance"):
+            assert not rec[name][0].any(), name
+        # row 0 is the initial state on step 1's batch: W[0] = W[1], logits/loss identical
+        assert torch.equal(rec["W"][0], rec["W"][1])
+        assert torch.equal(rec["logits"][0], rec["logits"][1]) and torch.equal(rec["loss"][0], rec["loss"][1])
+        assert not rec["momentum"][1].any() and rec["grads"][1].any()  # Adam has no state before step 1
+        assert 4.0 < rec["loss"][0] < 5.5  # about ln(128) = 4.85 at init
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed", "fp32"])
+def test_equals_reference_loop_bitwise(runs, precision):
+    exp, _, rec = runs[precision]
+    expected = reference_loop(exp)
+    for name, tensor in expected.items():
+        assert torch.equal(rec[name], tensor), name
+
+
+def assert_adam_update(m_next, v_next, m, v, g, betas, slack):
+    """m' = b1 m + (1-b1) g and v' = b2 v + (1-b2) g^2, where g is the gradient the optimizer saw.
+    The recording stores g in bf16, so the residual is bounded by the rounding of g, by fp32
+    arithmetic, and by `slack` roundings to bf16 inside the update itself."""
+    b1, b2 = betas
+    bf16_u, fp32_u = 2.0 ** -8, 2.0 ** -24  # unit roundoff: relative error of rounding to nearest
+    m_pred = b1 * m + (1 - b1) * g
+    v_pred = b2 * v + (1 - b2) * g ** 2
+    m_tol = (1 - b1) * g.abs() * bf16_u + (slack * bf16_u + 4 * fp32_u) * m_pred.abs()
+    v_tol = (1 - b2) * g ** 2 * 3 * bf16_u + (slack * bf16_u + 4 * fp32_u) * v_pred.abs()
+    assert ((m_next - m_pred).abs() <= m_tol).all()
+    assert ((v_next - v_pred).abs() <= v_tol).all()
+
+
+# slack: bf16-true's moments are bf16 tensors, and torch updates exp_avg_sq in two in-place ops
+# (mul_ then addcmul_), each rounding to bf16.
+@pytest.mark.parametrize("precision, slack", [("fp32", 0), ("bf16-mixed", 0), ("bf16-true", 2)])
+def test_adam_relation_between_rows(runs, precision, slack):
+    exp, _, rec = runs[precision]
+    m, v, g = rec["momentum"], rec["variance"], rec["grads"].float()
+    for t in range(1, exp.train.steps):
+        assert_adam_update(m[t + 1], v[t + 1], m[t], v[t], g[t], exp.train.betas, slack)
+    # the relation is not vacuous: rows do change
+    assert not torch.equal(m[2], m[3]) and not torch.equal(rec["W"][2], rec["W"][3])
+
+
+@pytest.mark.parametrize("precision, slack", [("fp32", 0), ("bf16-true", 2)])
+def test_finals_are_the_state_after_the_last_update(runs, precision, slack):
+    exp, _, rec = runs[precision]
+    assert_adam_update(rec["momentum_final"], rec["variance_final"], rec["momentum"][-1], rec["variance"][-1],
+                       rec["grads"][-1].float(), exp.train.betas, slack)
+    assert not torch.equal(rec["W_final"], rec["W"][-1])
+
+
+def test_same_seed_same_bits_other_seed_differs(runs):
+    _, _, a = runs["bf16-true"]
+    _, _, b = runs["bf16-true-again"]
+    _, _, c = runs["seed-7"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["W"][0], c["W"][0]) and not torch.equal(a["loss"], c["loss"])
+
+
+def test_metadata_describes_the_run(runs):
+    exp, run_dir, rec = runs["bf16-true"]
+    meta = read_metadata(run_dir / RECORDING)
+    assert meta["format_version"] == "1" and meta["run_id"] == exp.run_id
+    assert json.loads(meta["config"]) == exp.to_dict()
+    assert meta["precision"] == "bf16-true" and meta["device"] == "cpu" and meta["n_params"] == "116480"
+    assert len(json.loads(meta["token_counts"])) == 128 and len(meta["corpus_sha256"]) == 64
+    assert float(meta["final_loss"]) == pytest.approx(rec["loss"][-1].item())
+    assert float(meta["steps_per_s"]) > 0 and "torch" in json.loads(meta["packages"])
+    manifest = json.loads((run_dir / "run.json").read_text())
+    assert manifest["status"] == "complete" and manifest["n_params"] == 116_480
+    assert set(manifest["samples"]) == {"In my younger", "Gatsby", "The green light"}
+    assert all(text.startswith(prompt) for prompt, text in manifest["samples"].items())
+    assert manifest["dead_token_summary"]["dead_tokens"] == manifest["corpus"]["token_counts"].count(0)
+    assert (run_dir / "train.log").read_text().count("step ") >= 2
+    assert not list(run_dir.glob("*.partial"))
+
+
+def test_stride_and_subset(make_experiment, tmp_path):
+    exp = make_experiment(record={"every": 5, "tensors": ["W", "loss"]})
+    run(exp, tmp_path, progress=False)
+    rec = load_recording(tmp_path / RECORDING)
+    assert set(rec) == {"W", "loss", "W_final", "momentum_final", "variance_final"}
+    assert rec["W"].shape == (3, 128, 64) and rec["loss"].shape == (3,)  # steps 0, 5, 10 of 12
+    full = make_experiment()
+    run(full, tmp_path / "full", progress=False)
+    ref = load_recording(tmp_path / "full" / RECORDING)
+    assert torch.equal(rec["W"], ref["W"][::5]) and torch.equal(rec["loss"], ref["loss"][::5])
+    assert torch.equal(rec["W_final"], ref["W_final"])
+
+
+def test_rows_cross_chunk_boundaries(make_experiment, tmp_path, monkeypatch):
+    """Rows buffered in chunks of 5 land in the same places as rows buffered 256 at a time."""
+    import runner.record
+    exp = make_experiment()
+    run(exp, tmp_path / "big", progress=False)
+    original = runner.record.RecordingWriter.__init__
+    monkeypatch.setattr(runner.record.RecordingWriter, "__init__",
+                        lambda self, *a, **k: original(self, *a, **{**k, "chunk_rows": 5}))
+    run(exp, tmp_path / "small", progress=False)
+    a, b = load_recording(tmp_path / "big" / RECORDING), load_recording(tmp_path / "small" / RECORDING)
+    assert all(torch.equal(a[k], b[k]) for k in a)
