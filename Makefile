@@ -23,6 +23,9 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest
 
+sweep: setup
+	$(BIN)/lilgatsby sweep $(EXP) --runs $(RUNS)
+
 index: setup
 	$(BIN)/lilgatsby index $(RUNS)
 

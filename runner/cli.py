@@ -33,6 +33,14 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, help="run directory (default: <runs>/<name>/<run id>/)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    sweep = sub.add_parser("sweep", help="run every point of an experiment's grid on Ray")
+    experiment_args(sweep)
+    sweep.add_argument("--dry-run", action="store_true", help="list the runs and the disk they need; run nothing")
+    sweep.add_argument("--address", help="join a Ray cluster (auto or HOST:PORT; default: $RAY_ADDRESS, "
+                                         "else start a local instance)")
+    sweep.add_argument("--max-retries", type=int, default=2, help="retries of a run lost with its worker")
+    sweep.add_argument("--quiet", action="store_true", help="no progress bar")
+
     index = sub.add_parser("index", help="rebuild index.jsonl/index.csv from the run manifests")
     index.add_argument("runs_dir", type=Path, help="a runs root or one experiment's directory")
     return parser
@@ -62,6 +70,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from runner.sweep import sweep
+
+    overrides = args.overrides + ([f"corpus.path={args.corpus}"] if args.corpus else [])
+    return sweep(args.experiment, overrides, args.runs, address=args.address, force=args.force,
+                 dry_run=args.dry_run, max_retries=args.max_retries, progress=not args.quiet)
+
+
 def cmd_index(args: argparse.Namespace) -> int:
     from runner.index import experiment_dirs, rebuild_index
 
@@ -82,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     for handler in logging.getLogger().handlers:  # step lines go to train.log; the console has a bar
         handler.addFilter(lambda record: not record.name.startswith("runner.progress"))
     logging.getLogger("runner").setLevel(logging.INFO)
-    commands = {"train": cmd_train, "index": cmd_index}
+    commands = {"train": cmd_train, "sweep": cmd_sweep, "index": cmd_index}
     try:
         with logging_redirect_tqdm():
             return commands[args.command](args)

@@ -105,3 +105,60 @@ def test_run_id_is_stable_and_sensitive():
     # where the book is and what a run asks Ray for do not change what it computes
     assert a.run_id == build_experiment({"name": "x", "corpus": {"path": "/elsewhere.txt"},
                                          "resources": {"cpus_per_run": 2}}).run_id
+
+
+def test_grid_is_the_cartesian_product(tmp_path):
+    path = write(tmp_path, "name: g\ngrid:\n  train.seed: {range: [0, 3]}\n  train.precision: [bf16-true, fp32]\n")
+    runs = load_runs(path)
+    assert [(r.experiment.train.seed, r.experiment.train.precision) for r in runs] == [
+        (s, p) for s in range(3) for p in ("bf16-true", "fp32")]
+    assert runs[1].overrides == {"train.seed": 0, "train.precision": "fp32"}
+    assert len({r.run_id for r in runs}) == 6
+    assert [r.run_id for r in runs] == [r.run_id for r in load_runs(path)]  # stable across loads
+
+
+def test_range_with_step_and_set_overrides_a_grid_key(tmp_path):
+    path = write(tmp_path, "name: g\ngrid: {train.seed: {range: [0, 10, 5]}, train.lr: [0.1, 0.2]}\n")
+    assert [r.experiment.train.seed for r in load_runs(path)] == [0, 0, 5, 5]
+    assert [r.overrides for r in load_runs(path, ["train.seed=7"])] == [{"train.lr": 0.1}, {"train.lr": 0.2}]
+
+
+def test_include_is_a_base_deep_merged(tmp_path):
+    write(tmp_path, "name: base\ntrain: {steps: 5, lr: 0.01}\ngrid: {train.seed: [1, 2]}\n", "base.yaml")
+    path = write(tmp_path, "include: base.yaml\nname: child\ntrain: {steps: 7}\n")
+    runs = load_runs(path)
+    assert [(r.experiment.name, r.experiment.train.steps, r.experiment.train.lr, r.experiment.train.seed)
+            for r in runs] == [("child", 7, 0.01, 1), ("child", 7, 0.01, 2)]
+
+
+def test_include_cycle_and_missing(tmp_path):
+    write(tmp_path, "include: b.yaml\nname: a\n", "a.yaml")
+    write(tmp_path, "include: a.yaml\nname: b\n", "b.yaml")
+    with pytest.raises(ConfigError, match="include: cycle"):
+        load_runs(tmp_path / "a.yaml")
+    with pytest.raises(ConfigError, match="nope.yaml: no such experiment file"):
+        load_runs(write(tmp_path, "include: nope.yaml\nname: x\n"))
+
+
+@pytest.mark.parametrize("grid, message", [
+    ("{train.lr: [0.1, -1]}", "train.lr: must be > 0 and <= 10 (got -1.0) (grid point train.lr=-1)"),
+    ("{train.stpes: [1]}", "train.stpes: unknown key"),
+    ("{train.seed: []}", "grid: has no runs (empty axis: train.seed)"),
+    ("{train.seed: {range: [5, 5]}}", "grid: has no runs"),
+    ("{train.seed: {range: [0, 1000]}, train.lr: {range: [1, 1001]}}", "grid: has 1,000,000 runs; the limit is 10,000"),
+    ("{train.seed: {range: [a, b]}}", "grid.train.seed: range must be [start, stop]"),
+    ("{train.seed: 3}", "grid.train.seed: must be a list of values"),
+    ("{train.seed: [1, 1]}", "give the same run"),
+    ("[1, 2]", "grid: must be a mapping"),
+])
+def test_grid_errors(tmp_path, grid, message):
+    path = write(tmp_path, f"name: g\ngrid: {grid}\n")
+    with pytest.raises(ConfigError) as e:
+        load_runs(path)
+    assert message in str(e.value) and str(path) in str(e.value)
+
+
+def test_huge_grid_is_refused_without_expanding_it(tmp_path):
+    path = write(tmp_path, "name: g\ngrid: {train.seed: {range: [0, 1000000000000]}}\n")
+    with pytest.raises(ConfigError, match="has 1,000,000,000,000 runs"):
+        load_runs(path)

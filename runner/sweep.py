@@ -1,0 +1,230 @@
+"""Sweeps on Ray: one task per run, placed on a GPU, an Apple MPS worker or CPUs.
+
+The only module that imports Ray. Each task calls `runner.train.run`, which writes the run
+directory under the runs root; that root must be storage every worker can reach (local disk for
+the embedded local instance, a shared volume in a cluster).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import time
+from pathlib import Path
+
+import ray
+import torch
+from tqdm import tqdm
+
+from runner.config import ConfigError, Experiment, Run, build_experiment, load_runs
+from runner.corpus import ENV_VAR, load_corpus, resolve_path
+from runner.index import read_manifest, rebuild_index, write_manifest
+from runner.record import recording_size
+from runner.train import is_complete, run
+
+log = logging.getLogger(__name__)
+STATUS_EVERY_S = 30.0
+_PROGRESS_RE = re.compile(r"step (\d+)/(\d+) loss ([\d.]+)")
+
+
+def task_options(exp: Experiment, cluster: dict[str, float]) -> dict:
+    """Ray resources for one run: GPUs when the cluster has them (and the run may use them), else
+    the custom resource `mps` when it has Apple MPS workers, else CPUs. `train.device` pins it."""
+    res, pinned = exp.resources, exp.train.device
+    if pinned == "auto":
+        if cluster.get("GPU", 0) > 0 and res.gpus_per_run > 0:
+            pinned = "cuda"
+        elif cluster.get("mps", 0) > 0:
+            pinned = "mps"
+        else:
+            pinned = "cpu"
+    options: dict = {"num_cpus": res.cpus_per_run}
+    if pinned == "cuda":
+        options["num_gpus"] = res.gpus_per_run or 1
+    elif pinned == "mps":
+        options["resources"] = {"mps": min(res.gpus_per_run or 1, 1)}
+    needed = {"cuda": "GPU", "mps": "mps"}.get(pinned)
+    if needed and cluster.get(needed, 0) <= 0:
+        raise ConfigError(f"train.device: {exp.train.device!r} needs the Ray resource {needed!r}, "
+                          f"which this cluster does not have")
+    return options
+
+
+def assigned_device() -> tuple[str, int]:
+    """Inside a task: the device Ray gave it and the CPUs it may use (torch's thread count)."""
+    assigned = ray.get_runtime_context().get_assigned_resources()
+    if ray.get_gpu_ids():
+        device = "cuda"  # Ray sets CUDA_VISIBLE_DEVICES, so cuda:0 is the assigned GPU
+    elif assigned.get("mps"):
+        device = "mps"
+    else:
+        device = "cpu"
+    return device, max(1, int(assigned.get("CPU", 1)))
+
+
+@ray.remote
+def _probe_task() -> tuple[str, int, str]:
+    return (*assigned_device(), socket.gethostname())
+
+
+@ray.remote
+def _train_task(config: dict, overrides: dict, run_dir: str) -> dict:
+    exp = build_experiment(config)
+    device, threads = assigned_device()
+    try:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RuntimeError(f"worker {socket.gethostname()} cannot write the run directory {run_dir} "
+                           f"({e.strerror}): the runs root must be storage every worker can reach") from None
+    manifest = run(exp, Path(run_dir), overrides=overrides, device=device, threads=exp.train.threads or threads,
+                   progress=False)
+    return {"run_id": manifest["run_id"], "device": manifest["device"], **manifest["metrics"]}
+
+
+def _init_ray(address: str | None) -> None:
+    address = address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {ENV_VAR: os.environ[ENV_VAR]}} if os.environ.get(ENV_VAR) else None
+    common = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING,
+              "runtime_env": env}
+    if address:
+        ray.init(address=address, **common)
+    else:  # embedded local instance sized to this machine; a Mac offers its GPU as `mps`
+        mps = {"mps": 1} if torch.backends.mps.is_available() else None
+        ray.init(num_cpus=os.cpu_count(), resources=mps, **common)
+
+
+def plan(path: Path, overrides: list[str], runs_root: Path, force: bool) -> tuple[list[Run], list[Run], Path]:
+    """All runs of the experiment, those still to train, and the experiment's directory."""
+    runs = load_runs(path, overrides)
+    exp_dir = runs_root.resolve() / runs[0].experiment.name
+    todo = [r for r in runs if force or not is_complete(exp_dir / r.run_id, r.experiment)]
+    return runs, todo, exp_dir
+
+
+def describe(runs: list[Run], todo: list[Run]) -> str:
+    """The dry-run listing: one line per run, the count and the disk the recordings need."""
+    pending = {r.run_id for r in todo}
+    lines = [f"{r.run_id}  {'todo' if r.run_id in pending else 'done'}  "
+             + (" ".join(f"{k}={v}" for k, v in r.overrides.items()) or "(base config)") for r in runs]
+    need = sum(recording_size(e.train.steps, e.record.every, e.record.tensors, e.model.vocab_size,
+                              e.model.hidden_dim) for e in (r.experiment for r in todo))
+    lines.append(f"{len(runs)} runs, {len(todo)} to train, {need / 2**30:.2f} GiB of recordings to write")
+    return "\n".join(lines)
+
+
+def _resolve_corpora(todo: list[Run]) -> list[Run]:
+    """Check each distinct corpus once, before Ray starts (downloading it once, not in every task),
+    and hand the tasks its absolute path. corpus.path is not part of the run id."""
+    resolved = []
+    for r in todo:
+        exp = r.experiment
+        path = str(resolve_path(exp.corpus.path).resolve())
+        load_corpus(path, exp.corpus.ascii)
+        config = exp.to_dict()
+        config["corpus"]["path"] = path
+        resolved.append(Run(build_experiment(config), r.overrides))
+    return resolved
+
+
+def _status_line(running: list[Run], exp_dir: Path) -> str:
+    parts = []
+    for r in running:
+        try:
+            lines = (exp_dir / r.run_id / "train.log").read_text().splitlines()
+        except OSError:
+            continue
+        match = next((m for line in reversed(lines) if (m := _PROGRESS_RE.search(line))), None)
+        if match:
+            parts.append(f"{r.run_id} {match[1]}/{match[2]} loss {match[3]}")
+    return "running: " + ("; ".join(parts) or "starting")
+
+
+def _mark(run_dir: Path, r: Run, status: str, error: str) -> None:
+    """Record in run.json what the driver saw (a task that died before or without writing it)."""
+    manifest = read_manifest(run_dir) or {"run_id": r.run_id, "name": r.experiment.name,
+                                          "overrides": r.overrides, "config": r.experiment.to_dict()}
+    if manifest.get("status") in ("complete", "failed"):
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_manifest(run_dir, {**manifest, "status": status, "error": error})
+
+
+def sweep(path: Path, overrides: list[str], runs_root: Path, *, address: str | None = None, force: bool = False,
+          dry_run: bool = False, max_retries: int = 2, progress: bool = True) -> int:
+    """Run every point of the experiment's grid that is not complete; returns the exit code
+    (0: every run complete, 1: some failed)."""
+    runs, todo, exp_dir = plan(path, overrides, runs_root, force)
+    if dry_run:
+        print(describe(runs, todo))
+        return 0
+    if not todo:
+        rebuild_index(exp_dir)
+        print(f"{exp_dir}: all {len(runs)} runs complete; nothing to train (--force trains them again)")
+        return 0
+    todo = _resolve_corpora(todo)
+    try:
+        exp_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{exp_dir}: cannot create the runs directory ({e.strerror})") from None
+
+    _init_ray(address)
+    try:
+        cluster = ray.cluster_resources()
+        pending = {}
+        for r in todo:
+            options = task_options(r.experiment, cluster)
+            ref = _train_task.options(**options, max_retries=max_retries, retry_exceptions=False,
+                                      name=f"{r.experiment.name}/{r.run_id}").remote(
+                r.experiment.to_dict(), r.overrides, str(exp_dir / r.run_id))
+            pending[ref] = r
+        return _collect(pending, exp_dir, len(runs) - len(todo), progress)
+    finally:
+        ray.shutdown()
+
+
+def _collect(pending: dict, exp_dir: Path, already_done: int, progress: bool) -> int:
+    failed: list[str] = []
+    bar = tqdm(total=len(pending), unit="run", desc=exp_dir.name, disable=not progress, dynamic_ncols=True)
+    last_status = time.monotonic()
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=5.0)
+            if time.monotonic() - last_status >= STATUS_EVERY_S:
+                tqdm.write(_status_line(list(pending.values()), exp_dir))
+                last_status = time.monotonic()
+            if not ready:
+                continue
+            r = pending.pop(ready[0])
+            try:
+                result = ray.get(ready[0])
+                tqdm.write(f"{r.run_id} complete on {result['device']}: final loss {result['final_loss']:.4f}, "
+                           f"{result['steps_per_s']:.1f} steps/s")
+            except ray.exceptions.RayError as e:
+                failed.append(r.run_id)
+                cause = getattr(e, "cause", None) or e
+                _mark(exp_dir / r.run_id, r, "failed", f"{type(cause).__name__}: {cause}".splitlines()[0])
+                tqdm.write(f"{r.run_id} FAILED: {str(cause).splitlines()[0]} (see {exp_dir / r.run_id / 'run.json'})")
+            rebuild_index(exp_dir)
+            bar.set_postfix(done=bar.n + 1 - len(failed), failed=len(failed), refresh=False)
+            bar.update()
+    except KeyboardInterrupt:
+        for ref, r in pending.items():
+            ray.cancel(ref, force=True)
+            _mark(exp_dir / r.run_id, r, "cancelled", "cancelled by the user (Ctrl-C); resumable")
+        rebuild_index(exp_dir)
+        raise
+    finally:
+        bar.close()
+    total = bar.total + already_done
+    print(f"{exp_dir}: {total - len(failed)}/{total} runs complete"
+          + (f", {len(failed)} failed: {' '.join(failed)}" if failed else "")
+          + f"; index: {exp_dir / 'index.jsonl'}")
+    return 1 if failed else 0
+
+
+def probe(exp: Experiment) -> tuple[str, int, str]:
+    """Where a run of `exp` would be placed on the connected cluster: (device, threads, host)."""
+    return ray.get(_probe_task.options(**task_options(exp, ray.cluster_resources())).remote())
+

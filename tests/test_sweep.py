@@ -1,0 +1,102 @@
+"""Sweeps on a real local Ray instance, and placement on a fake multi-device cluster."""
+
+import json
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from runner.cli import main
+from runner.config import build_experiment
+from runner.index import load_index
+from runner.record import load_recording
+from runner.sweep import probe, task_options
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+SMOKE_SWEEP = REPO / "experiments" / "smoke_sweep.yaml"
+
+
+def index_records(path) -> list[dict]:
+    rows = load_index(path)
+    return rows.to_dict("records") if hasattr(rows, "to_dict") else rows  # a DataFrame when pandas is installed
+
+
+def test_smoke_sweep_then_resume(tmp_path, small_book, capsys):
+    runs = tmp_path / "runs"
+    args = ["sweep", str(SMOKE_SWEEP), "--runs", str(runs), "--corpus", str(small_book), "--quiet"]
+    assert main(args) == 0
+    exp_dir = runs / "smoke_sweep"
+    rows = index_records(exp_dir)
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"complete"}
+    assert {(r["train.seed"], r["train.precision"]) for r in rows} == {
+        (1, "bf16-true"), (1, "fp32"), (2, "bf16-true"), (2, "fp32")}
+    for row in rows:
+        assert row["swept"] == "train.seed,train.precision" and row["device"] == "cpu"
+        assert row["final_loss"] > 0 and row["steps_per_s"] > 0 and row["dead_tokens"] > 0
+        rec = load_recording(row["recording_path"], ("W", "loss"))
+        assert rec["W"].shape == (31, 128, 64) and rec["loss"][-1].item() == pytest.approx(row["final_loss"])
+        manifest = json.loads((exp_dir / row["run_id"] / "run.json").read_text())
+        assert manifest["threads"] == 1  # torch threads = the one CPU Ray assigned
+    csv_lines = (exp_dir / "index.csv").read_text().splitlines()
+    assert len(csv_lines) == 5 and csv_lines[0].startswith("run_id,name,status,swept,seed")
+    mtimes = {p: p.stat().st_mtime_ns for p in exp_dir.glob("*/recording.safetensors")}
+    capsys.readouterr()
+    assert main(args) == 0  # a finished sweep trains nothing (and does not even start Ray)
+    assert "all 4 runs complete" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in exp_dir.glob("*/recording.safetensors")} == mtimes
+
+
+def test_failed_run_does_not_stop_the_others(tmp_path, small_book):
+    exp = tmp_path / "fails.yaml"
+    # 60,000 windows cannot be drawn from the small book: that run fails while training
+    exp.write_text(f"include: {SMOKE_SWEEP}\nname: fails\n"
+                   "grid: {train.seed: [1], train.precision: [fp32], train.batch_size: [4, 60000]}\n")
+    assert main(["sweep", str(exp), "--runs", str(tmp_path / "runs"), "--corpus", str(small_book), "--quiet"]) == 1
+    rows = {r["train.batch_size"]: r for r in index_records(tmp_path / "runs" / "fails")}
+    assert rows[4]["status"] == "complete"
+    assert rows[60000]["status"] == "failed" and "too few for batches" in rows[60000]["error"]
+    manifest = json.loads((tmp_path / "runs" / "fails" / rows[60000]["run_id"] / "run.json").read_text())
+    assert "Traceback" in manifest["traceback"]
+
+
+def test_dry_run_lists_runs_and_disk(tmp_path, capsys):
+    assert main(["sweep", str(REPO / "experiments" / "seed_sweep.yaml"), "--runs", str(tmp_path), "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 17 and out[-1] == "16 runs, 16 to train, 14.73 GiB of recordings to write"
+    assert not any(tmp_path.iterdir())
+
+
+def test_task_options_pick_the_device():
+    exp = build_experiment({"name": "x", "resources": {"cpus_per_run": 2, "gpus_per_run": 0.25}})
+    assert task_options(exp, {"CPU": 8, "GPU": 2}) == {"num_cpus": 2, "num_gpus": 0.25}
+    assert task_options(exp, {"CPU": 8, "mps": 1}) == {"num_cpus": 2, "resources": {"mps": 0.25}}
+    assert task_options(exp, {"CPU": 8}) == {"num_cpus": 2}
+    cpu_only = build_experiment({"name": "x", "train": {"device": "cpu"}})
+    assert task_options(cpu_only, {"CPU": 8, "GPU": 2}) == {"num_cpus": 1}
+    with pytest.raises(Exception, match="needs the Ray resource 'GPU'"):
+        task_options(build_experiment({"name": "x", "train": {"device": "cuda"}}), {"CPU": 8})
+
+
+@pytest.fixture(scope="module")
+def fake_cluster():
+    """A head with CPUs only, a worker with a (fake) GPU and a worker with the custom resource mps."""
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1, num_gpus=1)
+    cluster.add_node(num_cpus=1, resources={"mps": 1})
+    ray.init(address=cluster.address)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.mark.parametrize("experiment, expected", [
+    ({}, "cuda"),                                           # the cluster has GPUs: runs ask for one
+    ({"resources": {"gpus_per_run": 0}}, "mps"),            # no GPU wanted: the MPS worker
+    ({"train": {"device": "cpu"}}, "cpu"),                  # pinned to CPUs
+    ({"train": {"device": "mps"}}, "mps"),
+])
+def test_placement_on_fake_cluster(fake_cluster, experiment, expected):
+    device, threads, _ = probe(build_experiment({"name": "x", **experiment}))
+    assert (device, threads) == (expected, 1)
