@@ -9,8 +9,19 @@ from runner.config import ModelConfig
 from runner.tokenizer import BOS, EOS
 
 
-def gpt2_config(cfg: ModelConfig) -> GPT2Config:
-    return GPT2Config(
+def implementation(precision: str, device: torch.device) -> dict[str, str]:
+    """The fastest numerically equivalent kernels for this precision and device (measured by
+    `make bench`, see README): `gelu_pytorch_tanh` is GPT-2's tanh-approximated GELU as one fused op
+    instead of separate mul/pow/tanh ops; on the CPU, SDPA's backward is slow in bf16, so bf16 runs
+    use HF's eager attention there and fp32 runs keep SDPA."""
+    bf16 = precision in ("bf16-true", "bf16-mixed")
+    attention = "eager" if bf16 and device.type == "cpu" else "sdpa"
+    return {"activation_function": "gelu_pytorch_tanh", "attn_implementation": attention}
+
+
+def gpt2_config(cfg: ModelConfig, *, activation_function: str = "gelu_new",
+                attn_implementation: str = "sdpa") -> GPT2Config:
+    config = GPT2Config(
         vocab_size=cfg.vocab_size,
         n_positions=cfg.n_positions,
         n_embd=cfg.hidden_dim,
@@ -24,13 +35,17 @@ def gpt2_config(cfg: ModelConfig) -> GPT2Config:
         bos_token_id=ord(BOS),
         eos_token_id=ord(EOS),
         pad_token_id=ord(EOS),
+        activation_function=activation_function,
     )
+    config._attn_implementation = attn_implementation
+    return config
 
 
-def build_model(cfg: ModelConfig, seed: int) -> GPT2LMHeadModel:
-    """Initialise on the CPU in fp32 from `seed`, so the initial weights do not depend on the device."""
+def build_model(cfg: ModelConfig, seed: int, **kernels: str) -> GPT2LMHeadModel:
+    """Initialise on the CPU in fp32 from `seed`, so the initial weights do not depend on the device
+    (nor on the kernels chosen, which have no parameters)."""
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(gpt2_config(cfg))
+    return GPT2LMHeadModel(gpt2_config(cfg, **kernels))
 
 
 def count_parameters(model: torch.nn.Module) -> int:

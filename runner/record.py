@@ -76,7 +76,7 @@ class RecordingWriter:
     """Streams rows of the per-step tensors into `path` (via `path.partial`)."""
 
     def __init__(self, path: Path, *, steps: int, every: int, names: tuple[str, ...], vocab: int, dim: int,
-                 metadata: dict[str, str], device: torch.device, chunk_rows: int = 256):
+                 metadata: dict[str, str], device: torch.device, chunk_rows: int = 64):
         self.path, self.partial = path, path.with_name(path.name + ".partial")
         self.every, self.names = every, names
         self.layout = expected_layout(steps, every, names, vocab, dim)

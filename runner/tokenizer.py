@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerFast
 VOCAB_SIZE = 128
 BOS = "\x02"  # ASCII STX/ETX: control characters that never occur in the book, so
 EOS = "\x03"  # transformers has in-vocabulary special tokens and the text is untouched.
+ENCODE_CHUNK = 1 << 16
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -35,4 +36,7 @@ def encode(text: str) -> torch.Tensor:
     """The text's token ids as int64; the text must be ASCII (ids are then its byte values)."""
     if not text.isascii():
         raise ValueError("the ASCII-128 tokenizer only encodes 7-bit ASCII text")
-    return torch.tensor(build_tokenizer().encode(text), dtype=torch.long)
+    tokenizer = build_tokenizer()
+    # In chunks: one encoding of the whole book holds ~100 MB of per-character offsets at once.
+    chunks = [text[i:i + ENCODE_CHUNK] for i in range(0, len(text), ENCODE_CHUNK)] or [""]
+    return torch.cat([torch.tensor(tokenizer.encode(chunk), dtype=torch.long) for chunk in chunks])

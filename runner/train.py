@@ -22,7 +22,7 @@ from tqdm import tqdm
 from runner.config import ConfigError, Experiment
 from runner.corpus import Corpus, load_corpus
 from runner.index import dead_token_summary, read_manifest, write_manifest
-from runner.model import build_model, count_parameters
+from runner.model import build_model, count_parameters, implementation
 from runner.record import RecordingWriter, check_layout, expected_layout
 from runner.tokenizer import build_tokenizer, encode, save_tokenizer
 
@@ -169,7 +169,8 @@ def _train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.d
     sampler = WindowSampler(encode(corpus.text), model_cfg.context_length, cfg.batch_size, cfg.seed)
     save_tokenizer(run_dir / "tokenizer")
 
-    model = build_model(model_cfg, cfg.seed).to(torch_device)
+    kernels = implementation(cfg.precision, torch_device)
+    model = build_model(model_cfg, cfg.seed, **kernels).to(torch_device)
     if cfg.precision == "bf16-true":
         model.to(torch.bfloat16)  # parameters, gradients and Adam's moments all in bf16
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
@@ -180,6 +181,7 @@ def _train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.d
              torch_device, cfg.precision, torch.get_num_threads())
 
     header = _recording_metadata(exp, corpus, manifest, n_params, torch_device)
+    header["implementation"] = json.dumps(kernels, sort_keys=True)
     writer = RecordingWriter(run_dir / RECORDING, steps=cfg.steps, every=exp.record.every,
                              names=exp.record.tensors, vocab=model_cfg.vocab_size, dim=model_cfg.hidden_dim,
                              metadata=header, device=torch_device)
@@ -221,18 +223,21 @@ def _train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.d
 
     state = optimizer.state[W]
     final_loss, last_100 = losses[-1].item(), losses[-100:].mean().item()
-    samples = sample_text(model, seed=cfg.seed, device=torch_device, autocast=autocast)
-    for prompt, text in samples.items():
-        log.info("sample %r -> %r", prompt, text)
     metrics = {"final_loss": final_loss, "mean_loss_last_100": last_100, "train_s": train_s,
-               "steps_per_s": cfg.steps / train_s, "wall_s": time.perf_counter() - t0}
+               "steps_per_s": cfg.steps / train_s}
     path = writer.close({"W_final": W, "momentum_final": state["exp_avg"], "variance_final": state["exp_avg_sq"]},
                         {k: repr(v) for k, v in metrics.items()})
+    summary = dead_token_summary(W, corpus.token_counts)
+    samples = sample_text(model.float(), seed=cfg.seed, device=torch_device)
+    for prompt, text in samples.items():
+        log.info("sample %r -> %r", prompt, text)
+    metrics["wall_s"] = time.perf_counter() - t0
     log.info("run %s complete: final loss %.4f, %.1f steps/s, %s", exp.run_id, final_loss,
              metrics["steps_per_s"], path)
     return {"device": str(torch_device), "threads": torch.get_num_threads(), "n_params": n_params,
+            "implementation": kernels,
             "corpus": _corpus_summary(corpus), "metrics": metrics, "samples": samples,
-            "dead_token_summary": dead_token_summary(W, corpus.token_counts),
+            "dead_token_summary": summary,
             "recording": {"path": RECORDING, "bytes": path.stat().st_size}}
 
 
@@ -257,8 +262,10 @@ def _recording_metadata(exp: Experiment, corpus: Corpus, manifest: dict, n_param
 
 
 @torch.no_grad()
-def sample_text(model, *, seed: int, device: torch.device, autocast) -> dict[str, str]:
-    """Temperature-0.8 samples (no top-k) of up to 50 new tokens per prompt, seeded by the run seed."""
+def sample_text(model, *, seed: int, device: torch.device) -> dict[str, str]:
+    """Temperature-0.8 samples (no top-k) of up to 50 new tokens per prompt, seeded by the run seed.
+    Sampling runs in fp32 (the final weights upcast exactly): bf16 kernels for every new sequence
+    length would cost more memory than the whole training loop."""
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
     model.eval()
@@ -266,9 +273,7 @@ def sample_text(model, *, seed: int, device: torch.device, autocast) -> dict[str
     for prompt in PROMPTS:
         ids = encode(prompt)[None].to(device)
         new_tokens = min(SAMPLE_TOKENS, model.config.n_positions - ids.shape[1])
-        with autocast:
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                 do_sample=True, temperature=SAMPLE_TEMPERATURE, top_k=0,
-                                 pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=True,
+                             temperature=SAMPLE_TEMPERATURE, top_k=0, pad_token_id=tokenizer.pad_token_id)
         samples[prompt] = tokenizer.decode(out[0])
     return samples

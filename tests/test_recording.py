@@ -31,13 +31,16 @@ def runs(tmp_path_factory, small_book):
 
 def reference_loop(exp):
     """A plain re-statement of the notebook's loop: HF model, torch Adam, snapshots after backward
-    and before the step; batches from a seeded permutation of all windows."""
+    and before the step; batches from a seeded permutation of all windows. The kernels are the ones
+    the runner documents for the CPU: fused tanh-GELU, eager attention in bf16, SDPA in fp32."""
     cfg = exp.train
     tokens = torch.tensor(list(load_corpus(exp.corpus.path, "drop").text.encode("ascii")))
     torch.manual_seed(cfg.seed)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_positions=128, n_embd=64, n_layer=2, n_head=2,
-                                       resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, use_cache=False,
-                                       tie_word_embeddings=True, bos_token_id=2, eos_token_id=3, pad_token_id=3))
+    config = GPT2Config(vocab_size=128, n_positions=128, n_embd=64, n_layer=2, n_head=2, resid_pdrop=0,
+                        embd_pdrop=0, attn_pdrop=0, use_cache=False, tie_word_embeddings=True, bos_token_id=2,
+                        eos_token_id=3, pad_token_id=3, activation_function="gelu_pytorch_tanh")
+    config._attn_implementation = "sdpa" if cfg.precision == "fp32" else "eager"
+    model = GPT2LMHeadModel(config)
     if cfg.precision == "bf16-true":
         model.to(torch.bfloat16)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
