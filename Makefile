@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 EXP    ?= experiments/lil_gatsby.yaml
 RUNS   ?= runs
 
-.PHONY: setup run test sweep index clean
+.PHONY: setup run test sweep index bench clean
 
 # The venv is rebuilt when pyproject.toml changes. torch==2.13.0 is the CPU build on this project's
 # machines; for CUDA, install a CUDA build of torch 2.13.0 into .venv first (see README).
@@ -28,6 +28,10 @@ sweep: setup
 
 index: setup
 	$(BIN)/lilgatsby index $(RUNS)
+
+# BENCH_ARGS: e.g. --steps 10000 (full reference run) or --sweep (8-seed sweep)
+bench: setup
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

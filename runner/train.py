@@ -173,7 +173,8 @@ def _train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.d
     model = build_model(model_cfg, cfg.seed, **kernels).to(torch_device)
     if cfg.precision == "bf16-true":
         model.to(torch.bfloat16)  # parameters, gradients and Adam's moments all in bf16
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    # foreach: what torch picks on GPUs; on the CPU bitwise equal to its default loop, and faster
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=True)
     autocast = torch.autocast(torch_device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16-mixed")
     n_params = count_parameters(model)
     W = model.lm_head.weight  # tied: the same Parameter as transformer.wte.weight

@@ -1,0 +1,148 @@
+"""`make bench`: the runner against the notebook's loop, side by side on this machine.
+
+Each measurement is a separate process (so peak RSS is its own, from the OS via wait4), and the
+baseline and the runner alternate. Modes:
+  default        --steps 300 (after a warm-up run of each): bf16 and fp32, plus the runner with
+                 recording off to measure the recording overhead
+  --steps 10000  the full reference run, baseline vs runner (bf16)
+  --sweep        an 8-seed sweep (--sweep-steps each) through `lilgatsby sweep` vs the baseline run
+                 8 times one after another
+Prints a table and writes the results as JSON (bench/results/<mode>.json by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+LILGATSBY = [sys.executable, "-m", "runner.cli"]
+
+
+def run_measured(cmd: list[str], cwd: Path) -> dict:
+    """Run `cmd` in `cwd`; its wall seconds, its own peak RSS (MiB, from wait4) and its stdout."""
+    t0 = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:  # child: exec the command with stdout to a file
+        out = open(cwd / "stdout.txt", "w")
+        os.dup2(out.fileno(), 1)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+        os.chdir(cwd)
+        os.execvp(cmd[0], cmd)
+    _, status, usage = os.wait4(pid, 0)
+    if os.waitstatus_to_exitcode(status):
+        sys.exit(f"bench: {' '.join(cmd)} exited with {os.waitstatus_to_exitcode(status)}")
+    return {"wall_s": time.perf_counter() - t0, "rss_mib": usage.ru_maxrss / 1024,
+            "stdout": (cwd / "stdout.txt").read_text()}
+
+
+def baseline(steps: int, precision: str, work: Path, seed: int = 42) -> dict:
+    result = run_measured([sys.executable, str(REPO / "bench" / "notebook_loop.py"), "--steps", str(steps),
+                           "--precision", precision, "--seed", str(seed), "--out", str(work / "baseline.safetensors")],
+                          work)
+    return {**json.loads(result["stdout"].splitlines()[-1]), "rss_mib": result["rss_mib"], "wall_s": result["wall_s"]}
+
+
+def runner(steps: int, precision: str, work: Path, record: bool = True) -> dict:
+    out = work / f"run-{precision}-{record}"
+    cmd = [*LILGATSBY, "train", str(REPO / "experiments" / "lil_gatsby.yaml"), "--out", str(out), "--force",
+           "--quiet", "--set", f"train.steps={steps}", "--set", f"train.precision={precision}"]
+    if not record:
+        cmd += ["--set", "record.tensors=[]"]
+    result = run_measured(cmd, work)
+    metrics = json.loads((out / "run.json").read_text())["metrics"]
+    return {"steps": steps, "steps_per_s": metrics["steps_per_s"], "train_s": metrics["train_s"],
+            "rss_mib": result["rss_mib"], "wall_s": result["wall_s"]}
+
+
+def best(results: list[dict]) -> dict:
+    """The fastest of repeated measurements (the least disturbed by the rest of the machine)."""
+    return max(results, key=lambda r: r["steps_per_s"])
+
+
+def steps_mode(steps: int, rounds: int, work: Path) -> dict:
+    rows = {}
+    precisions = ("bf16",) if steps >= 5000 else ("bf16", "fp32")
+    for precision in precisions:
+        runner_precision = "bf16-true" if precision == "bf16" else "fp32"
+        if steps < 5000:  # warm-up: page cache, lazy imports
+            baseline(20, precision, work)
+            runner(20, runner_precision, work)
+        base, ours = [], []
+        for _ in range(rounds):
+            base.append(baseline(steps, precision, work))
+            ours.append(runner(steps, runner_precision, work))
+        rows[precision] = {"baseline": best(base), "runner": best(ours)}
+    if steps < 5000:
+        rows["bf16"]["runner_no_recording"] = best([runner(steps, "bf16-true", work, record=False)
+                                                     for _ in range(rounds)])
+    return rows
+
+
+def sweep_mode(steps: int, seeds: int, work: Path) -> dict:
+    t0 = time.perf_counter()
+    for seed in range(seeds):
+        baseline(steps, "bf16", work, seed=seed)
+    base_s = time.perf_counter() - t0
+    exp = work / "bench_sweep.yaml"
+    exp.write_text(f"include: {REPO / 'experiments' / 'lil_gatsby.yaml'}\nname: bench_sweep\n"
+                   f"train: {{steps: {steps}}}\ngrid: {{train.seed: {{range: [0, {seeds}]}}}}\n")
+    result = run_measured([*LILGATSBY, "sweep", str(exp), "--runs", str(work / "runs"), "--force", "--quiet"], work)
+    return {"seeds": seeds, "steps": steps, "baseline_sequential_s": base_s, "sweep_s": result["wall_s"],
+            "speedup": base_s / result["wall_s"], "sweep_rss_mib": result["rss_mib"]}
+
+
+def table(mode: str, results: dict) -> str:
+    if mode == "sweep":
+        r = results
+        return (f"{r['seeds']}-seed sweep, {r['steps']} steps each: baseline x{r['seeds']} sequential "
+                f"{r['baseline_sequential_s']:.1f} s, lilgatsby sweep {r['sweep_s']:.1f} s, "
+                f"speedup {r['speedup']:.2f}x")
+    lines = ["| precision | implementation | steps | steps/s | speedup | peak RSS MiB | wall s |",
+             "|---|---|---|---|---|---|---|"]
+    for precision, rows in results.items():
+        base = rows["baseline"]["steps_per_s"]
+        for name, r in rows.items():
+            lines.append(f"| {precision} | {name} | {r['steps']} | {r['steps_per_s']:.1f} | "
+                         f"{r['steps_per_s'] / base:.2f}x | {r['rss_mib']:.0f} | {r['wall_s']:.1f} |")
+    if "runner_no_recording" in results.get("bf16", {}):
+        on, off = results["bf16"]["runner"]["steps_per_s"], results["bf16"]["runner_no_recording"]["steps_per_s"]
+        lines.append(f"\nrecording overhead: {(off / on - 1) * 100:.1f} % of step time")
+    if "bf16" in results:
+        ratio = results["bf16"]["runner"]["rss_mib"] / results["bf16"]["baseline"]["rss_mib"]
+        lines.append(f"peak RSS runner / baseline (bf16): {ratio * 100:.0f} %")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=2, help="alternating measurements of each (best is kept)")
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--sweep-steps", type=int, default=1000)
+    parser.add_argument("--seeds", type=int, default=8)
+    parser.add_argument("--json", type=Path, help="where to write the results (default bench/results/<mode>.json)")
+    args = parser.parse_args()
+    if not os.environ.get("LILGATSBY_CORPUS"):  # the children run in a scratch directory
+        if not (REPO / "data" / "pg64317.txt").exists():
+            sys.exit("bench: set LILGATSBY_CORPUS to the book (pg64317.txt)")
+        os.environ["LILGATSBY_CORPUS"] = str(REPO / "data" / "pg64317.txt")
+    mode = "sweep" if args.sweep else f"steps{args.steps}"
+    with tempfile.TemporaryDirectory(prefix="lilgatsby-bench-") as tmp:
+        work = Path(tmp)
+        results = sweep_mode(args.sweep_steps, args.seeds, work) if args.sweep else steps_mode(args.steps, args.rounds, work)
+    out = args.json or REPO / "bench" / "results" / f"{mode}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"mode": mode, "host_cpus": os.cpu_count(), "results": results}, indent=2) + "\n")
+    print(table("sweep" if args.sweep else "steps", results))
+    print(f"\nresults: {out}")
+
+
+if __name__ == "__main__":
+    main()
