@@ -9,8 +9,7 @@ from pathlib import Path
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from runner.config import ConfigError, load_runs
-from runner.corpus import CorpusError
+from runner.config import ConfigError, UserError, load_runs
 
 log = logging.getLogger("runner.cli")
 EXIT_BAD_INPUT = 2
@@ -27,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--corpus", metavar="PATH", help="the book as a local file (same as --set corpus.path=PATH)")
         p.add_argument("--runs", type=Path, default=Path("runs"), help="runs root (default: runs/)")
         p.add_argument("--force", action="store_true", help="train again even if the run is complete")
+        p.add_argument("--restart", action="store_true",
+                       help="start interrupted runs over instead of resuming them from their last checkpoint")
 
     train = sub.add_parser("train", help="run one experiment locally, without Ray")
     experiment_args(train)
@@ -40,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
                                          "else start a local instance)")
     sweep.add_argument("--max-retries", type=int, default=2, help="retries of a run lost with its worker")
     sweep.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    verify = sub.add_parser("verify", help="check recordings: header, layout, metadata, NaN/Inf, Adam relation")
+    verify.add_argument("paths", type=Path, nargs="+", help="recordings or run directories")
 
     index = sub.add_parser("index", help="rebuild index.jsonl/index.csv from the run manifests")
     index.add_argument("runs_dir", type=Path, help="a runs root or one experiment's directory")
@@ -59,7 +63,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.force and is_complete(run_dir, spec.experiment):
         log.info("%s is already complete (use --force to train again)", run_dir)
         return 0
-    manifest = run(spec.experiment, run_dir, overrides=spec.overrides, progress=not args.quiet)
+    manifest = run(spec.experiment, run_dir, overrides=spec.overrides, progress=not args.quiet, restart=args.restart)
     if args.out is None:
         rebuild_index(run_dir.parent)
     for prompt, text in manifest["samples"].items():
@@ -75,7 +79,21 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     overrides = args.overrides + ([f"corpus.path={args.corpus}"] if args.corpus else [])
     return sweep(args.experiment, overrides, args.runs, address=args.address, force=args.force,
-                 dry_run=args.dry_run, max_retries=args.max_retries, progress=not args.quiet)
+                 dry_run=args.dry_run, max_retries=args.max_retries, progress=not args.quiet, restart=args.restart)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from runner.record import verify
+
+    failed = 0
+    for path in args.paths:
+        problems = verify(path)
+        for problem in problems:
+            print(problem)
+        if not problems:
+            print(f"{path}: ok")
+        failed += bool(problems)
+    return 1 if failed else 0
 
 
 def cmd_index(args: argparse.Namespace) -> int:
@@ -98,11 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     for handler in logging.getLogger().handlers:  # step lines go to train.log; the console has a bar
         handler.addFilter(lambda record: not record.name.startswith("runner.progress"))
     logging.getLogger("runner").setLevel(logging.INFO)
-    commands = {"train": cmd_train, "sweep": cmd_sweep, "index": cmd_index}
+    commands = {"train": cmd_train, "sweep": cmd_sweep, "verify": cmd_verify, "index": cmd_index}
     try:
         with logging_redirect_tqdm():
             return commands[args.command](args)
-    except (ConfigError, CorpusError) as e:
+    except UserError as e:
         print(f"lilgatsby: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

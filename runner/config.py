@@ -33,7 +33,11 @@ MAX_GRID_RUNS = 10_000
 MAX_STEPS = 10_000_000
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """Bad input or a condition the user can fix; the CLI prints the one-line message and exits 2."""
+
+
+class ConfigError(UserError, ValueError):
     """A bad experiment file, override or value; the message is one line naming file and key."""
 
 
@@ -64,6 +68,7 @@ class TrainConfig:
     precision: Literal["bf16-true", "bf16-mixed", "fp32"] = "bf16-true"
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     threads: int | None = None  # torch intra-op threads; None: all cores (or the CPUs Ray assigned)
+    checkpoint_every: int = 1000  # steps between checkpoints (resume point after a crash)
 
 
 @dataclass(frozen=True)
@@ -95,10 +100,10 @@ class Experiment:
     @property
     def run_id(self) -> str:
         """Short stable hash of everything that determines the run's results. Not part of it: the
-        resources (scheduling only) and corpus.path (where the book is, not what it is; the
-        corpus's sha256 is in the manifest)."""
+        resources (scheduling only), train.checkpoint_every (resume points, not results) and
+        corpus.path (where the book is, not what it is; the corpus's sha256 is in the manifest)."""
         identity = {k: v for k, v in self.to_dict().items() if k != "resources"}
-        identity["corpus"] = {k: v for k, v in identity["corpus"].items() if k != "path"}
+        del identity["corpus"]["path"], identity["train"]["checkpoint_every"]
         blob = json.dumps(identity, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -135,6 +140,7 @@ _RULES: list[tuple[str, typing.Callable[[Any, Experiment], bool], str]] = [
     ("train.eps", lambda v, e: 0 < v <= 1, "must be > 0 and <= 1"),
     ("train.seed", lambda v, e: 0 <= v < 2**63, "must be between 0 and 2**63 - 1"),
     ("train.threads", lambda v, e: v is None or 1 <= v <= 1024, "must be null or between 1 and 1024"),
+    ("train.checkpoint_every", lambda v, e: 1 <= v <= MAX_STEPS, f"must be between 1 and {MAX_STEPS:,}"),
     ("record.every", lambda v, e: 1 <= v <= e.train.steps, "must be between 1 and train.steps"),
     ("record.tensors", lambda v, e: set(v) <= set(RECORDED_TENSORS) and len(set(v)) == len(v),
      f"must be distinct names from {list(RECORDED_TENSORS)}"),

@@ -15,6 +15,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from runner.config import UserError
+
 log = logging.getLogger(__name__)
 
 ENV_VAR = "LILGATSBY_CORPUS"
@@ -28,7 +30,7 @@ ASCII_MAP = str.maketrans({"\u201c": '"', "\u201d": '"', "\u2018": "'", "\u2019"
                            "\u2014": "-", "\u2013": "-"})
 
 
-class CorpusError(RuntimeError):
+class CorpusError(UserError):
     """The corpus cannot be found or read; the message says what to do."""
 
 

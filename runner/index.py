@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from runner.record import verify
+
 MANIFEST = "run.json"
 INDEX_JSONL, INDEX_CSV = "index.jsonl", "index.csv"
 # Leading columns of the index, in order; the flattened config (dotted keys) follows them.
@@ -82,10 +84,13 @@ def _flatten(config: dict, prefix: str = "") -> dict:
 def index_row(run_dir: Path, manifest: dict) -> dict:
     metrics = manifest.get("metrics", {})
     recording = manifest.get("recording", {})
+    status = manifest.get("status")
+    if status == "complete" and verify(run_dir / recording.get("path", "recording.safetensors"), full=False):
+        status = "invalid"  # the manifest says complete but the recording does not check out
     row = {
         "run_id": manifest.get("run_id", run_dir.name),
         "name": manifest.get("name"),
-        "status": manifest.get("status"),
+        "status": status,
         "swept": ",".join(manifest.get("overrides", {})),
         "seed": manifest.get("config", {}).get("train", {}).get("seed"),
         "device": manifest.get("device"),

@@ -14,12 +14,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import struct
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+from runner.config import Experiment, UserError, build_experiment
 
 FORMAT_VERSION = "1"
 FINAL_TENSORS = ("W_final", "momentum_final", "variance_final")
@@ -39,6 +42,25 @@ def final_specs(vocab: int, dim: int) -> dict[str, tuple[torch.dtype, tuple[int,
     return {"W_final": rows["W"], "momentum_final": rows["momentum"], "variance_final": rows["variance"]}
 
 
+class DiskSpaceError(UserError):
+    """Not enough free space for a recording; refused before training starts."""
+
+
+def partial_path(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+def check_free_space(path: Path, exp: Experiment) -> None:
+    """Refuse a recording that cannot fit on the disk (a resumed one already has its space)."""
+    if partial_path(path).exists():
+        return
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    needed, free = recording_size(exp) + HEADER_SLACK, shutil.disk_usage(existing).free
+    if needed > free:
+        raise DiskSpaceError(f"{path}: the recording needs {needed / 2**20:,.1f} MiB but only "
+                             f"{free / 2**20:,.1f} MiB are free on that disk")
+
+
 def recorded_steps(steps: int, every: int) -> range:
     """Row r of every per-step tensor holds step r * every."""
     return range(0, steps + 1, every)
@@ -48,18 +70,18 @@ def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
     return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
 
-def expected_layout(steps: int, every: int, names: tuple[str, ...], vocab: int, dim: int) -> dict:
-    """Name -> (dtype, full shape) of every tensor a recording with this config holds."""
-    rows = len(recorded_steps(steps, every))
-    specs = row_specs(vocab, dim)
-    layout = {name: (specs[name][0], (rows, *specs[name][1])) for name in names}
-    layout.update(final_specs(vocab, dim))
+def expected_layout(exp: Experiment) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Name -> (dtype, full shape) of every tensor a recording of `exp` holds."""
+    rows = len(recorded_steps(exp.train.steps, exp.record.every))
+    specs = row_specs(exp.model.vocab_size, exp.model.hidden_dim)
+    layout = {name: (specs[name][0], (rows, *specs[name][1])) for name in exp.record.tensors}
+    layout.update(final_specs(exp.model.vocab_size, exp.model.hidden_dim))
     return layout
 
 
-def recording_size(steps: int, every: int, names: tuple[str, ...], vocab: int, dim: int) -> int:
-    """Bytes of tensor data in such a recording (the header adds a few KiB)."""
-    return sum(_nbytes(dtype, shape) for dtype, shape in expected_layout(steps, every, names, vocab, dim).values())
+def recording_size(exp: Experiment) -> int:
+    """Bytes of tensor data in a recording of `exp` (the header adds a few KiB)."""
+    return sum(_nbytes(dtype, shape) for dtype, shape in expected_layout(exp).values())
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -75,32 +97,36 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
 class RecordingWriter:
     """Streams rows of the per-step tensors into `path` (via `path.partial`)."""
 
-    def __init__(self, path: Path, *, steps: int, every: int, names: tuple[str, ...], vocab: int, dim: int,
-                 metadata: dict[str, str], device: torch.device, chunk_rows: int = 64):
-        self.path, self.partial = path, path.with_name(path.name + ".partial")
-        self.every, self.names = every, names
-        self.layout = expected_layout(steps, every, names, vocab, dim)
+    def __init__(self, path: Path, exp: Experiment, *, metadata: dict[str, str], device: torch.device,
+                 first_row: int = 0, chunk_rows: int = 64):
+        """`first_row` > 0 continues an existing `.partial` file whose rows before it are written."""
+        self.path, self.partial = path, partial_path(path)
+        self.every, self.names = exp.record.every, exp.record.tensors
+        self.layout = expected_layout(exp)
         self.offsets: dict[str, int] = {}
         end = 0
         for name, (dtype, shape) in self.layout.items():
             self.offsets[name] = end
             end += _nbytes(dtype, shape)
         self.metadata = {"format_version": FORMAT_VERSION, **metadata}
-        header = self._header_bytes()
-        self.header_size = (len(header) + HEADER_SLACK + 7) // 8 * 8
+        if first_row:
+            self.fd = os.open(self.partial, os.O_RDWR)
+            (self.header_size,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
+        else:
+            self.header_size = (len(self._header_bytes()) + HEADER_SLACK + 7) // 8 * 8
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.posix_fallocate(self.fd, 0, 8 + self.header_size + end)  # ENOSPC now, not mid-run
+                self._write_header()
+            except BaseException:
+                os.close(self.fd)
+                raise
         self.data_start = 8 + self.header_size
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.posix_fallocate(self.fd, 0, self.data_start + end)  # ENOSPC now, not mid-run
-            self._write_header()
-        except BaseException:
-            self.abort()
-            raise
-        rows = min(chunk_rows, self.layout[names[0]][1][0]) if names else 1
+        rows = min(chunk_rows, self.layout[self.names[0]][1][0]) if self.names else 1
         self._buffers = [{n: torch.empty((rows, *self.layout[n][1][1:]), dtype=self.layout[n][0], device=device)
-                          for n in names} for _ in range(2)]
-        self._active, self._filled, self._chunk_start = 0, 0, 0
+                          for n in self.names} for _ in range(2)]
+        self._active, self._filled, self._chunk_start = 0, 0, first_row
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recording-writer")
         self._pending: Future | None = None
 
@@ -150,6 +176,12 @@ class RecordingWriter:
             row_bytes = _nbytes(dtype, shape) // shape[0]
             _pwrite_all(self.fd, _as_bytes(tensor), self.data_start + self.offsets[name] + first_row * row_bytes)
 
+    def flush(self) -> None:
+        """Write every buffered row and make it durable (before a checkpoint relies on it)."""
+        self._flush()
+        self._wait()
+        os.fsync(self.fd)
+
     def _wait(self) -> None:
         if self._pending is not None:
             self._pending.result()  # re-raises a write error (e.g. disk full) in the training thread
@@ -172,9 +204,9 @@ class RecordingWriter:
         return self.path
 
     def abort(self) -> None:
-        """Stop writing; the `.partial` file stays behind and is never taken for a recording."""
-        if hasattr(self, "_executor"):
-            self._executor.shutdown(cancel_futures=True)
+        """Stop writing; the `.partial` file stays behind (a resume continues it) and is never taken
+        for a recording."""
+        self._executor.shutdown(cancel_futures=True)
         os.close(self.fd)
 
 
@@ -194,6 +226,72 @@ def check_layout(path: Path, expected: dict) -> list[str]:
             got = (found[name].get_dtype(), tuple(found[name].get_shape()))
             if got != (DTYPE_NAMES[dtype], shape):
                 problems.append(f"{path}: {name}: {got[0]}{list(got[1])}, expected {DTYPE_NAMES[dtype]}{list(shape)}")
+    return problems
+
+
+REQUIRED_METADATA = ("format_version", "run_id", "config", "seed", "precision", "device", "steps", "record_every",
+                     "n_params", "git_commit", "corpus_sha256", "token_counts", "final_loss", "steps_per_s")
+ADAM_SAMPLES = 8  # steps at which `verify` checks the Adam relation between rows
+
+
+def adam_violations(m_next: torch.Tensor, v_next: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
+                    g: torch.Tensor, betas: tuple[float, float], precision: str) -> int:
+    """Entries breaking m' = b1 m + (1-b1) g, v' = b2 v + (1-b2) g^2 beyond rounding: g is stored in
+    bf16 (unit roundoff 2^-8), arithmetic is fp32, and bf16-true's moments are bf16 tensors updated
+    in place (one rounding for exp_avg, two for exp_avg_sq; we allow two for both)."""
+    b1, b2 = betas
+    bf16_u, fp32_u = 2.0 ** -8, 2.0 ** -24
+    slack = 2 * bf16_u if precision == "bf16-true" else 0.0
+    g = g.float()
+    m_pred, v_pred = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+    m_tol = (1 - b1) * g.abs() * bf16_u + (slack + 4 * fp32_u) * m_pred.abs()
+    v_tol = (1 - b2) * g * g * 3 * bf16_u + (slack + 4 * fp32_u) * v_pred.abs()
+    return int(((m_next - m_pred).abs() > m_tol).sum() + ((v_next - v_pred).abs() > v_tol).sum())
+
+
+def verify(path: Path, full: bool = True) -> list[str]:
+    """Problems with a recording (or a run directory's), one line each; [] when it is valid.
+
+    Always: the header parses, the metadata is there, names/shapes/dtypes match the recorded
+    config, and Adam's relation holds between rows at a sample of steps. `full` also scans every
+    value for NaN/Inf (reads the whole file)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "recording.safetensors"
+    try:
+        meta = read_metadata(path)
+    except FileNotFoundError:
+        return [f"{path}: missing"]
+    except Exception as e:  # safetensors raises its own error types for a corrupt or truncated file
+        return [f"{path}: not a readable safetensors file: {e}"]
+    problems = [f"{path}: metadata: {key} missing" for key in REQUIRED_METADATA if key not in meta]
+    if meta.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
+        problems.append(f"{path}: format_version {meta['format_version']}, expected {FORMAT_VERSION}")
+    try:
+        exp = build_experiment(json.loads(meta["config"]))
+    except (KeyError, ValueError) as e:
+        return problems + [f"{path}: metadata: config unusable ({e})"]
+    layout_problems = check_layout(path, expected_layout(exp))
+    if layout_problems:
+        return problems + layout_problems
+    with safe_open(str(path), framework="pt") as f:
+        if full:
+            for name in f.keys():
+                tensor = f.get_slice(name)
+                rows = tensor.get_shape()[0] if tensor.get_shape() else 1
+                for start in range(0, rows, 1024):  # bounded memory on a 1 GB file
+                    block = tensor[start:start + 1024] if tensor.get_shape() else f.get_tensor(name)
+                    if not torch.isfinite(block.float()).all():
+                        problems.append(f"{path}: {name}: NaN or Inf in rows {start}..{start + len(block) - 1}")
+                        break
+        if exp.record.every == 1 and {"grads", "momentum", "variance"} <= set(exp.record.tensors):
+            m, v, g = (f.get_slice(n) for n in ("momentum", "variance", "grads"))
+            steps = exp.train.steps
+            for t in sorted({1 + (steps - 2) * i // (ADAM_SAMPLES - 1) for i in range(ADAM_SAMPLES)} if steps > 1
+                            else set()):
+                bad = adam_violations(m[t + 1], v[t + 1], m[t], v[t], g[t], exp.train.betas, exp.train.precision)
+                if bad:
+                    problems.append(f"{path}: rows {t}->{t + 1}: {bad} entries break Adam's update rule")
     return problems
 
 

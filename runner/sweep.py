@@ -22,7 +22,7 @@ from runner.config import ConfigError, Experiment, Run, build_experiment, load_r
 from runner.corpus import ENV_VAR, load_corpus, resolve_path
 from runner.index import read_manifest, rebuild_index, write_manifest
 from runner.record import recording_size
-from runner.train import is_complete, run
+from runner.train import RunLocked, is_complete, run
 
 log = logging.getLogger(__name__)
 STATUS_EVERY_S = 30.0
@@ -70,7 +70,7 @@ def _probe_task() -> tuple[str, int, str]:
 
 
 @ray.remote
-def _train_task(config: dict, overrides: dict, run_dir: str) -> dict:
+def _train_task(config: dict, overrides: dict, run_dir: str, restart: bool, force: bool) -> dict:
     exp = build_experiment(config)
     device, threads = assigned_device()
     try:
@@ -79,7 +79,7 @@ def _train_task(config: dict, overrides: dict, run_dir: str) -> dict:
         raise RuntimeError(f"worker {socket.gethostname()} cannot write the run directory {run_dir} "
                            f"({e.strerror}): the runs root must be storage every worker can reach") from None
     manifest = run(exp, Path(run_dir), overrides=overrides, device=device, threads=exp.train.threads or threads,
-                   progress=False)
+                   progress=False, restart=restart, force=force)
     return {"run_id": manifest["run_id"], "device": manifest["device"], **manifest["metrics"]}
 
 
@@ -90,9 +90,9 @@ def _init_ray(address: str | None) -> None:
               "runtime_env": env}
     if address:
         ray.init(address=address, **common)
-    else:  # embedded local instance sized to this machine; a Mac offers its GPU as `mps`
-        mps = {"mps": 1} if torch.backends.mps.is_available() else None
-        ray.init(num_cpus=os.cpu_count(), resources=mps, **common)
+    else:  # a new embedded instance sized to this machine (never another one found running); a Mac
+        mps = {"mps": 1} if torch.backends.mps.is_available() else None  # offers its GPU as `mps`
+        ray.init(address="local", num_cpus=os.cpu_count(), resources=mps, **common)
 
 
 def plan(path: Path, overrides: list[str], runs_root: Path, force: bool) -> tuple[list[Run], list[Run], Path]:
@@ -108,8 +108,7 @@ def describe(runs: list[Run], todo: list[Run]) -> str:
     pending = {r.run_id for r in todo}
     lines = [f"{r.run_id}  {'todo' if r.run_id in pending else 'done'}  "
              + (" ".join(f"{k}={v}" for k, v in r.overrides.items()) or "(base config)") for r in runs]
-    need = sum(recording_size(e.train.steps, e.record.every, e.record.tensors, e.model.vocab_size,
-                              e.model.hidden_dim) for e in (r.experiment for r in todo))
+    need = sum(recording_size(r.experiment) for r in todo)
     lines.append(f"{len(runs)} runs, {len(todo)} to train, {need / 2**30:.2f} GiB of recordings to write")
     return "\n".join(lines)
 
@@ -152,9 +151,9 @@ def _mark(run_dir: Path, r: Run, status: str, error: str) -> None:
 
 
 def sweep(path: Path, overrides: list[str], runs_root: Path, *, address: str | None = None, force: bool = False,
-          dry_run: bool = False, max_retries: int = 2, progress: bool = True) -> int:
+          dry_run: bool = False, max_retries: int = 2, progress: bool = True, restart: bool = False) -> int:
     """Run every point of the experiment's grid that is not complete; returns the exit code
-    (0: every run complete, 1: some failed)."""
+    (0: every run complete, 1: some failed or are being trained by another process)."""
     runs, todo, exp_dir = plan(path, overrides, runs_root, force)
     if dry_run:
         print(describe(runs, todo))
@@ -177,7 +176,7 @@ def sweep(path: Path, overrides: list[str], runs_root: Path, *, address: str | N
             options = task_options(r.experiment, cluster)
             ref = _train_task.options(**options, max_retries=max_retries, retry_exceptions=False,
                                       name=f"{r.experiment.name}/{r.run_id}").remote(
-                r.experiment.to_dict(), r.overrides, str(exp_dir / r.run_id))
+                r.experiment.to_dict(), r.overrides, str(exp_dir / r.run_id), restart, force)
             pending[ref] = r
         return _collect(pending, exp_dir, len(runs) - len(todo), progress)
     finally:
@@ -186,6 +185,7 @@ def sweep(path: Path, overrides: list[str], runs_root: Path, *, address: str | N
 
 def _collect(pending: dict, exp_dir: Path, already_done: int, progress: bool) -> int:
     failed: list[str] = []
+    busy: list[str] = []  # being trained by another process (another sweep on the same runs root)
     bar = tqdm(total=len(pending), unit="run", desc=exp_dir.name, disable=not progress, dynamic_ncols=True)
     last_status = time.monotonic()
     try:
@@ -202,12 +202,17 @@ def _collect(pending: dict, exp_dir: Path, already_done: int, progress: bool) ->
                 tqdm.write(f"{r.run_id} complete on {result['device']}: final loss {result['final_loss']:.4f}, "
                            f"{result['steps_per_s']:.1f} steps/s")
             except ray.exceptions.RayError as e:
-                failed.append(r.run_id)
                 cause = getattr(e, "cause", None) or e
-                _mark(exp_dir / r.run_id, r, "failed", f"{type(cause).__name__}: {cause}".splitlines()[0])
-                tqdm.write(f"{r.run_id} FAILED: {str(cause).splitlines()[0]} (see {exp_dir / r.run_id / 'run.json'})")
+                if isinstance(cause, RunLocked):  # another sweep is training it: leave its run.json alone
+                    busy.append(r.run_id)
+                    tqdm.write(f"{r.run_id} skipped: {cause}")
+                else:
+                    failed.append(r.run_id)
+                    _mark(exp_dir / r.run_id, r, "failed", f"{type(cause).__name__}: {cause}".splitlines()[0])
+                    tqdm.write(f"{r.run_id} FAILED: {str(cause).splitlines()[0]} "
+                               f"(see {exp_dir / r.run_id / 'run.json'})")
             rebuild_index(exp_dir)
-            bar.set_postfix(done=bar.n + 1 - len(failed), failed=len(failed), refresh=False)
+            bar.set_postfix(done=bar.n + 1 - len(failed) - len(busy), failed=len(failed), refresh=False)
             bar.update()
     except KeyboardInterrupt:
         for ref, r in pending.items():
@@ -218,10 +223,11 @@ def _collect(pending: dict, exp_dir: Path, already_done: int, progress: bool) ->
     finally:
         bar.close()
     total = bar.total + already_done
-    print(f"{exp_dir}: {total - len(failed)}/{total} runs complete"
+    print(f"{exp_dir}: {total - len(failed) - len(busy)}/{total} runs complete"
           + (f", {len(failed)} failed: {' '.join(failed)}" if failed else "")
+          + (f", {len(busy)} being trained by another process: {' '.join(busy)}" if busy else "")
           + f"; index: {exp_dir / 'index.jsonl'}")
-    return 1 if failed else 0
+    return 1 if failed or busy else 0
 
 
 def probe(exp: Experiment) -> tuple[str, int, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -19,11 +20,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from runner.config import ConfigError, Experiment
+from runner import checkpoint
+from runner.config import ConfigError, Experiment, UserError
 from runner.corpus import Corpus, load_corpus
 from runner.index import dead_token_summary, read_manifest, write_manifest
 from runner.model import build_model, count_parameters, implementation
-from runner.record import RecordingWriter, check_layout, expected_layout
+from runner.record import (RecordingWriter, check_free_space, check_layout, expected_layout, partial_path,
+                           verify)
 from runner.tokenizer import build_tokenizer, encode, save_tokenizer
 
 log = logging.getLogger(__name__)
@@ -79,7 +82,7 @@ def environment() -> dict:
     for name in packages:
         with contextlib.suppress(pkg_metadata.PackageNotFoundError):
             versions[name] = pkg_metadata.version(name)
-    return {"python": platform.python_version(), "packages": versions, "host": socket.gethostname(),
+    return {"python": platform.python_version(), "packages": versions, "host": socket.gethostname(), "pid": os.getpid(),
             "platform": platform.platform(), "git_commit": git_commit(),
             "image": os.environ.get("LILGATSBY_IMAGE")}
 
@@ -120,22 +123,50 @@ def _log_to(path: Path):
 
 
 def run(exp: Experiment, run_dir: Path, *, overrides: dict | None = None, device: str | None = None,
-        threads: int | None = None, progress: bool = True) -> dict:
-    """Train `exp` into `run_dir` (recording, run.json, train.log); returns the manifest.
+        threads: int | None = None, progress: bool = True, restart: bool = False, force: bool = True) -> dict:
+    """Train `exp` into `run_dir` (recording, run.json, train.log); returns the manifest. An
+    interrupted run continues from its last checkpoint unless `restart`. Without `force`, a run
+    found complete once its lock is held (another process finished it) is not trained again.
 
     `device`/`threads` override the config's (a sweep passes what Ray assigned). Bad input (corpus,
     device) raises before anything is written; a failure during training is written to run.json
     with its traceback and re-raised."""
     torch_device = resolve_device(device or exp.train.device)
     corpus = load_corpus(exp.corpus.path, exp.corpus.ascii)
+    check_free_space(run_dir / RECORDING, exp)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with _run_lock(run_dir):
+        if not force and is_complete(run_dir, exp):
+            return read_manifest(run_dir)
+        if restart:
+            partial_path(run_dir / RECORDING).unlink(missing_ok=True)
+        return _run_locked(exp, run_dir, corpus, torch_device, overrides, threads, progress, restart)
+
+
+class RunLocked(UserError):
+    """Another process is training this run right now."""
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path):
+    """One trainer per run directory at a time (an advisory lock, released when the process dies)."""
+    with open(run_dir / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunLocked(f"{run_dir}: another process is training this run") from None
+        yield
+
+
+def _run_locked(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.device, overrides: dict | None,
+                threads: int | None, progress: bool, restart: bool) -> dict:
     manifest = {"run_id": exp.run_id, "name": exp.name, "status": "running", "overrides": overrides or {},
                 "config": exp.to_dict(), "started_at": _now(), "environment": environment()}
     write_manifest(run_dir, manifest)
     with _log_to(run_dir / "train.log"):
         try:
-            manifest.update(_train(exp, run_dir, corpus, torch_device, threads or exp.train.threads,
-                                   progress, manifest))
+            manifest.update(_train(exp, run_dir, corpus, torch_device, threads or exp.train.threads, progress,
+                                   manifest, restart))
             manifest["status"] = "complete"
         except BaseException as e:
             manifest.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
@@ -152,47 +183,64 @@ def is_complete(run_dir: Path, exp: Experiment) -> bool:
     manifest = read_manifest(run_dir)
     if not manifest or manifest.get("status") != "complete" or manifest.get("run_id") != exp.run_id:
         return False
-    return not check_layout(run_dir / RECORDING, recording_layout(exp))
+    return not verify(run_dir / RECORDING, full=False)
 
 
-def recording_layout(exp: Experiment) -> dict:
-    return expected_layout(exp.train.steps, exp.record.every, exp.record.tensors, exp.model.vocab_size,
-                           exp.model.hidden_dim)
+def _build(exp: Experiment, device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict]:
+    kernels = implementation(exp.train.precision, device)
+    model = build_model(exp.model, exp.train.seed, **kernels).to(device)
+    if exp.train.precision == "bf16-true":
+        model.to(torch.bfloat16)  # parameters, gradients and Adam's moments all in bf16
+    # foreach: what torch picks on GPUs; on the CPU bitwise equal to its default loop, and faster
+    optimizer = torch.optim.Adam(model.parameters(), lr=exp.train.lr, betas=exp.train.betas, eps=exp.train.eps,
+                                 foreach=True)
+    return model, optimizer, kernels
+
+
+def _open_recording(exp: Experiment, run_dir: Path, model, optimizer, restart: bool, header: dict,
+                    device: torch.device) -> tuple[RecordingWriter, checkpoint.Checkpoint | None]:
+    """Continue from the run's checkpoint when it and the partial recording are usable, else start over."""
+    path = run_dir / RECORDING
+    resumable = not restart and (run_dir / checkpoint.CHECKPOINT).exists()
+    if resumable and check_layout(partial_path(path), expected_layout(exp)):
+        log.warning("run %s: a checkpoint but no usable partial recording; starting over", exp.run_id)
+        resumable = False
+    ckpt = checkpoint.load(run_dir, exp.run_id, model, optimizer) if resumable else None
+    if ckpt is None:
+        checkpoint.remove(run_dir)
+    first_row = ckpt.step // exp.record.every + 1 if ckpt else 0
+    writer = RecordingWriter(path, exp, metadata=header, device=device, first_row=first_row)
+    return writer, ckpt
 
 
 def _train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.device, threads: int | None,
-           progress: bool, manifest: dict) -> dict:
+           progress: bool, manifest: dict, restart: bool) -> dict:
     t0 = time.perf_counter()
-    cfg, model_cfg = exp.train, exp.model
+    cfg = exp.train
     if threads:
         torch.set_num_threads(threads)
-    sampler = WindowSampler(encode(corpus.text), model_cfg.context_length, cfg.batch_size, cfg.seed)
+    sampler = WindowSampler(encode(corpus.text), exp.model.context_length, cfg.batch_size, cfg.seed)
     save_tokenizer(run_dir / "tokenizer")
-
-    kernels = implementation(cfg.precision, torch_device)
-    model = build_model(model_cfg, cfg.seed, **kernels).to(torch_device)
-    if cfg.precision == "bf16-true":
-        model.to(torch.bfloat16)  # parameters, gradients and Adam's moments all in bf16
-    # foreach: what torch picks on GPUs; on the CPU bitwise equal to its default loop, and faster
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=True)
-    autocast = torch.autocast(torch_device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16-mixed")
+    model, optimizer, kernels = _build(exp, torch_device)
     n_params = count_parameters(model)
-    W = model.lm_head.weight  # tied: the same Parameter as transformer.wte.weight
-    log.info("run %s: %s parameters, device %s, precision %s, %d threads", exp.run_id, f"{n_params:,}",
-             torch_device, cfg.precision, torch.get_num_threads())
-
-    header = _recording_metadata(exp, corpus, manifest, n_params, torch_device)
-    header["implementation"] = json.dumps(kernels, sort_keys=True)
-    writer = RecordingWriter(run_dir / RECORDING, steps=cfg.steps, every=exp.record.every,
-                             names=exp.record.tensors, vocab=model_cfg.vocab_size, dim=model_cfg.hidden_dim,
-                             metadata=header, device=torch_device)
+    header = {**_recording_metadata(exp, corpus, manifest, n_params, torch_device),
+              "implementation": json.dumps(kernels, sort_keys=True)}
+    writer, ckpt = _open_recording(exp, run_dir, model, optimizer, restart, header, torch_device)
+    start, train_s_before = (ckpt.step + 1, ckpt.train_s) if ckpt else (1, 0.0)
     losses = torch.empty(cfg.steps, device=torch_device)
+    if ckpt:
+        losses[:ckpt.step] = ckpt.losses
+        manifest["resumed_from_step"] = ckpt.step
+    log.info("run %s: %s parameters, device %s, precision %s, %d threads%s", exp.run_id, f"{n_params:,}",
+             torch_device, cfg.precision, torch.get_num_threads(), f", resuming after step {ckpt.step}" if ckpt else "")
+    W = model.lm_head.weight  # tied: the same Parameter as transformer.wte.weight
+    autocast = torch.autocast(torch_device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16-mixed")
     log_every = max(1, cfg.steps // 20)
-    bar = tqdm(total=cfg.steps, desc=f"{exp.name}/{exp.run_id}", unit="step", disable=not progress,
-               mininterval=1.0, dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=start - 1, desc=f"{exp.name}/{exp.run_id}", unit="step",
+               disable=not progress, mininterval=1.0, dynamic_ncols=True)
     t_train = time.perf_counter()
     try:
-        for step, (inputs, targets) in zip(range(1, cfg.steps + 1), sampler.batches()):
+        for step, (inputs, targets) in zip(range(start, cfg.steps + 1), sampler.batches(start)):
             inputs, targets = inputs.to(torch_device, non_blocking=True), targets.to(torch_device, non_blocking=True)
             with autocast:
                 logits = model(input_ids=inputs).logits
@@ -209,37 +257,38 @@ def _train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.d
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses[step - 1] = loss.detach()
+            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                writer.flush()  # rows up to `step` on disk before the checkpoint that relies on them
+                checkpoint.save(run_dir, exp.run_id, step, train_s_before + time.perf_counter() - t_train,
+                                model, optimizer, losses)
             if step % log_every == 0 or step == cfg.steps:  # one host sync per log line, not per step
-                current = losses[step - 1].item()
-                bar.set_postfix(loss=f"{current:.4f}", refresh=False)
-                progress_log.info("step %d/%d loss %.4f %.1f steps/s", step, cfg.steps, current,
-                         step / (time.perf_counter() - t_train))
+                bar.set_postfix(loss=f"{losses[step - 1].item():.4f}", refresh=False)
+                progress_log.info("step %d/%d loss %.4f %.1f steps/s", step, cfg.steps, losses[step - 1].item(),
+                                  (step - start + 1) / (time.perf_counter() - t_train))
             bar.update()
     except BaseException:
         writer.abort()
         raise
     finally:
         bar.close()
-    train_s = time.perf_counter() - t_train
+    train_s = train_s_before + time.perf_counter() - t_train
 
     state = optimizer.state[W]
-    final_loss, last_100 = losses[-1].item(), losses[-100:].mean().item()
-    metrics = {"final_loss": final_loss, "mean_loss_last_100": last_100, "train_s": train_s,
-               "steps_per_s": cfg.steps / train_s}
+    metrics = {"final_loss": losses[-1].item(), "mean_loss_last_100": losses[-100:].mean().item(),
+               "train_s": train_s, "steps_per_s": cfg.steps / train_s}
     path = writer.close({"W_final": W, "momentum_final": state["exp_avg"], "variance_final": state["exp_avg_sq"]},
                         {k: repr(v) for k, v in metrics.items()})
+    checkpoint.remove(run_dir)
     summary = dead_token_summary(W, corpus.token_counts)
     samples = sample_text(model.float(), seed=cfg.seed, device=torch_device)
     for prompt, text in samples.items():
         log.info("sample %r -> %r", prompt, text)
     metrics["wall_s"] = time.perf_counter() - t0
-    log.info("run %s complete: final loss %.4f, %.1f steps/s, %s", exp.run_id, final_loss,
+    log.info("run %s complete: final loss %.4f, %.1f steps/s, %s", exp.run_id, metrics["final_loss"],
              metrics["steps_per_s"], path)
     return {"device": str(torch_device), "threads": torch.get_num_threads(), "n_params": n_params,
-            "implementation": kernels,
-            "corpus": _corpus_summary(corpus), "metrics": metrics, "samples": samples,
-            "dead_token_summary": summary,
-            "recording": {"path": RECORDING, "bytes": path.stat().st_size}}
+            "implementation": kernels, "corpus": _corpus_summary(corpus), "metrics": metrics, "samples": samples,
+            "dead_token_summary": summary, "recording": {"path": RECORDING, "bytes": path.stat().st_size}}
 
 
 def _corpus_summary(corpus: Corpus) -> dict:

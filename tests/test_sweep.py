@@ -1,6 +1,11 @@
 """Sweeps on a real local Ray instance, and placement on a fake multi-device cluster."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import ray
@@ -100,3 +105,50 @@ def fake_cluster():
 def test_placement_on_fake_cluster(fake_cluster, experiment, expected):
     device, threads, _ = probe(build_experiment({"name": "x", **experiment}))
     assert (device, threads) == (expected, 1)
+
+
+def _sweep_cmd(exp, runs):
+    return [sys.executable, "-m", "runner.cli", "sweep", str(exp), "--runs", str(runs), "--quiet"]
+
+
+@pytest.fixture
+def long_sweep(tmp_path, small_book):
+    """Two runs long enough (several seconds each) to be interrupted."""
+    exp = tmp_path / "long.yaml"
+    exp.write_text(f"include: {SMOKE_SWEEP}\nname: long\ncorpus: {{path: {small_book}}}\n"
+                   "train: {steps: 300, batch_size: 4, checkpoint_every: 20}\n"
+                   "grid: {train.seed: [1, 2], train.precision: [fp32]}\n")
+    return exp
+
+
+def test_killed_worker_is_retried_and_resumes(long_sweep, tmp_path):
+    runs = tmp_path / "runs"
+    sweep = subprocess.Popen(_sweep_cmd(long_sweep, runs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline, killed = time.monotonic() + 120, None
+    while killed is None and time.monotonic() < deadline and sweep.poll() is None:
+        for manifest_path in runs.glob("long/*/run.json"):
+            manifest = json.loads(manifest_path.read_text())
+            if (manifest_path.parent / "checkpoint.safetensors").exists() and manifest["status"] == "running":
+                os.kill(manifest["environment"]["pid"], signal.SIGKILL)  # the Ray worker training it
+                killed = manifest_path.parent
+                break
+        time.sleep(0.05)
+    out, _ = sweep.communicate(timeout=300)
+    assert killed is not None, out
+    assert sweep.returncode == 0, out
+    rows = index_records(runs / "long")
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"complete"}
+    assert json.loads((killed / "run.json").read_text())["resumed_from_step"] >= 20
+
+
+def test_two_sweeps_on_one_runs_dir_never_train_a_run_twice(long_sweep, tmp_path):
+    runs = tmp_path / "runs"
+    sweeps = [subprocess.Popen(_sweep_cmd(long_sweep, runs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in sweeps]
+    assert sorted(p.returncode for p in sweeps) in ([0, 0], [0, 1], [1, 1]), outputs
+    rows = index_records(runs / "long")
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"complete"}, outputs
+    for row in rows:  # each run was trained exactly once: one "complete" line in its log
+        log = (runs / "long" / row["run_id"] / "train.log").read_text()
+        assert log.count(" complete: final loss") == 1, log

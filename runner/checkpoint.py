@@ -1,0 +1,82 @@
+"""Checkpoints: everything a run needs to continue bit-exactly, as a safetensors file (no pickles).
+
+Saved every `train.checkpoint_every` steps, after the recording rows written so far are on disk:
+the parameters, Adam's state, the RNG states, the losses so far and the step. The batch order is
+a pure function of (seed, step), so the step is the sampler's position. Written to a temporary
+file and renamed, so a crash during the write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+log = logging.getLogger(__name__)
+CHECKPOINT = "checkpoint.safetensors"
+
+
+@dataclass
+class Checkpoint:
+    step: int  # the last completed step: parameters and Adam state are after its update
+    train_s: float  # training seconds spent up to `step` (over all attempts)
+    losses: torch.Tensor  # losses of steps 1..step
+
+
+def save(run_dir: Path, run_id: str, step: int, train_s: float, model: torch.nn.Module,
+         optimizer: torch.optim.Optimizer, losses: torch.Tensor) -> None:
+    tensors = {f"param.{name}": p.detach().cpu() for name, p in model.named_parameters()}
+    for i, p in enumerate(model.parameters()):
+        for key, value in optimizer.state[p].items():
+            tensors[f"adam.{i}.{key}"] = value.detach().cpu()
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = state
+    tensors["losses"] = losses[:step].detach().cpu()
+    tmp = run_dir / (CHECKPOINT + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+              metadata={"run_id": run_id, "step": str(step), "train_s": repr(train_s)})
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, run_dir / CHECKPOINT)
+
+
+def load(run_dir: Path, run_id: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Checkpoint | None:
+    """Restore model, optimizer and RNG from the run's checkpoint; None when there is no usable one."""
+    path = run_dir / CHECKPOINT
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("run_id") != run_id:
+                return None
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except FileNotFoundError:
+        return None
+    except Exception as e:  # safetensors' own error types: a corrupt checkpoint is no checkpoint
+        log.warning("%s: unreadable checkpoint (%s); the run starts over", path, e)
+        return None
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(tensors[f"param.{name}"])
+    for i, p in enumerate(model.parameters()):
+        prefix = f"adam.{i}."
+        optimizer.state[p] = {k[len(prefix):]: (v if k.endswith(".step") else v.to(device))
+                              for k, v in tensors.items() if k.startswith(prefix)}
+    torch.set_rng_state(tensors["rng.cpu"])
+    cuda_keys = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+    cuda_states = [tensors[k] for k in cuda_keys]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+    return Checkpoint(step=int(meta["step"]), train_s=float(meta["train_s"]), losses=tensors["losses"].to(device))
+
+
+def remove(run_dir: Path) -> None:
+    for name in (CHECKPOINT, CHECKPOINT + ".tmp"):
+        (run_dir / name).unlink(missing_ok=True)

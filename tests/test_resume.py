@@ -1,0 +1,144 @@
+"""Nothing lost: interrupted runs resume from their last checkpoint to a bitwise identical recording."""
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import runner.record
+from runner.record import load_recording
+from runner.train import RECORDING, run
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+STEPS, EVERY = 200, 7  # a checkpoint every 7 steps, so kills land between, on and just after them
+
+
+@pytest.fixture(scope="module")
+def experiment_file(tmp_path_factory, small_book) -> Path:
+    path = tmp_path_factory.mktemp("exp") / "resume.yaml"
+    path.write_text(f"include: {REPO / 'experiments' / 'smoke.yaml'}\nname: resume\n"
+                    f"corpus: {{path: {small_book}}}\n"
+                    f"train: {{steps: {STEPS}, batch_size: 4, checkpoint_every: {EVERY}}}\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(experiment_file, tmp_path_factory) -> dict:
+    from runner.config import load_runs
+    (spec,) = load_runs(experiment_file)
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    run(spec.experiment, run_dir, progress=False)
+    return load_recording(run_dir / RECORDING)
+
+
+def train_cmd(experiment_file: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "runner.cli", "train", str(experiment_file), "--out", str(out), "--quiet"]
+
+
+def assert_identical(out: Path, expected: dict) -> None:
+    recording = load_recording(out / RECORDING)
+    assert set(recording) == set(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(recording[name], tensor), name
+    assert not list(out.glob("*.partial")) and not list(out.glob("checkpoint*"))
+
+
+def last_logged_step(log: Path) -> int:
+    try:
+        lines = log.read_text().splitlines()
+    except OSError:
+        return 0
+    steps = [int(line.split("step ")[1].split("/")[0]) for line in lines if " step " in line]
+    return steps[-1] if steps else 0
+
+
+@pytest.mark.parametrize("trial", range(2))
+def test_sigkill_at_a_random_step_then_resume(experiment_file, uninterrupted, tmp_path, trial):
+    target = random.Random().randrange(20, STEPS - 20)
+    out = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(experiment_file, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while last_logged_step(out / "train.log") < target and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = last_logged_step(out / "train.log")
+    assert killed_at < STEPS, f"the run finished before the kill (target step {target})"
+    assert not (out / RECORDING).exists() and (out / (RECORDING + ".partial")).exists()
+    assert json.loads((out / "run.json").read_text())["status"] == "running"
+
+    assert subprocess.run(train_cmd(experiment_file, out), capture_output=True).returncode == 0
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["status"] == "complete" and manifest["resumed_from_step"] >= killed_at - EVERY - 10
+    assert_identical(out, uninterrupted)
+
+
+def test_sigkill_during_a_checkpoint_write(experiment_file, uninterrupted, tmp_path):
+    """The process dies halfway through writing its third checkpoint; the second one is used."""
+    out = tmp_path / "run"
+    killer = f"""
+import os, signal, sys
+import runner.checkpoint as ckpt
+calls = []
+def dying_save_file(tensors, path, metadata):
+    calls.append(path)
+    if len(calls) == 3:
+        with open(path, "wb") as f:
+            f.write(b"half a checkpoint")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save_file(tensors, path, metadata=metadata)
+real_save_file, ckpt.save_file = ckpt.save_file, dying_save_file
+from runner.cli import main
+sys.exit(main({train_cmd(experiment_file, out)[3:]!r}))
+"""
+    result = subprocess.run([sys.executable, "-c", killer], capture_output=True)
+    assert result.returncode == -signal.SIGKILL
+    assert (out / "checkpoint.safetensors.tmp").read_bytes() == b"half a checkpoint"
+    assert subprocess.run(train_cmd(experiment_file, out), capture_output=True).returncode == 0
+    assert json.loads((out / "run.json").read_text())["resumed_from_step"] == 2 * EVERY
+    assert_identical(out, uninterrupted)
+
+
+def test_write_error_mid_run_fails_then_resumes(experiment_file, uninterrupted, tmp_path, monkeypatch):
+    from runner.config import load_runs
+    (spec,) = load_runs(experiment_file)
+    real_pwrite, calls = os.pwrite, []
+
+    def failing_pwrite(fd, data, offset):
+        calls.append(offset)
+        if len(calls) > 40:  # the header, then rows of a few chunks: then the disk "fills up"
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(runner.record.os, "pwrite", failing_pwrite)
+    with pytest.raises(OSError, match="No space left"):
+        run(spec.experiment, tmp_path, progress=False)
+    manifest = json.loads((tmp_path / "run.json").read_text())
+    assert manifest["status"] == "failed" and "No space left" in manifest["error"]
+    assert not (tmp_path / RECORDING).exists() and (tmp_path / (RECORDING + ".partial")).exists()
+    monkeypatch.setattr(runner.record.os, "pwrite", real_pwrite)
+    manifest = run(spec.experiment, tmp_path, progress=False)
+    assert manifest["resumed_from_step"] > 0
+    assert_identical(tmp_path, uninterrupted)
+
+
+def test_restart_ignores_the_checkpoint(experiment_file, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(experiment_file, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while last_logged_step(out / "train.log") < 50 and proc.poll() is None:
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    assert subprocess.run(train_cmd(experiment_file, out) + ["--restart"], capture_output=True).returncode == 0
+    assert "resumed_from_step" not in json.loads((out / "run.json").read_text())
+    assert_identical(out, uninterrupted)
