@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 EXP    ?= experiments/lil_gatsby.yaml
 RUNS   ?= runs
 
-.PHONY: setup run test sweep index bench clean
+.PHONY: setup run test sweep index bench clean wheelhouse image docker-run docker-sweep cluster-up cluster-down test-container
 
 # The venv is rebuilt when pyproject.toml changes. torch==2.13.0 is the CPU build on this project's
 # machines; for CUDA, install a CUDA build of torch 2.13.0 into .venv first (see README).
@@ -32,6 +32,47 @@ index: setup
 # BENCH_ARGS: e.g. --steps 10000 (full reference run) or --sweep (8-seed sweep)
 bench: setup
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# --- containers (docker/): CONTAINER=podman|docker ---
+CONTAINER  ?= $(shell command -v podman >/dev/null 2>&1 && echo podman || echo docker)
+IMAGE      ?= lilgatsby:latest
+BASE_IMAGE ?= python:3.11-slim
+WHEELHOUSE ?= 0
+WORKERS    ?= 2
+GIT_COMMIT := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+RUN_FLAGS  := --rm --network host --user $(shell id -u):$(shell id -g) -v $(CURDIR)/runs:/work/runs \
+              -v $(CURDIR)/experiments:/work/experiments:ro \
+              $(if $(LILGATSBY_CORPUS),-v $(abspath $(LILGATSBY_CORPUS)):/work/data/pg64317.txt:ro \
+              -e LILGATSBY_CORPUS=/work/data/pg64317.txt,-v $(CURDIR)/data:/work/data)
+
+# Wheels for every pinned dependency, downloaded on the host, for offline image builds (WHEELHOUSE=1).
+wheelhouse: docker/wheelhouse/.complete
+docker/wheelhouse/.complete: pyproject.toml | setup
+	$(BIN)/python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+	print('\n'.join(p['dependencies'] + p['optional-dependencies']['cluster']))" > docker/wheelhouse/requirements.txt
+	$(BIN)/pip download --quiet --only-binary=:all: --dest docker/wheelhouse -r docker/wheelhouse/requirements.txt
+	touch $@
+
+image:
+	$(CONTAINER) build --network host -f docker/Dockerfile -t $(IMAGE) --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+	  --build-arg WHEELHOUSE=$(WHEELHOUSE) --build-arg GIT_COMMIT=$(GIT_COMMIT) --build-arg IMAGE_TAG=$(IMAGE) .
+
+docker-run:
+	mkdir -p runs data
+	$(CONTAINER) run $(RUN_FLAGS) $(IMAGE) train $(EXP)
+
+cluster-up:
+	mkdir -p runs data
+	IMAGE=$(IMAGE) $(CONTAINER) compose -f docker/compose.yaml up -d --scale ray-worker=$(WORKERS)
+
+cluster-down:
+	IMAGE=$(IMAGE) $(CONTAINER) compose -f docker/compose.yaml down
+
+docker-sweep:
+	IMAGE=$(IMAGE) $(CONTAINER) compose -f docker/compose.yaml exec ray-head lilgatsby sweep $(EXP) --address auto
+
+test-container: setup
+	CONTAINER=$(CONTAINER) bash docker/test-container.sh
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
