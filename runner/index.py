@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from runner.record import verify
+from runner.record import RECORDING, verify
 
 MANIFEST = "run.json"
 INDEX_JSONL, INDEX_CSV = "index.jsonl", "index.csv"
@@ -85,7 +85,7 @@ def index_row(run_dir: Path, manifest: dict) -> dict:
     metrics = manifest.get("metrics", {})
     recording = manifest.get("recording", {})
     status = manifest.get("status")
-    if status == "complete" and verify(run_dir / recording.get("path", "recording.safetensors"), full=False):
+    if status == "complete" and verify(run_dir / recording.get("path", RECORDING), full=False):
         status = "invalid"  # the manifest says complete but the recording does not check out
     row = {
         "run_id": manifest.get("run_id", run_dir.name),

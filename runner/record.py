@@ -25,6 +25,7 @@ from safetensors import safe_open
 from runner.config import Experiment, UserError, build_experiment
 
 FORMAT_VERSION = "1"
+RECORDING = "recording.safetensors"  # its name in a run directory
 FINAL_TENSORS = ("W_final", "momentum_final", "variance_final")
 HEADER_SLACK = 4096  # bytes reserved for metadata only known at the end (final loss, timings)
 DTYPE_NAMES = {torch.bfloat16: "BF16", torch.float32: "F32"}
@@ -257,7 +258,7 @@ def verify(path: Path, full: bool = True) -> list[str]:
     value for NaN/Inf (reads the whole file)."""
     path = Path(path)
     if path.is_dir():
-        path = path / "recording.safetensors"
+        path = path / RECORDING
     try:
         meta = read_metadata(path)
     except FileNotFoundError:

@@ -25,8 +25,8 @@ from runner.config import ConfigError, Experiment, UserError
 from runner.corpus import Corpus, load_corpus
 from runner.index import dead_token_summary, read_manifest, write_manifest
 from runner.model import build_model, count_parameters, implementation
-from runner.record import (RecordingWriter, check_free_space, check_layout, expected_layout, partial_path,
-                           verify)
+from runner.record import (RECORDING, RecordingWriter, check_free_space, check_layout, expected_layout,
+                           partial_path, verify)
 from runner.tokenizer import build_tokenizer, encode, save_tokenizer
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,6 @@ progress_log = logging.getLogger("runner.progress")  # train.log only; the conso
 
 PROMPTS = ("In my younger", "Gatsby", "The green light")
 SAMPLE_TOKENS, SAMPLE_TEMPERATURE = 50, 0.8
-RECORDING = "recording.safetensors"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -258,9 +257,11 @@ def _train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.d
             optimizer.zero_grad(set_to_none=True)
             losses[step - 1] = loss.detach()
             if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                t_checkpoint = time.perf_counter()
                 writer.flush()  # rows up to `step` on disk before the checkpoint that relies on them
-                checkpoint.save(run_dir, exp.run_id, step, train_s_before + time.perf_counter() - t_train,
+                checkpoint.save(run_dir, exp.run_id, step, train_s_before + t_checkpoint - t_train,
                                 model, optimizer, losses)
+                progress_log.info("checkpoint at step %d (%.3f s)", step, time.perf_counter() - t_checkpoint)
             if step % log_every == 0 or step == cfg.steps:  # one host sync per log line, not per step
                 bar.set_postfix(loss=f"{losses[step - 1].item():.4f}", refresh=False)
                 progress_log.info("step %d/%d loss %.4f %.1f steps/s", step, cfg.steps, losses[step - 1].item(),

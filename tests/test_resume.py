@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -14,8 +15,8 @@ import pytest
 import torch
 
 import runner.record
-from runner.record import load_recording
-from runner.train import RECORDING, run
+from runner.record import RECORDING, load_recording
+from runner.train import run
 
 from conftest import REPO
 
@@ -58,7 +59,7 @@ def last_logged_step(log: Path) -> int:
         lines = log.read_text().splitlines()
     except OSError:
         return 0
-    steps = [int(line.split("step ")[1].split("/")[0]) for line in lines if " step " in line]
+    steps = [int(m[1]) for line in lines if (m := re.search(r" step (\d+)/", line))]
     return steps[-1] if steps else 0
 
 
@@ -70,6 +71,7 @@ def test_sigkill_at_a_random_step_then_resume(experiment_file, uninterrupted, tm
     deadline = time.monotonic() + 120
     while last_logged_step(out / "train.log") < target and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
+    time.sleep(random.random() * 0.1)  # a few more steps, so the kill is not always right after a log line
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = last_logged_step(out / "train.log")

@@ -9,8 +9,8 @@ import torch
 
 from runner.cli import main
 from runner.index import rebuild_index
-from runner.record import DiskSpaceError, verify
-from runner.train import RECORDING, RunLocked, _run_lock, is_complete, run
+from runner.record import RECORDING, DiskSpaceError, verify
+from runner.train import RunLocked, _run_lock, is_complete, run
 
 
 @pytest.fixture(scope="module")
