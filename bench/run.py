@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -136,7 +135,10 @@ def main() -> None:
     mode = "sweep" if args.sweep else f"steps{args.steps}"
     with tempfile.TemporaryDirectory(prefix="lilgatsby-bench-") as tmp:
         work = Path(tmp)
-        results = sweep_mode(args.sweep_steps, args.seeds, work) if args.sweep else steps_mode(args.steps, args.rounds, work)
+        if args.sweep:
+            results = sweep_mode(args.sweep_steps, args.seeds, work)
+        else:
+            results = steps_mode(args.steps, args.rounds, work)
     out = args.json or REPO / "bench" / "results" / f"{mode}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"mode": mode, "host_cpus": os.cpu_count(), "results": results}, indent=2) + "\n")

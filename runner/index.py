@@ -55,7 +55,7 @@ def read_manifest(run_dir: Path) -> dict | None:
 @torch.no_grad()
 def dead_token_summary(W: torch.Tensor, token_counts: list[int]) -> dict:
     """Dead tokens (never in the corpus) vs live ones: row norms of W and the dead rows' mutual cosine."""
-    W = W.float()
+    W = W.detach().float().cpu()
     dead = torch.tensor([c == 0 for c in token_counts])
     norms = W.norm(dim=1)
     summary = {"dead_tokens": int(dead.sum()), "dead_row_norm": None, "live_row_norm": None, "dead_cosine": None}

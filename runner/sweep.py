@@ -116,13 +116,16 @@ def describe(runs: list[Run], todo: list[Run]) -> str:
 def _resolve_corpora(todo: list[Run]) -> list[Run]:
     """Check each distinct corpus once, before Ray starts (downloading it once, not in every task),
     and hand the tasks its absolute path. corpus.path is not part of the run id."""
+    checked: dict[tuple[str | None, str], str] = {}
     resolved = []
     for r in todo:
-        exp = r.experiment
-        path = str(resolve_path(exp.corpus.path).resolve())
-        load_corpus(path, exp.corpus.ascii)
-        config = exp.to_dict()
-        config["corpus"]["path"] = path
+        corpus = r.experiment.corpus
+        key = (corpus.path, corpus.ascii)
+        if key not in checked:
+            checked[key] = str(resolve_path(corpus.path).resolve())
+            load_corpus(checked[key], corpus.ascii)
+        config = r.experiment.to_dict()
+        config["corpus"]["path"] = checked[key]
         resolved.append(Run(build_experiment(config), r.overrides))
     return resolved
 

@@ -190,9 +190,10 @@ def _build(exp: Experiment, device: torch.device) -> tuple[torch.nn.Module, torc
     model = build_model(exp.model, exp.train.seed, **kernels).to(device)
     if exp.train.precision == "bf16-true":
         model.to(torch.bfloat16)  # parameters, gradients and Adam's moments all in bf16
-    # foreach: what torch picks on GPUs; on the CPU bitwise equal to its default loop, and faster
+    # The single-tensor loop, not `foreach`: with fp32 parameters (bf16-mixed) the foreach update was
+    # seen to differ in the last bit from run to run within one process, depending on what ran before.
     optimizer = torch.optim.Adam(model.parameters(), lr=exp.train.lr, betas=exp.train.betas, eps=exp.train.eps,
-                                 foreach=True)
+                                 foreach=False)
     return model, optimizer, kernels
 
 
@@ -276,7 +277,7 @@ def _train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.d
 
     state = optimizer.state[W]
     metrics = {"final_loss": losses[-1].item(), "mean_loss_last_100": losses[-100:].mean().item(),
-               "train_s": train_s, "steps_per_s": cfg.steps / train_s}
+               "train_s": train_s, "steps_per_s": cfg.steps / train_s, "wall_s": time.perf_counter() - t0}
     path = writer.close({"W_final": W, "momentum_final": state["exp_avg"], "variance_final": state["exp_avg_sq"]},
                         {k: repr(v) for k, v in metrics.items()})
     checkpoint.remove(run_dir)
@@ -284,7 +285,6 @@ def _train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.d
     samples = sample_text(model.float(), seed=cfg.seed, device=torch_device)
     for prompt, text in samples.items():
         log.info("sample %r -> %r", prompt, text)
-    metrics["wall_s"] = time.perf_counter() - t0
     log.info("run %s complete: final loss %.4f, %.1f steps/s, %s", exp.run_id, metrics["final_loss"],
              metrics["steps_per_s"], path)
     return {"device": str(torch_device), "threads": torch.get_num_threads(), "n_params": n_params,

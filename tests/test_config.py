@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.config import MAX_GRID_RUNS, ConfigError, Experiment, build_experiment, load_runs
+from runner.config import ConfigError, Experiment, build_experiment, load_runs
 
 from conftest import REPO
 

@@ -84,7 +84,7 @@ def test_names_shapes_dtypes(runs):
 
 
 def test_row_zero_is_initialisation(runs):
-    for exp, _, rec in runs.values():
+    for _, _, rec in runs.values():
         for name in ("grads", "momentum", "variance"):
             assert not rec[name][0].any(), name
         # row 0 is the initial state on step 1's batch: W[0] = W[1], logits/loss identical

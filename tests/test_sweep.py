@@ -1,4 +1,4 @@
-"""Sweeps on a real local Ray instance, and placement on a fake multi-device cluster."""
+"""Sweeps on a real local Ray instance."""
 
 import json
 import os
@@ -8,14 +8,12 @@ import sys
 import time
 
 import pytest
-import ray
-from ray.cluster_utils import Cluster
 
 from runner.cli import main
 from runner.config import build_experiment
 from runner.index import load_index
 from runner.record import load_recording
-from runner.sweep import probe, task_options
+from runner.sweep import task_options
 
 from conftest import REPO
 
@@ -84,29 +82,6 @@ def test_task_options_pick_the_device():
         task_options(build_experiment({"name": "x", "train": {"device": "cuda"}}), {"CPU": 8})
 
 
-@pytest.fixture(scope="module")
-def fake_cluster():
-    """A head with CPUs only, a worker with a (fake) GPU and a worker with the custom resource mps."""
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1, num_gpus=1)
-    cluster.add_node(num_cpus=1, resources={"mps": 1})
-    ray.init(address=cluster.address)
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
-
-
-@pytest.mark.parametrize("experiment, expected", [
-    ({}, "cuda"),                                           # the cluster has GPUs: runs ask for one
-    ({"resources": {"gpus_per_run": 0}}, "mps"),            # no GPU wanted: the MPS worker
-    ({"train": {"device": "cpu"}}, "cpu"),                  # pinned to CPUs
-    ({"train": {"device": "mps"}}, "mps"),
-])
-def test_placement_on_fake_cluster(fake_cluster, experiment, expected):
-    device, threads, _ = probe(build_experiment({"name": "x", **experiment}))
-    assert (device, threads) == (expected, 1)
-
-
 def _sweep_cmd(exp, runs):
     return [sys.executable, "-m", "runner.cli", "sweep", str(exp), "--runs", str(runs), "--quiet"]
 
@@ -152,3 +127,21 @@ def test_two_sweeps_on_one_runs_dir_never_train_a_run_twice(long_sweep, tmp_path
     for row in rows:  # each run was trained exactly once: one "complete" line in its log
         log = (runs / "long" / row["run_id"] / "train.log").read_text()
         assert log.count(" complete: final loss") == 1, log
+
+
+def test_ctrl_c_cancels_cleanly_and_the_sweep_resumes(long_sweep, tmp_path):
+    runs = tmp_path / "runs"
+    sweep = subprocess.Popen(_sweep_cmd(long_sweep, runs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not list(runs.glob("long/*/checkpoint.safetensors")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sweep.send_signal(signal.SIGINT)
+    out, _ = sweep.communicate(timeout=120)
+    assert sweep.returncode == 130, out
+    statuses = {json.loads(p.read_text())["status"] for p in runs.glob("long/*/run.json")}
+    assert statuses <= {"complete", "cancelled"} and "cancelled" in statuses, out
+    assert subprocess.run(_sweep_cmd(long_sweep, runs), capture_output=True).returncode == 0
+    rows = index_records(runs / "long")
+    assert {r["status"] for r in rows} == {"complete"}
+    assert any(json.loads((runs / "long" / r["run_id"] / "run.json").read_text()).get("resumed_from_step")
+               for r in rows)
