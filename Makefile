@@ -39,6 +39,8 @@ IMAGE      ?= lilgatsby:latest
 BASE_IMAGE ?= python:3.11-slim
 WHEELHOUSE ?= 0
 WORKERS    ?= 2
+COMPOSE    ?= $(CONTAINER) compose
+COMPOSE_ENV = IMAGE=$(IMAGE) LILGATSBY_UID=$(shell id -u) LILGATSBY_GID=$(shell id -g)
 GIT_COMMIT := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 RUN_FLAGS  := --rm --network host --user $(shell id -u):$(shell id -g) -v $(CURDIR)/runs:/work/runs \
               -v $(CURDIR)/experiments:/work/experiments:ro \
@@ -61,15 +63,16 @@ docker-run:
 	mkdir -p runs data
 	$(CONTAINER) run $(RUN_FLAGS) $(IMAGE) train $(EXP)
 
+# COMPOSE: `docker compose`, `podman compose` (podman >= 4.7) or podman-compose.
 cluster-up:
 	mkdir -p runs data
-	IMAGE=$(IMAGE) $(CONTAINER) compose -f docker/compose.yaml up -d --scale ray-worker=$(WORKERS)
+	$(COMPOSE_ENV) $(COMPOSE) -f docker/compose.yaml up -d --scale ray-worker=$(WORKERS)
 
 cluster-down:
-	IMAGE=$(IMAGE) $(CONTAINER) compose -f docker/compose.yaml down
+	$(COMPOSE_ENV) $(COMPOSE) -f docker/compose.yaml down --remove-orphans
 
 docker-sweep:
-	IMAGE=$(IMAGE) $(CONTAINER) compose -f docker/compose.yaml exec ray-head lilgatsby sweep $(EXP) --address auto
+	$(COMPOSE_ENV) $(COMPOSE) -f docker/compose.yaml exec -T ray-head lilgatsby sweep $(EXP) --address auto
 
 test-container: setup
 	CONTAINER=$(CONTAINER) bash docker/test-container.sh

@@ -73,5 +73,27 @@ done
 "$CONTAINER" exec lg-test-head lilgatsby sweep /opt/lilgatsby/experiments/smoke_sweep.yaml \
     --address "127.0.0.1:$ray_port" --runs /work/runs/cluster --quiet
 check_index "$work/runs/cluster/smoke_sweep/index.jsonl"
+"$CONTAINER" rm -f lg-test-head lg-test-worker >/dev/null
+
+step "make cluster-up, docker-sweep, cluster-down (docker/compose.yaml)"
+if "$CONTAINER" compose version >/dev/null 2>&1; then
+    compose="$CONTAINER compose"
+else  # Debian's podman 4.3 has no `compose`: use podman-compose from PyPI
+    [ -x build/podman-compose/bin/podman-compose ] || {
+        python3 -m venv build/podman-compose && build/podman-compose/bin/pip install --quiet podman-compose==1.6.0; }
+    compose=$repo/build/podman-compose/bin/podman-compose
+fi
+mkdir -p "$work/compose-runs" "$work/compose-data"
+cp "$corpus" "$work/compose-data/pg64317.txt"
+compose_make() {
+    LILGATSBY_RUNS="$work/compose-runs" LILGATSBY_DATA="$work/compose-data" \
+        make --no-print-directory "$@" CONTAINER="$CONTAINER" COMPOSE="$compose" IMAGE="$IMAGE"
+}
+cleanup_compose() { compose_make cluster-down >/dev/null 2>&1 || true; cleanup; }
+trap cleanup_compose EXIT
+compose_make cluster-up WORKERS=2
+compose_make docker-sweep EXP=experiments/smoke_sweep.yaml
+check_index "$work/compose-runs/smoke_sweep/index.jsonl"
+compose_make cluster-down
 step "done"
-echo "test-container: 3 passed, 0 failed"
+echo "test-container: 4 passed, 0 failed"
