@@ -50,12 +50,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The --set overrides, with --corpus PATH as corpus.path=PATH."""
+    return args.overrides + ([f"corpus.path={args.corpus}"] if args.corpus else [])
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from runner.index import rebuild_index
     from runner.train import is_complete, run
 
-    overrides = args.overrides + ([f"corpus.path={args.corpus}"] if args.corpus else [])
-    runs = load_runs(args.experiment, overrides)
+    runs = load_runs(args.experiment, _overrides(args))
     if len(runs) != 1:
         raise ConfigError(f"{args.experiment}: grid: has {len(runs)} runs; use `lilgatsby sweep` for grids")
     (spec,) = runs
@@ -77,8 +81,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from runner.sweep import sweep
 
-    overrides = args.overrides + ([f"corpus.path={args.corpus}"] if args.corpus else [])
-    return sweep(args.experiment, overrides, args.runs, address=args.address, force=args.force,
+    return sweep(args.experiment, _overrides(args), args.runs, address=args.address, force=args.force,
                  dry_run=args.dry_run, max_retries=args.max_retries, progress=not args.quiet, restart=args.restart)
 
 
