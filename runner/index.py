@@ -81,11 +81,28 @@ def _flatten(config: dict, prefix: str = "") -> dict:
     return flat
 
 
+# A sweep rebuilds its index after every run: verify each published recording once per process, not
+# once per rebuild. A recording is never modified after it is published; a rewrite changes its mtime.
+_verified: dict[tuple[str, int, int], bool] = {}
+
+
+def _recording_ok(path: Path) -> bool:
+    """The quick `verify` of a recording, remembered by (path, size, mtime)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return False
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _verified:
+        _verified[key] = not verify(path, full=False)
+    return _verified[key]
+
+
 def index_row(run_dir: Path, manifest: dict) -> dict:
     metrics = manifest.get("metrics", {})
     recording = manifest.get("recording", {})
     status = manifest.get("status")
-    if status == "complete" and verify(run_dir / recording.get("path", RECORDING), full=False):
+    if status == "complete" and not _recording_ok(run_dir / recording.get("path", RECORDING)):
         status = "invalid"  # the manifest says complete but the recording does not check out
     row = {
         "run_id": manifest.get("run_id", run_dir.name),
