@@ -141,6 +141,8 @@ def test_metadata_describes_the_run(runs):
     assert float(meta["steps_per_s"]) > 0 and "torch" in json.loads(meta["packages"])
     manifest = json.loads((run_dir / "run.json").read_text())
     assert manifest["status"] == "complete" and manifest["n_params"] == 116_480
+    assert json.loads(meta["implementation"]) == manifest["implementation"]
+    assert set(manifest["implementation"]) == {"activation_function", "attn_implementation", "host_allocator"}
     assert set(manifest["samples"]) == {"In my younger", "Gatsby", "The green light"}
     assert all(text.startswith(prompt) for prompt, text in manifest["samples"].items())
     assert manifest["dead_token_summary"]["dead_tokens"] == manifest["corpus"]["token_counts"].count(0)
