@@ -127,6 +127,10 @@ class RecordingWriter:
         rows = min(chunk_rows, self.layout[self.names[0]][1][0]) if self.names else 1
         self._buffers = [{n: torch.empty((rows, *self.layout[n][1][1:]), dtype=self.layout[n][0], device=device)
                           for n in self.names} for _ in range(2)]
+        # On CUDA each buffer set has a pinned host mirror: a chunk is copied asynchronously and the
+        # writer thread waits for the copy, so the training thread never synchronises with the GPU.
+        self._pinned = [{n: torch.empty_like(b, device="cpu").pin_memory() for n, b in bufs.items()}
+                        for bufs in self._buffers] if device.type == "cuda" else None
         self._active, self._filled, self._chunk_start = 0, 0, first_row
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recording-writer")
         self._pending: Future | None = None
@@ -165,13 +169,21 @@ class RecordingWriter:
     def _flush(self) -> None:
         if not self._filled:
             return
-        # One device->host copy per chunk (a no-op on CPU): no per-step synchronisation on a GPU.
-        host = {n: b[:self._filled].cpu() for n, b in self._buffers[self._active].items()}
+        buffers, copied = self._buffers[self._active], None
+        if self._pinned is not None:  # this set's previous write finished at the last flush
+            host = {n: self._pinned[self._active][n][:self._filled].copy_(b[:self._filled], non_blocking=True)
+                    for n, b in buffers.items()}
+            copied = torch.cuda.Event()
+            copied.record()
+        else:  # one copy per chunk on MPS; a view on the CPU
+            host = {n: b[:self._filled].cpu() for n, b in buffers.items()}
         self._wait()  # the other buffer set's write has finished, so it may be refilled
-        self._pending = self._executor.submit(self._write_rows, self._chunk_start, host)
+        self._pending = self._executor.submit(self._write_rows, self._chunk_start, host, copied)
         self._active, self._chunk_start, self._filled = 1 - self._active, self._chunk_start + self._filled, 0
 
-    def _write_rows(self, first_row: int, rows: dict[str, torch.Tensor]) -> None:
+    def _write_rows(self, first_row: int, rows: dict[str, torch.Tensor], copied: torch.cuda.Event | None) -> None:
+        if copied is not None:
+            copied.synchronize()  # the chunk's device->host copy has landed
         for name, tensor in rows.items():
             dtype, shape = self.layout[name]
             row_bytes = _nbytes(dtype, shape) // shape[0]
