@@ -56,8 +56,8 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from runner.index import rebuild_index
-    from runner.train import is_complete, run
+    from runner.index import is_complete, rebuild_index
+    from runner.train import run
 
     runs = load_runs(args.experiment, _overrides(args))
     if len(runs) != 1:

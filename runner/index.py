@@ -1,4 +1,5 @@
-"""Run manifests (run.json, the source of truth) and the per-experiment index built from them.
+"""Run directories: their manifests (run.json, the source of truth), their lock, and the
+per-experiment index built from them. No model code here: a sweep's driver uses this module only.
 
 `<runs root>/<experiment>/index.jsonl` and `index.csv` hold one row per run directory
 `<runs root>/<experiment>/<run id>/`. Analysis starts with `load_index(path)`.
@@ -6,7 +7,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import io
 import json
 import os
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from runner.config import Experiment, UserError
 from runner.record import RECORDING, verify
 
 MANIFEST = "run.json"
@@ -50,6 +54,29 @@ def read_manifest(run_dir: Path) -> dict | None:
         return json.loads((run_dir / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+
+
+class RunLocked(UserError):
+    """Another process is training this run right now."""
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """One trainer per run directory at a time (an advisory lock, released when the process dies)."""
+    with open(run_dir / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunLocked(f"{run_dir}: another process is training this run") from None
+        yield
+
+
+def is_complete(run_dir: Path, exp: Experiment) -> bool:
+    """A finished run: its manifest says complete and its recording has the expected tensors."""
+    manifest = read_manifest(run_dir)
+    if not manifest or manifest.get("status") != "complete" or manifest.get("run_id") != exp.run_id:
+        return False
+    return not verify(run_dir / RECORDING, full=False)
 
 
 @torch.no_grad()

@@ -20,9 +20,8 @@ from tqdm import tqdm
 
 from runner.config import ConfigError, Experiment, Run, build_experiment, load_runs
 from runner.corpus import ENV_VAR, load_corpus, resolve_path
-from runner.index import read_manifest, rebuild_index, write_manifest
+from runner.index import RunLocked, is_complete, read_manifest, rebuild_index, write_manifest
 from runner.record import recording_size
-from runner.train import RunLocked, is_complete, run
 
 log = logging.getLogger(__name__)
 STATUS_EVERY_S = 30.0
@@ -71,6 +70,8 @@ def _probe_task() -> tuple[str, int, str]:
 
 @ray.remote
 def _train_task(config: dict, overrides: dict, run_dir: str, restart: bool, force: bool) -> dict:
+    from runner.train import run  # the model stack is imported by workers only (see _init_ray)
+
     exp = build_experiment(config)
     device, threads = assigned_device()
     try:
@@ -85,7 +86,11 @@ def _train_task(config: dict, overrides: dict, run_dir: str, restart: bool, forc
 
 def _init_ray(address: str | None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {ENV_VAR: os.environ[ENV_VAR]}} if os.environ.get(ENV_VAR) else None
+    # Each worker imports the training stack (torch, transformers: ~3 s) and sets up its allocator
+    # as it starts, while the driver is still starting Ray, rather than when its first run arrives.
+    env: dict = {"worker_process_setup_hook": "runner.train.keep_freed_memory_mapped"}
+    if os.environ.get(ENV_VAR):
+        env["env_vars"] = {ENV_VAR: os.environ[ENV_VAR]}
     common = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING,
               "runtime_env": env}
     if address:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import fcntl
 import json
 import logging
 import os
@@ -23,12 +22,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from runner import checkpoint
-from runner.config import ConfigError, Experiment, UserError
+from runner.config import ConfigError, Experiment
 from runner.corpus import Corpus, load_corpus
-from runner.index import dead_token_summary, read_manifest, write_manifest
+from runner.index import dead_token_summary, is_complete, read_manifest, run_lock, write_manifest
 from runner.model import build_model, causal_mask, count_parameters, implementation
 from runner.record import (RECORDING, RecordingWriter, check_free_space, check_layout, expected_layout,
-                           partial_path, verify)
+                           partial_path)
 from runner.tokenizer import build_tokenizer, encode, save_tokenizer
 
 log = logging.getLogger(__name__)
@@ -152,27 +151,12 @@ def run(exp: Experiment, run_dir: Path, *, overrides: dict | None = None, device
     corpus = load_corpus(exp.corpus.path, exp.corpus.ascii)
     check_free_space(run_dir / RECORDING, exp)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with _run_lock(run_dir):
+    with run_lock(run_dir):
         if not force and is_complete(run_dir, exp):
             return read_manifest(run_dir)
         if restart:
             partial_path(run_dir / RECORDING).unlink(missing_ok=True)
         return _run_locked(exp, run_dir, corpus, torch_device, overrides, threads, progress, restart)
-
-
-class RunLocked(UserError):
-    """Another process is training this run right now."""
-
-
-@contextlib.contextmanager
-def _run_lock(run_dir: Path):
-    """One trainer per run directory at a time (an advisory lock, released when the process dies)."""
-    with open(run_dir / ".lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunLocked(f"{run_dir}: another process is training this run") from None
-        yield
 
 
 def _run_locked(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.device, overrides: dict | None,
@@ -193,14 +177,6 @@ def _run_locked(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: to
             manifest["ended_at"] = _now()
             write_manifest(run_dir, manifest)
     return manifest
-
-
-def is_complete(run_dir: Path, exp: Experiment) -> bool:
-    """A finished run: its manifest says complete and its recording has the expected tensors."""
-    manifest = read_manifest(run_dir)
-    if not manifest or manifest.get("status") != "complete" or manifest.get("run_id") != exp.run_id:
-        return False
-    return not verify(run_dir / RECORDING, full=False)
 
 
 def _build(exp: Experiment, device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict]:

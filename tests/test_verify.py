@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from runner.cli import main
-from runner.index import rebuild_index
+from runner.index import RunLocked, is_complete, rebuild_index, run_lock
 from runner.record import RECORDING, DiskSpaceError, verify
-from runner.train import RunLocked, _run_lock, is_complete, run
+from runner.train import run
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_not_enough_disk_is_refused_before_training(make_experiment, tmp_path, m
 def test_a_run_being_trained_is_locked(make_experiment, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    with _run_lock(run_dir):
+    with run_lock(run_dir):
         with pytest.raises(RunLocked, match="another process is training this run"):
             run(make_experiment(), run_dir, progress=False)
     run(make_experiment(), run_dir, progress=False)  # released: trains
