@@ -25,6 +25,7 @@ from runner.record import recording_size
 
 log = logging.getLogger(__name__)
 STATUS_EVERY_S = 30.0
+CONNECT_TIMEOUT_S, CONNECT_RETRY_S = 60.0, 2.0
 _PROGRESS_RE = re.compile(r"step (\d+)/(\d+) loss ([\d.]+)")
 
 
@@ -94,10 +95,28 @@ def _init_ray(address: str | None) -> None:
     common = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING,
               "runtime_env": env}
     if address:
-        ray.init(address=address, **common)
+        _connect(address, common)
     else:  # a new embedded instance sized to this machine (never another one found running); a Mac
         mps = {"mps": 1} if torch.backends.mps.is_available() else None  # offers its GPU as `mps`
         ray.init(address="local", num_cpus=os.cpu_count(), resources=mps, **common)
+
+
+def _connect(address: str, options: dict) -> None:
+    """Join the cluster at `address`, waiting up to CONNECT_TIMEOUT_S for it to come up: a sweep
+    submitted right after `make cluster-up` finds the head still starting."""
+    deadline, waiting = time.monotonic() + CONNECT_TIMEOUT_S, False
+    while True:
+        try:
+            ray.init(address=address, **options)
+            return
+        except ConnectionError as e:
+            if time.monotonic() >= deadline:
+                raise ConfigError(f"--address {address}: no Ray cluster answered within {CONNECT_TIMEOUT_S:g} s "
+                                  f"({str(e).splitlines()[0]})") from None
+            if not waiting:
+                log.warning("no Ray cluster at %s yet; waiting up to %g s", address, CONNECT_TIMEOUT_S)
+                waiting = True
+            time.sleep(CONNECT_RETRY_S)
 
 
 def plan(path: Path, overrides: list[str], runs_root: Path, force: bool) -> tuple[list[Run], list[Run], Path]:

@@ -13,6 +13,7 @@ from runner.cli import main
 from runner.config import build_experiment
 from runner.index import load_index
 from runner.record import load_recording
+from runner import sweep
 from runner.sweep import task_options
 
 from conftest import REPO
@@ -145,3 +146,28 @@ def test_ctrl_c_cancels_cleanly_and_the_sweep_resumes(long_sweep, tmp_path):
     assert {r["status"] for r in rows} == {"complete"}
     assert any(json.loads((runs / "long" / r["run_id"] / "run.json").read_text()).get("resumed_from_step")
                for r in rows)
+
+
+def test_joining_a_cluster_waits_for_it_to_come_up(monkeypatch):
+    """A sweep submitted right after `make cluster-up` retries until the head answers."""
+    attempts = []
+
+    def head_starting(**options):
+        attempts.append(options["address"])
+        if len(attempts) < 3:
+            raise ConnectionError("Could not find any running Ray instance.")
+
+    monkeypatch.setattr(sweep.ray, "init", head_starting)
+    monkeypatch.setattr(sweep, "CONNECT_RETRY_S", 0.01)
+    sweep._init_ray("auto")
+    assert attempts == ["auto"] * 3
+
+
+def test_no_cluster_at_the_address_is_a_clear_error(monkeypatch, tmp_path, small_book, capsys):
+    monkeypatch.setattr(sweep, "CONNECT_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(sweep, "CONNECT_RETRY_S", 0.1)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    args = ["sweep", str(SMOKE_SWEEP), "--runs", str(tmp_path / "runs"), "--corpus", str(small_book), "--quiet",
+            "--address", "auto"]
+    assert main(args) == 2
+    assert "--address auto: no Ray cluster answered within 0.5 s" in capsys.readouterr().err
