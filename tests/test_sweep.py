@@ -9,11 +9,11 @@ import time
 
 import pytest
 
+from runner import sweep
 from runner.cli import main
 from runner.config import build_experiment
 from runner.index import load_index
 from runner.record import load_recording
-from runner import sweep
 from runner.sweep import task_options
 
 from conftest import REPO
@@ -171,3 +171,10 @@ def test_no_cluster_at_the_address_is_a_clear_error(monkeypatch, tmp_path, small
             "--address", "auto"]
     assert main(args) == 2
     assert "--address auto: no Ray cluster answered within 0.5 s" in capsys.readouterr().err
+
+
+def test_the_driver_does_not_import_the_model_stack():
+    """The sweep driver plans, watches and indexes; transformers (~1.6 s, ~100 MiB) is for workers."""
+    code = "import sys, runner.cli, runner.sweep; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "False"
