@@ -71,12 +71,30 @@ def run_lock(run_dir: Path):
         yield
 
 
+# A sweep plans with is_complete and rebuilds its index after every run: verify each published
+# recording once per process, not once per look. A recording is never modified after it is
+# published; a rewrite changes its mtime.
+_verified: dict[tuple[str, int, int], bool] = {}
+
+
+def _recording_ok(path: Path) -> bool:
+    """The quick `verify` of a recording, remembered by (path, size, mtime)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return False
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _verified:
+        _verified[key] = not verify(path, full=False)
+    return _verified[key]
+
+
 def is_complete(run_dir: Path, exp: Experiment) -> bool:
     """A finished run: its manifest says complete and its recording has the expected tensors."""
     manifest = read_manifest(run_dir)
     if not manifest or manifest.get("status") != "complete" or manifest.get("run_id") != exp.run_id:
         return False
-    return not verify(run_dir / RECORDING, full=False)
+    return _recording_ok(run_dir / RECORDING)
 
 
 @torch.no_grad()
@@ -106,23 +124,6 @@ def _flatten(config: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
-
-
-# A sweep rebuilds its index after every run: verify each published recording once per process, not
-# once per rebuild. A recording is never modified after it is published; a rewrite changes its mtime.
-_verified: dict[tuple[str, int, int], bool] = {}
-
-
-def _recording_ok(path: Path) -> bool:
-    """The quick `verify` of a recording, remembered by (path, size, mtime)."""
-    try:
-        stat = path.stat()
-    except OSError:
-        return False
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _verified:
-        _verified[key] = not verify(path, full=False)
-    return _verified[key]
 
 
 def index_row(run_dir: Path, manifest: dict) -> dict:

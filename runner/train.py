@@ -259,8 +259,9 @@ def _train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.d
                                 model, optimizer, losses)
                 progress_log.info("checkpoint at step %d (%.3f s)", step, time.perf_counter() - t_checkpoint)
             if step % log_every == 0 or step == cfg.steps:  # one host sync per log line, not per step
-                bar.set_postfix(loss=f"{losses[step - 1].item():.4f}", refresh=False)
-                progress_log.info("step %d/%d loss %.4f %.1f steps/s", step, cfg.steps, losses[step - 1].item(),
+                current = losses[step - 1].item()
+                bar.set_postfix(loss=f"{current:.4f}", refresh=False)
+                progress_log.info("step %d/%d loss %.4f %.1f steps/s", step, cfg.steps, current,
                                   (step - start + 1) / (time.perf_counter() - t_train))
             bar.update()
     except BaseException:
