@@ -97,9 +97,10 @@ def test_row_zero_is_initialisation(runs):
 
 @pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed", "fp32"])
 def test_equals_reference_loop_bitwise(runs, precision):
-    """Bit for bit. Known exception (README, "Reproducibility"): in bf16-mixed, about one process
-    in 35 trains with last-bit differences from the first update on (cause not found yet); there
-    the recording must still match to 1 % (relative norm), and the test warns."""
+    """Bit for bit. Known exception (README, "Reproducibility"): in bf16-mixed, some processes train
+    with last-bit differences from the first update on, depending on what ran earlier in the process
+    (cause not found yet); there the recording must still match to 1 % (relative norm), and the
+    test warns."""
     exp, _, rec = runs[precision]
     expected = reference_loop(exp)
     differing = [name for name, tensor in expected.items() if not torch.equal(rec[name], tensor)]
