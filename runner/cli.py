@@ -86,7 +86,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from runner.record import verify
+    from runner.verify import verify
 
     failed = 0
     for path in args.paths:

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from runner.config import Experiment, UserError
-from runner.record import RECORDING, verify
+from runner.record import RECORDING
+from runner.verify import verify
 
 MANIFEST = "run.json"
 INDEX_JSONL, INDEX_CSV = "index.jsonl", "index.csv"

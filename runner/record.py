@@ -5,8 +5,8 @@ so this module lays the file out itself (the format is a JSON header and raw lit
 tensor bytes) and fills each tensor's rows in place. The header is written first with its size
 reserved, rows are buffered in chunks and written by a background thread, and the header is
 rewritten with the final metadata at the end. The file lives under `<name>.partial` until it is
-complete, then is renamed: a file with the final name is always complete. Reading uses the
-safetensors library (memory-mapped, no code execution).
+complete, then is renamed: a file with the final name is always complete. Reading back is
+`runner.verify`'s.
 """
 
 from __future__ import annotations
@@ -20,13 +20,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from runner.config import Experiment, UserError, build_experiment
+from runner.config import Experiment, UserError
 
 FORMAT_VERSION = "1"
 RECORDING = "recording.safetensors"  # its name in a run directory
-FINAL_TENSORS = ("W_final", "momentum_final", "variance_final")
 HEADER_SLACK = 4096  # bytes reserved for metadata only known at the end (final loss, timings)
 DTYPE_NAMES = {torch.bfloat16: "BF16", torch.float32: "F32"}
 
@@ -221,100 +219,3 @@ class RecordingWriter:
         for a recording."""
         self._executor.shutdown(cancel_futures=True)
         os.close(self.fd)
-
-
-def check_layout(path: Path, expected: dict) -> list[str]:
-    """Problems with a recording's header: missing file, unreadable header, wrong names/dtypes/shapes."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            found = {name: f.get_slice(name) for name in f.keys()}
-    except FileNotFoundError:
-        return [f"{path}: missing"]
-    except Exception as e:  # safetensors raises its own error types for a corrupt header
-        return [f"{path}: unreadable safetensors header: {e}"]
-    problems = [f"{path}: {name}: missing" for name in expected if name not in found]
-    problems += [f"{path}: {name}: unexpected tensor" for name in found if name not in expected]
-    for name, (dtype, shape) in expected.items():
-        if name in found:
-            got = (found[name].get_dtype(), tuple(found[name].get_shape()))
-            if got != (DTYPE_NAMES[dtype], shape):
-                problems.append(f"{path}: {name}: {got[0]}{list(got[1])}, expected {DTYPE_NAMES[dtype]}{list(shape)}")
-    return problems
-
-
-REQUIRED_METADATA = ("format_version", "run_id", "config", "seed", "precision", "device", "steps", "record_every",
-                     "n_params", "git_commit", "corpus_sha256", "token_counts", "final_loss", "steps_per_s")
-ADAM_SAMPLES = 8  # steps at which `verify` checks the Adam relation between rows
-
-
-def adam_violations(m_next: torch.Tensor, v_next: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
-                    g: torch.Tensor, betas: tuple[float, float], precision: str) -> int:
-    """Entries breaking m' = b1 m + (1-b1) g, v' = b2 v + (1-b2) g^2 beyond rounding: g is stored in
-    bf16 (unit roundoff 2^-8), arithmetic is fp32, and bf16-true's moments are bf16 tensors updated
-    in place (one rounding for exp_avg, two for exp_avg_sq; we allow two for both)."""
-    b1, b2 = betas
-    bf16_u, fp32_u = 2.0 ** -8, 2.0 ** -24
-    slack = 2 * bf16_u if precision == "bf16-true" else 0.0
-    g = g.float()
-    m_pred, v_pred = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
-    m_tol = (1 - b1) * g.abs() * bf16_u + (slack + 4 * fp32_u) * m_pred.abs()
-    v_tol = (1 - b2) * g * g * 3 * bf16_u + (slack + 4 * fp32_u) * v_pred.abs()
-    return int(((m_next - m_pred).abs() > m_tol).sum() + ((v_next - v_pred).abs() > v_tol).sum())
-
-
-def verify(path: Path, full: bool = True) -> list[str]:
-    """Problems with a recording (or a run directory's), one line each; [] when it is valid.
-
-    Always: the header parses, the metadata is there, names/shapes/dtypes match the recorded
-    config, and Adam's relation holds between rows at a sample of steps. `full` also scans every
-    value for NaN/Inf (reads the whole file)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / RECORDING
-    try:
-        meta = read_metadata(path)
-    except FileNotFoundError:
-        return [f"{path}: missing"]
-    except Exception as e:  # safetensors raises its own error types for a corrupt or truncated file
-        return [f"{path}: not a readable safetensors file: {e}"]
-    problems = [f"{path}: metadata: {key} missing" for key in REQUIRED_METADATA if key not in meta]
-    if meta.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
-        problems.append(f"{path}: format_version {meta['format_version']}, expected {FORMAT_VERSION}")
-    try:
-        exp = build_experiment(json.loads(meta["config"]))
-    except (KeyError, ValueError) as e:
-        return problems + [f"{path}: metadata: config unusable ({e})"]
-    layout_problems = check_layout(path, expected_layout(exp))
-    if layout_problems:
-        return problems + layout_problems
-    with safe_open(str(path), framework="pt") as f:
-        if full:
-            for name in f.keys():
-                tensor = f.get_slice(name)
-                rows = tensor.get_shape()[0] if tensor.get_shape() else 1
-                for start in range(0, rows, 1024):  # bounded memory on a 1 GB file
-                    block = tensor[start:start + 1024] if tensor.get_shape() else f.get_tensor(name)
-                    if not torch.isfinite(block.float()).all():
-                        problems.append(f"{path}: {name}: NaN or Inf in rows {start}..{start + len(block) - 1}")
-                        break
-        if exp.record.every == 1 and {"grads", "momentum", "variance"} <= set(exp.record.tensors):
-            m, v, g = (f.get_slice(n) for n in ("momentum", "variance", "grads"))
-            steps = exp.train.steps
-            for t in sorted({1 + (steps - 2) * i // (ADAM_SAMPLES - 1) for i in range(ADAM_SAMPLES)} if steps > 1
-                            else set()):
-                bad = adam_violations(m[t + 1], v[t + 1], m[t], v[t], g[t], exp.train.betas, exp.train.precision)
-                if bad:
-                    problems.append(f"{path}: rows {t}->{t + 1}: {bad} entries break Adam's update rule")
-    return problems
-
-
-def read_metadata(path: Path) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata() or {}
-
-
-def load_recording(path: Path, names: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
-    """Tensors of a recording (memory-mapped by safetensors; nothing is executed)."""
-    with safe_open(str(path), framework="pt") as f:
-        return {name: f.get_tensor(name) for name in (names or f.keys())}
-

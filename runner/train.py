@@ -26,9 +26,9 @@ from runner.config import ConfigError, Experiment
 from runner.corpus import Corpus, load_corpus
 from runner.index import dead_token_summary, is_complete, read_manifest, run_lock, write_manifest
 from runner.model import build_model, causal_mask, count_parameters, implementation
-from runner.record import (RECORDING, RecordingWriter, check_free_space, check_layout, expected_layout,
-                           partial_path)
+from runner.record import RECORDING, RecordingWriter, check_free_space, expected_layout, partial_path
 from runner.tokenizer import build_tokenizer, encode, save_tokenizer
+from runner.verify import layout_problems
 
 log = logging.getLogger(__name__)
 progress_log = logging.getLogger("runner.progress")  # train.log only; the console has the bar
@@ -196,7 +196,7 @@ def _open_recording(exp: Experiment, run_dir: Path, model, optimizer, restart: b
     """Continue from the run's checkpoint when it and the partial recording are usable, else start over."""
     path = run_dir / RECORDING
     resumable = not restart and (run_dir / checkpoint.CHECKPOINT).exists()
-    if resumable and check_layout(partial_path(path), expected_layout(exp)):
+    if resumable and layout_problems(partial_path(path), expected_layout(exp)):
         log.warning("run %s: a checkpoint but no usable partial recording; starting over", exp.run_id)
         resumable = False
     ckpt = checkpoint.load(run_dir, exp.run_id, model, optimizer) if resumable else None

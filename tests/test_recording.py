@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from runner.corpus import load_corpus
-from runner.record import RECORDING, adam_violations, load_recording, read_metadata
+from runner.record import RECORDING
+from runner.verify import adam_violations, load_recording, read_metadata
 from runner.train import run
 
 NAMES = ("W", "grads", "momentum", "variance", "logits", "loss")

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import runner.record
-from runner.record import RECORDING, load_recording
+from runner.record import RECORDING
+from runner.verify import load_recording
 from runner.train import run
 
 from conftest import REPO

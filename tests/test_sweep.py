@@ -13,7 +13,7 @@ from runner import sweep
 from runner.cli import main
 from runner.config import build_experiment
 from runner.index import load_index
-from runner.record import load_recording
+from runner.verify import load_recording
 from runner.sweep import task_options
 
 from conftest import REPO

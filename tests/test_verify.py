@@ -9,7 +9,8 @@ import torch
 
 from runner.cli import main
 from runner.index import RunLocked, is_complete, rebuild_index, run_lock
-from runner.record import RECORDING, DiskSpaceError, verify
+from runner.record import RECORDING, DiskSpaceError
+from runner.verify import verify
 from runner.train import run
 
 
