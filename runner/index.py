@@ -1,5 +1,4 @@
-"""Run directories: their manifests (run.json, the source of truth), their lock, and the
-per-experiment index built from them. No model code here: a sweep's driver uses this module only.
+"""The per-experiment index, built from the run manifests (which stay the source of truth).
 
 `<runs root>/<experiment>/index.jsonl` and `index.csv` hold one row per run directory
 `<runs root>/<experiment>/<run id>/`. Analysis starts with `load_index(path)`.
@@ -7,114 +6,18 @@ per-experiment index built from them. No model code here: a sweep's driver uses 
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import fcntl
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
-import torch
+from runner.rundir import MANIFEST, RECORDING, read_manifest, recording_ok, write_atomic
 
-from runner.config import Experiment, UserError
-from runner.record import RECORDING
-from runner.verify import verify
-
-MANIFEST = "run.json"
 INDEX_JSONL, INDEX_CSV = "index.jsonl", "index.csv"
 # Leading columns of the index, in order; the flattened config (dotted keys) follows them.
 COLUMNS = ("run_id", "name", "status", "swept", "seed", "device", "host", "started_at", "ended_at",
            "duration_s", "steps_per_s", "final_loss", "mean_loss_last_100", "dead_tokens", "dead_row_norm",
            "live_row_norm", "dead_cosine", "recording_path", "recording_bytes", "git_commit", "error")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file in the same directory and rename: readers never see a torn file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; manifests and indexes are for every reader
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_manifest(run_dir: Path, manifest: dict) -> None:
-    write_atomic(run_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-
-
-def read_manifest(run_dir: Path) -> dict | None:
-    """The run's manifest, or None when it is missing or unreadable (a run that never started)."""
-    try:
-        return json.loads((run_dir / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-class RunLocked(UserError):
-    """Another process is training this run right now."""
-
-
-@contextlib.contextmanager
-def run_lock(run_dir: Path):
-    """One trainer per run directory at a time (an advisory lock, released when the process dies)."""
-    with open(run_dir / ".lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunLocked(f"{run_dir}: another process is training this run") from None
-        yield
-
-
-# A sweep plans with is_complete and rebuilds its index after every run: verify each published
-# recording once per process, not once per look. A recording is never modified after it is
-# published; a rewrite changes its mtime.
-_verified: dict[tuple[str, int, int], bool] = {}
-
-
-def _recording_ok(path: Path) -> bool:
-    """The quick `verify` of a recording, remembered by (path, size, mtime)."""
-    try:
-        stat = path.stat()
-    except OSError:
-        return False
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _verified:
-        _verified[key] = not verify(path, full=False)
-    return _verified[key]
-
-
-def is_complete(run_dir: Path, exp: Experiment) -> bool:
-    """A finished run: its manifest says complete and its recording has the expected tensors."""
-    manifest = read_manifest(run_dir)
-    if not manifest or manifest.get("status") != "complete" or manifest.get("run_id") != exp.run_id:
-        return False
-    return _recording_ok(run_dir / RECORDING)
-
-
-@torch.no_grad()
-def dead_token_summary(W: torch.Tensor, token_counts: list[int]) -> dict:
-    """Dead tokens (never in the corpus) vs live ones: row norms of W and the dead rows' mutual cosine."""
-    W = W.detach().float().cpu()
-    dead = torch.tensor([c == 0 for c in token_counts])
-    norms = W.norm(dim=1)
-    summary = {"dead_tokens": int(dead.sum()), "dead_row_norm": None, "live_row_norm": None, "dead_cosine": None}
-    if dead.any():
-        summary["dead_row_norm"] = norms[dead].mean().item()
-    if (~dead).any():
-        summary["live_row_norm"] = norms[~dead].mean().item()
-    if dead.sum() >= 2:
-        unit = torch.nn.functional.normalize(W[dead], dim=1)
-        cosine = unit @ unit.T
-        n = len(unit)
-        summary["dead_cosine"] = ((cosine.sum() - cosine.diagonal().sum()) / (n * (n - 1))).item()
-    return summary
 
 
 def _flatten(config: dict, prefix: str = "") -> dict:
@@ -131,7 +34,7 @@ def index_row(run_dir: Path, manifest: dict) -> dict:
     metrics = manifest.get("metrics", {})
     recording = manifest.get("recording", {})
     status = manifest.get("status")
-    if status == "complete" and not _recording_ok(run_dir / recording.get("path", RECORDING)):
+    if status == "complete" and not recording_ok(run_dir / recording.get("path", RECORDING)):
         status = "invalid"  # the manifest says complete but the recording does not check out
     row = {
         "run_id": manifest.get("run_id", run_dir.name),

@@ -24,7 +24,6 @@ import torch
 from runner.config import Experiment, UserError
 
 FORMAT_VERSION = "1"
-RECORDING = "recording.safetensors"  # its name in a run directory
 HEADER_SLACK = 4096  # bytes reserved for metadata only known at the end (final loss, timings)
 DTYPE_NAMES = {torch.bfloat16: "BF16", torch.float32: "F32"}
 

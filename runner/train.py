@@ -24,9 +24,10 @@ from tqdm import tqdm
 from runner import checkpoint
 from runner.config import ConfigError, Experiment
 from runner.corpus import Corpus, load_corpus
-from runner.index import dead_token_summary, is_complete, read_manifest, run_lock, write_manifest
+from runner.metrics import dead_token_summary
 from runner.model import build_model, causal_mask, count_parameters, implementation
-from runner.record import RECORDING, RecordingWriter, check_free_space, expected_layout, partial_path
+from runner.record import RecordingWriter, check_free_space, expected_layout, partial_path
+from runner.rundir import RECORDING, is_complete, read_manifest, run_lock, write_manifest
 from runner.tokenizer import build_tokenizer, encode, save_tokenizer
 from runner.verify import layout_problems
 

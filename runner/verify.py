@@ -12,7 +12,8 @@ import torch
 from safetensors import safe_open
 
 from runner.config import build_experiment
-from runner.record import DTYPE_NAMES, FORMAT_VERSION, RECORDING, expected_layout
+from runner.record import DTYPE_NAMES, FORMAT_VERSION, expected_layout
+from runner.rundir import RECORDING
 
 
 def layout_problems(path: Path, expected: dict) -> list[str]:

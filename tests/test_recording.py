@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from runner.corpus import load_corpus
-from runner.record import RECORDING
+from runner.rundir import RECORDING
 from runner.verify import adam_violations, load_recording, read_metadata
 from runner.train import run
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import runner.record
-from runner.record import RECORDING
+from runner.rundir import RECORDING
 from runner.verify import load_recording
 from runner.train import run
 

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from runner.cli import main
-from runner.index import RunLocked, is_complete, rebuild_index, run_lock
-from runner.record import RECORDING, DiskSpaceError
+from runner.index import rebuild_index
+from runner.rundir import RunLocked, is_complete, run_lock
+from runner.record import DiskSpaceError
+from runner.rundir import RECORDING
 from runner.verify import verify
 from runner.train import run
 

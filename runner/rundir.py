@@ -1,0 +1,86 @@
+"""Run directories: their manifest (run.json, the source of truth), their lock and their
+completeness. A sweep's driver uses this module and `index` only (no model code)."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from runner.config import Experiment, UserError
+
+MANIFEST = "run.json"
+RECORDING = "recording.safetensors"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file in the same directory and rename: readers never see a torn file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; manifests and indexes are for every reader
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_manifest(run_dir: Path, manifest: dict) -> None:
+    write_atomic(run_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+
+
+def read_manifest(run_dir: Path) -> dict | None:
+    """The run's manifest, or None when it is missing or unreadable (a run that never started)."""
+    try:
+        return json.loads((run_dir / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+class RunLocked(UserError):
+    """Another process is training this run right now."""
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """One trainer per run directory at a time (an advisory lock, released when the process dies)."""
+    with open(run_dir / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunLocked(f"{run_dir}: another process is training this run") from None
+        yield
+
+
+# A sweep plans with is_complete and rebuilds its index after every run: verify each published
+# recording once per process, not once per look. A recording is never modified after it is
+# published; a rewrite changes its mtime.
+_verified: dict[tuple[str, int, int], bool] = {}
+
+
+def recording_ok(path: Path) -> bool:
+    """The quick `verify` of a recording, remembered by (path, size, mtime)."""
+    from runner.verify import verify  # torch: imported when a recording is checked, not by `load_index`
+
+    try:
+        stat = path.stat()
+    except OSError:
+        return False
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _verified:
+        _verified[key] = not verify(path, full=False)
+    return _verified[key]
+
+
+def is_complete(run_dir: Path, exp: Experiment) -> bool:
+    """A finished run: its manifest says complete and its recording has the expected tensors."""
+    manifest = read_manifest(run_dir)
+    if not manifest or manifest.get("status") != "complete" or manifest.get("run_id") != exp.run_id:
+        return False
+    return recording_ok(run_dir / RECORDING)
