@@ -3,18 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
-import os
-import platform
-import socket
-import subprocess
-import sys
 import time
 import traceback
 from datetime import datetime, timezone
-from importlib import metadata as pkg_metadata
 from pathlib import Path
 
 import torch
@@ -22,10 +15,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from runner import checkpoint
-from runner.config import ConfigError, Experiment
+from runner.config import Experiment
 from runner.corpus import Corpus, load_corpus
+from runner.data import WindowSampler
+from runner.host import keep_freed_memory_mapped, resolve_device
 from runner.metrics import dead_token_summary
 from runner.model import build_model, causal_mask, count_parameters, implementation
+from runner.provenance import environment
 from runner.record import RecordingWriter, check_free_space, expected_layout, partial_path
 from runner.rundir import RECORDING, is_complete, read_manifest, run_lock, write_manifest
 from runner.tokenizer import build_tokenizer, encode, save_tokenizer
@@ -36,86 +32,6 @@ progress_log = logging.getLogger("runner.progress")  # train.log only; the conso
 
 PROMPTS = ("In my younger", "Gatsby", "The green light")
 SAMPLE_TOKENS, SAMPLE_TEMPERATURE = 50, 0.8
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` = cuda, else mps, else cpu; an explicit device must exist."""
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    if name == "auto":
-        return torch.device(next(d for d in ("cuda", "mps", "cpu") if available[d]))
-    if not available[name]:
-        raise ConfigError(f"train.device: {name} is not available on {socket.gethostname()} (got {name!r})")
-    return torch.device(name)
-
-
-class WindowSampler:
-    """Training windows of context_length + 1 tokens at every offset, shuffled without replacement
-    each epoch (like `DataLoader(shuffle=True, drop_last=True)`), as a pure function of the seed:
-    epoch e uses the e-th permutation drawn from a generator seeded with the run seed."""
-
-    def __init__(self, tokens: torch.Tensor, context_length: int, batch_size: int, seed: int):
-        self.tokens, self.batch_size, self.seed = tokens, batch_size, seed
-        self.n_windows = len(tokens) - context_length
-        if self.n_windows < batch_size:
-            raise ValueError(f"corpus has {len(tokens)} tokens: too few for batches of {batch_size} windows "
-                             f"of {context_length + 1} tokens")
-        self.batches_per_epoch = self.n_windows // batch_size
-        self.offsets = torch.arange(context_length + 1)
-
-    def batches(self, first_step: int = 1):
-        """Yield (inputs, targets) for steps first_step, first_step + 1, ... (step 1 is the first batch)."""
-        generator = torch.Generator().manual_seed(self.seed)
-        epoch, position = divmod(first_step - 1, self.batches_per_epoch)
-        for _ in range(epoch + 1):
-            order = torch.randperm(self.n_windows, generator=generator)
-        while True:
-            for b in range(position, self.batches_per_epoch):
-                starts = order[b * self.batch_size:(b + 1) * self.batch_size]
-                windows = self.tokens[starts[:, None] + self.offsets]  # (batch, context + 1), one gather
-                yield windows[:, :-1], windows[:, 1:]
-            order, position = torch.randperm(self.n_windows, generator=generator), 0
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-
-
-def keep_freed_memory_mapped() -> str:
-    """Stop glibc from handing each step's freed activations back to the OS. Its default thresholds
-    adapt at run time and let it trim the heap after most steps, so the next step page-faults
-    ~2 MiB back in (~460 faults per step); fixed thresholds keep the memory (3-5 % faster on the
-    reference config, peak RSS unchanged; see README, "Speed"). Returns the setting for the run's
-    metadata; a no-op off glibc."""
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
-        return "default"
-    libc = ctypes.CDLL(None)
-    ok = libc.mallopt(M_TRIM_THRESHOLD, 256 << 20) and libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
-    return "glibc: trim 256 MiB, mmap 32 MiB" if ok else "default"
-
-
-def environment() -> dict:
-    """Versions, host and code revision, so a recording says what produced it."""
-    packages = ("torch", "transformers", "tokenizers", "safetensors", "ray", "pyyaml", "tqdm")
-    versions = {}
-    for name in packages:
-        with contextlib.suppress(pkg_metadata.PackageNotFoundError):
-            versions[name] = pkg_metadata.version(name)
-    return {"python": platform.python_version(), "packages": versions, "host": socket.gethostname(), "pid": os.getpid(),
-            "platform": platform.platform(), "git_commit": git_commit(),
-            "image": os.environ.get("LILGATSBY_IMAGE")}
-
-
-def git_commit() -> str:
-    if os.environ.get("LILGATSBY_GIT_COMMIT"):
-        return os.environ["LILGATSBY_GIT_COMMIT"]  # baked into container images
-    here = Path(__file__).parent
-    try:
-        head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
 
 
 def _now() -> str:

@@ -6,7 +6,7 @@ import torch
 
 from runner.config import ModelConfig
 from runner.model import build_model, count_parameters
-from runner.train import keep_freed_memory_mapped
+from runner.host import keep_freed_memory_mapped
 
 
 def test_reference_model_shape_and_tying():
