@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +19,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from runner.config import Experiment
+
 log = logging.getLogger(__name__)
+progress_log = logging.getLogger("runner.progress")  # train.log only
 CHECKPOINT = "checkpoint.safetensors"
 
 
@@ -26,6 +31,27 @@ class Checkpoint:
     step: int  # the last completed step: parameters and Adam state are after its update
     train_s: float  # training seconds spent up to `step` (over all attempts)
     losses: torch.Tensor  # losses of steps 1..step
+
+
+class Checkpointer:
+    """Saves the run's checkpoint every `train.checkpoint_every` steps, but not after the last step
+    (the run is complete then). `before_save` makes the recording's rows so far durable first;
+    `train_s` tells the training seconds so far (over all attempts)."""
+
+    def __init__(self, run_dir: Path, exp: Experiment, *, before_save: Callable[[], None],
+                 train_s: Callable[[], float]):
+        self.run_dir, self.run_id = run_dir, exp.run_id
+        self.every, self.steps = exp.train.checkpoint_every, exp.train.steps
+        self.before_save, self.train_s = before_save, train_s
+
+    def after_step(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   losses: torch.Tensor) -> None:
+        if step % self.every or step >= self.steps:
+            return
+        t_start = time.perf_counter()
+        self.before_save()
+        save(self.run_dir, self.run_id, step, self.train_s(), model, optimizer, losses)
+        progress_log.info("checkpoint at step %d (%.3f s)", step, time.perf_counter() - t_start)
 
 
 def save(run_dir: Path, run_id: str, step: int, train_s: float, model: torch.nn.Module,

@@ -1,4 +1,4 @@
-"""The process a run trains in: its device and its allocator."""
+"""The process a run trains in: its device, its thread count and its allocator."""
 
 from __future__ import annotations
 
@@ -20,6 +20,12 @@ def resolve_device(name: str) -> torch.device:
     if not available[name]:
         raise ConfigError(f"train.device: {name} is not available on {socket.gethostname()} (got {name!r})")
     return torch.device(name)
+
+
+def thread_count(configured: int | None, offered: int | None) -> int | None:
+    """torch's intra-op threads for a run, decided here only: `train.threads` when set, else the
+    CPUs the caller offers (a sweep: what Ray assigned), else None (torch's default, all cores)."""
+    return configured or offered
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)

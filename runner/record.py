@@ -146,10 +146,16 @@ class RecordingWriter:
             raise ValueError(f"recording metadata grew past the reserved {self.header_size} bytes")
         _pwrite_all(self.fd, memoryview(struct.pack("<Q", self.header_size) + header.ljust(self.header_size)), 0)
 
-    def wants(self, step: int) -> bool:
-        return step % self.every == 0
+    def record(self, step: int, values: dict[str, torch.Tensor | None]) -> None:
+        """Record training step `step` (after backward, before the update) if the stride wants it.
+        At step 1 it first records row 0: the initial W, and logits and loss on step 1's batch, with
+        gradient and Adam moments zero (see README, "Recording format")."""
+        if step == 1:
+            self._write(0, {**values, "grads": None, "momentum": None, "variance": None})
+        if step % self.every == 0:
+            self._write(step, values)
 
-    def write(self, step: int, values: dict[str, torch.Tensor | None]) -> None:
+    def _write(self, step: int, values: dict[str, torch.Tensor | None]) -> None:
         """Buffer row `step`; a value of None records zeros (e.g. Adam state before the first update)."""
         assert step // self.every == self._chunk_start + self._filled, "rows must be written in order"
         buffers = self._buffers[self._active]

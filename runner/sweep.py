@@ -81,7 +81,7 @@ def _train_task(config: dict, overrides: dict, run_dir: str, restart: bool, forc
     except OSError as e:
         raise RuntimeError(f"worker {socket.gethostname()} cannot write the run directory {run_dir} "
                            f"({e.strerror}): the runs root must be storage every worker can reach") from None
-    manifest = run(exp, Path(run_dir), overrides=overrides, device=device, threads=exp.train.threads or threads,
+    manifest = run(exp, Path(run_dir), overrides=overrides, device=device, threads=threads,
                    progress=False, restart=restart, force=force)
     return {"run_id": manifest["run_id"], "device": manifest["device"], **manifest["metrics"]}
 

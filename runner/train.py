@@ -18,7 +18,7 @@ from runner import checkpoint
 from runner.config import Experiment
 from runner.corpus import Corpus, load_corpus
 from runner.data import WindowSampler
-from runner.host import keep_freed_memory_mapped, resolve_device
+from runner.host import keep_freed_memory_mapped, resolve_device, thread_count
 from runner.metrics import dead_token_summary
 from runner.model import build_model, causal_mask, count_parameters, implementation
 from runner.provenance import environment
@@ -61,9 +61,9 @@ def run(exp: Experiment, run_dir: Path, *, overrides: dict | None = None, device
     interrupted run continues from its last checkpoint unless `restart`. Without `force`, a run
     found complete once its lock is held (another process finished it) is not trained again.
 
-    `device`/`threads` override the config's (a sweep passes what Ray assigned). Bad input (corpus,
-    device) raises before anything is written; a failure during training is written to run.json
-    with its traceback and re-raised."""
+    `device` overrides the config's; `threads` is the CPUs the caller offers (a sweep passes what
+    Ray assigned; see `host.thread_count`). Bad input (corpus, device) raises before anything is
+    written; a failure during training is written to run.json with its traceback and re-raised."""
     torch_device = resolve_device(device or exp.train.device)
     corpus = load_corpus(exp.corpus.path, exp.corpus.ascii)
     check_free_space(run_dir / RECORDING, exp)
@@ -73,7 +73,8 @@ def run(exp: Experiment, run_dir: Path, *, overrides: dict | None = None, device
             return read_manifest(run_dir)
         if restart:
             partial_path(run_dir / RECORDING).unlink(missing_ok=True)
-        return _run_locked(exp, run_dir, corpus, torch_device, overrides, threads, progress, restart)
+        return _run_locked(exp, run_dir, corpus, torch_device, overrides, thread_count(exp.train.threads, threads),
+                           progress, restart)
 
 
 def _run_locked(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.device, overrides: dict | None,
@@ -83,8 +84,8 @@ def _run_locked(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: to
     write_manifest(run_dir, manifest)
     with _log_to(run_dir / "train.log"):
         try:
-            manifest.update(_train(exp, run_dir, corpus, torch_device, threads or exp.train.threads, progress,
-                                   manifest, restart))
+            manifest.update(_train(exp, run_dir, corpus, torch_device, threads, progress, restart,
+                                   manifest["environment"], manifest["started_at"]))
             manifest["status"] = "complete"
         except BaseException as e:
             manifest.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
@@ -96,7 +97,10 @@ def _run_locked(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: to
     return manifest
 
 
-def _build(exp: Experiment, device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict]:
+def _build_model_and_optimizer(exp: Experiment, device: torch.device
+                               ) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict[str, str]]:
+    """The model, its optimizer, and the implementation choices that produced them (kernels and
+    host allocator; recorded, since they change rounding)."""
     kernels = implementation(exp.train.precision, device)
     model = build_model(exp.model, exp.train.seed, **kernels).to(device)
     if exp.train.precision == "bf16-true":
@@ -124,33 +128,53 @@ def _open_recording(exp: Experiment, run_dir: Path, model, optimizer, restart: b
     return writer, ckpt
 
 
+class _Progress:
+    """The console bar, and a line in train.log 20 times per run (one host sync per line, not per step)."""
+
+    def __init__(self, exp: Experiment, start: int, enabled: bool):
+        self.steps, self.start, self.every = exp.train.steps, start, max(1, exp.train.steps // 20)
+        self.bar = tqdm(total=self.steps, initial=start - 1, desc=f"{exp.name}/{exp.run_id}", unit="step",
+                        disable=not enabled, mininterval=1.0, dynamic_ncols=True)
+        self.t_start = time.perf_counter()
+
+    def update(self, step: int, losses: torch.Tensor) -> None:
+        if step % self.every == 0 or step == self.steps:
+            current = losses[step - 1].item()
+            self.bar.set_postfix(loss=f"{current:.4f}", refresh=False)
+            progress_log.info("step %d/%d loss %.4f %.1f steps/s", step, self.steps, current,
+                              (step - self.start + 1) / (time.perf_counter() - self.t_start))
+        self.bar.update()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def _train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.device, threads: int | None,
-           progress: bool, manifest: dict, restart: bool) -> dict:
+           progress: bool, restart: bool, env: dict, started_at: str) -> dict:
     t0 = time.perf_counter()
     cfg = exp.train
     if threads:
         torch.set_num_threads(threads)
     sampler = WindowSampler(encode(corpus.text), exp.model.context_length, cfg.batch_size, cfg.seed)
     save_tokenizer(run_dir / "tokenizer")
-    model, optimizer, kernels = _build(exp, torch_device)
+    model, optimizer, impl = _build_model_and_optimizer(exp, torch_device)
     n_params = count_parameters(model)
-    header = {**_recording_metadata(exp, corpus, manifest, n_params, torch_device),
-              "implementation": json.dumps(kernels, sort_keys=True)}
+    header = {**_recording_metadata(exp, corpus, env, started_at, n_params, torch_device),
+              "implementation": json.dumps(impl, sort_keys=True)}
     writer, ckpt = _open_recording(exp, run_dir, model, optimizer, restart, header, torch_device)
     start, train_s_before = (ckpt.step + 1, ckpt.train_s) if ckpt else (1, 0.0)
     losses = torch.empty(cfg.steps, device=torch_device)
     if ckpt:
         losses[:ckpt.step] = ckpt.losses
-        manifest["resumed_from_step"] = ckpt.step
     log.info("run %s: %s parameters, device %s, precision %s, %d threads%s", exp.run_id, f"{n_params:,}",
              torch_device, cfg.precision, torch.get_num_threads(), f", resuming after step {ckpt.step}" if ckpt else "")
     W = model.lm_head.weight  # tied: the same Parameter as transformer.wte.weight
     mask = causal_mask(model, exp.model.context_length, torch_device)
     autocast = torch.autocast(torch_device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16-mixed")
-    log_every = max(1, cfg.steps // 20)
-    bar = tqdm(total=cfg.steps, initial=start - 1, desc=f"{exp.name}/{exp.run_id}", unit="step",
-               disable=not progress, mininterval=1.0, dynamic_ncols=True)
+    bar = _Progress(exp, start, progress)
     t_train = time.perf_counter()
+    checkpointer = checkpoint.Checkpointer(run_dir, exp, before_save=writer.flush,
+                                           train_s=lambda: train_s_before + time.perf_counter() - t_train)
     try:
         for step, (inputs, targets) in zip(range(start, cfg.steps + 1), sampler.batches(start)):
             inputs, targets = inputs.to(torch_device, non_blocking=True), targets.to(torch_device, non_blocking=True)
@@ -158,51 +182,47 @@ def _train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.d
                 logits = model(input_ids=inputs, attention_mask=mask).logits
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
             loss.backward()
-            # Snapshots after backward, before the update; row 0 is the initial state on step 1's batch.
-            snapshot = {"logits": logits[:, -1].float().mean(0), "loss": loss}
-            if step == 1:
-                writer.write(0, {**snapshot, "W": W, "grads": None, "momentum": None, "variance": None})
-            if writer.wants(step):
-                state = optimizer.state.get(W, {})
-                writer.write(step, {**snapshot, "W": W, "grads": W.grad, "momentum": state.get("exp_avg"),
-                                    "variance": state.get("exp_avg_sq")})
+            state = optimizer.state.get(W, {})  # recorded after backward, before the update
+            writer.record(step, {"W": W, "grads": W.grad, "momentum": state.get("exp_avg"),
+                                 "variance": state.get("exp_avg_sq"), "logits": logits[:, -1].float().mean(0),
+                                 "loss": loss})
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses[step - 1] = loss.detach()
-            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                t_checkpoint = time.perf_counter()
-                writer.flush()  # rows up to `step` on disk before the checkpoint that relies on them
-                checkpoint.save(run_dir, exp.run_id, step, train_s_before + t_checkpoint - t_train,
-                                model, optimizer, losses)
-                progress_log.info("checkpoint at step %d (%.3f s)", step, time.perf_counter() - t_checkpoint)
-            if step % log_every == 0 or step == cfg.steps:  # one host sync per log line, not per step
-                current = losses[step - 1].item()
-                bar.set_postfix(loss=f"{current:.4f}", refresh=False)
-                progress_log.info("step %d/%d loss %.4f %.1f steps/s", step, cfg.steps, current,
-                                  (step - start + 1) / (time.perf_counter() - t_train))
-            bar.update()
+            checkpointer.after_step(step, model, optimizer, losses)
+            bar.update(step, losses)
     except BaseException:
         writer.abort()
         raise
     finally:
         bar.close()
-    train_s = train_s_before + time.perf_counter() - t_train
+    result = {"device": str(torch_device), "threads": torch.get_num_threads(), "n_params": n_params,
+              "implementation": impl,
+              **_finish(exp, run_dir, corpus, model, optimizer, writer, losses, checkpointer.train_s(), t0)}
+    if ckpt:
+        result["resumed_from_step"] = ckpt.step
+    return result
 
+
+def _finish(exp: Experiment, run_dir: Path, corpus: Corpus, model, optimizer, writer: RecordingWriter,
+            losses: torch.Tensor, train_s: float, t0: float) -> dict:
+    """The end of a run: the final state and metrics into the recording, which is then published;
+    the dead-token summary and text samples. Returns these for run.json."""
+    W = model.lm_head.weight
     state = optimizer.state[W]
     metrics = {"final_loss": losses[-1].item(), "mean_loss_last_100": losses[-100:].mean().item(),
-               "train_s": train_s, "steps_per_s": cfg.steps / train_s, "wall_s": time.perf_counter() - t0}
+               "train_s": train_s, "steps_per_s": exp.train.steps / train_s, "wall_s": time.perf_counter() - t0}
     path = writer.close({"W_final": W, "momentum_final": state["exp_avg"], "variance_final": state["exp_avg_sq"]},
                         {k: repr(v) for k, v in metrics.items()})
     checkpoint.remove(run_dir)
     summary = dead_token_summary(W, corpus.token_counts)
-    samples = sample_text(model.float(), seed=cfg.seed, device=torch_device)
+    samples = sample_text(model.float(), seed=exp.train.seed, device=W.device)
     for prompt, text in samples.items():
         log.info("sample %r -> %r", prompt, text)
     log.info("run %s complete: final loss %.4f, %.1f steps/s, %s", exp.run_id, metrics["final_loss"],
              metrics["steps_per_s"], path)
-    return {"device": str(torch_device), "threads": torch.get_num_threads(), "n_params": n_params,
-            "implementation": kernels, "corpus": _corpus_summary(corpus), "metrics": metrics, "samples": samples,
-            "dead_token_summary": summary, "recording": {"path": RECORDING, "bytes": path.stat().st_size}}
+    return {"corpus": _corpus_summary(corpus), "metrics": metrics, "samples": samples, "dead_token_summary": summary,
+            "recording": {"path": RECORDING, "bytes": path.stat().st_size}}
 
 
 def _corpus_summary(corpus: Corpus) -> dict:
@@ -212,17 +232,16 @@ def _corpus_summary(corpus: Corpus) -> dict:
             "dead_tokens": [i for i, c in enumerate(counts) if c == 0]}
 
 
-def _recording_metadata(exp: Experiment, corpus: Corpus, manifest: dict, n_params: int,
+def _recording_metadata(exp: Experiment, corpus: Corpus, env: dict, started_at: str, n_params: int,
                         device: torch.device) -> dict[str, str]:
     """Header metadata (safetensors allows only strings; structured values are JSON)."""
-    env = manifest["environment"]
     return {"run_id": exp.run_id, "config": json.dumps(exp.to_dict(), sort_keys=True),
             "seed": str(exp.train.seed), "precision": exp.train.precision, "device": str(device),
             "steps": str(exp.train.steps), "record_every": str(exp.record.every), "n_params": str(n_params),
             "packages": json.dumps(env["packages"], sort_keys=True), "python": env["python"],
             "git_commit": env["git_commit"], "corpus_sha256": corpus.sha256,
             "corpus_length": str(len(corpus.text)), "corpus_ascii": corpus.mode,
-            "token_counts": json.dumps(corpus.token_counts), "started_at": manifest["started_at"]}
+            "token_counts": json.dumps(corpus.token_counts), "started_at": started_at}
 
 
 @torch.no_grad()
