@@ -41,9 +41,35 @@ class ConfigError(UserError, ValueError):
     """A bad experiment file, override or value; the message is one line naming file and key."""
 
 
+# Which fields make a run's identity (its run id), declared on the fields themselves:
+# - NOT_IDENTITY: never part of it (where things are or how they are scheduled, not what is computed);
+# - introduced_with(default): a key added after runs existed; part of the identity only when it holds
+#   another value, so adding it leaves the run ids of every existing experiment unchanged.
+NOT_IDENTITY = {"identity": False}
+
+
+def introduced_with(default: Any) -> dict:
+    return {"introduced_with": default}
+
+
+def identity(config: Any) -> dict:
+    """The fields of a config dataclass (recursively) that determine a run's results."""
+    out = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if not f.metadata.get("identity", True):
+            continue
+        if "introduced_with" in f.metadata and value == f.metadata["introduced_with"]:
+            continue
+        out[f.name] = identity(value) if is_dataclass(value) else value
+    return out
+
+
 @dataclass(frozen=True)
 class CorpusConfig:
-    path: str | None = None  # the book as a local file; None: $LILGATSBY_CORPUS, data/ cache, download
+    # the book as a local file; None: $LILGATSBY_CORPUS, data/ cache, download. Where the book is,
+    # not what it is (its sha256 is in the manifest).
+    path: str | None = field(default=None, metadata=NOT_IDENTITY)
     ascii: Literal["drop", "map"] = "drop"  # how non-ASCII characters become 7-bit ASCII
 
 
@@ -68,7 +94,8 @@ class TrainConfig:
     precision: Literal["bf16-true", "bf16-mixed", "fp32"] = "bf16-true"
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     threads: int | None = None  # torch intra-op threads; None: all cores (or the CPUs Ray assigned)
-    checkpoint_every: int = 1000  # steps between checkpoints (resume point after a crash)
+    # steps between checkpoints (resume points after a crash, not results)
+    checkpoint_every: int = field(default=1000, metadata=NOT_IDENTITY)
 
 
 @dataclass(frozen=True)
@@ -79,7 +106,7 @@ class RecordConfig:
 
 @dataclass(frozen=True)
 class ResourcesConfig:
-    """What one run asks Ray for; scheduling only, so not part of the run id."""
+    """What one run asks Ray for: scheduling only, so not part of the run id."""
 
     cpus_per_run: float = 1.0
     gpus_per_run: float = 1.0  # used only when the cluster has GPUs; fractions share a GPU
@@ -92,19 +119,15 @@ class Experiment:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     record: RecordConfig = field(default_factory=RecordConfig)
-    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig, metadata=NOT_IDENTITY)
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @property
     def run_id(self) -> str:
-        """Short stable hash of everything that determines the run's results. Not part of it: the
-        resources (scheduling only), train.checkpoint_every (resume points, not results) and
-        corpus.path (where the book is, not what it is; the corpus's sha256 is in the manifest)."""
-        identity = {k: v for k, v in self.to_dict().items() if k != "resources"}
-        del identity["corpus"]["path"], identity["train"]["checkpoint_every"]
-        blob = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+        """Short stable hash of the fields that determine the run's results (see `identity`)."""
+        blob = json.dumps(identity(self), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -190,7 +213,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in this module, not user input
 
 
-def _build(cls: type, data: Any, prefix: str = "") -> Any:
+def _build_dataclass(cls: type, data: Any, prefix: str = "") -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'top level'}: must be a mapping (got {data!r})")
     hints = typing.get_type_hints(cls)
@@ -201,7 +224,7 @@ def _build(cls: type, data: Any, prefix: str = "") -> Any:
         if name not in known:
             raise ConfigError(f"{key}: unknown key (known: {', '.join(known)})")
         tp = hints[name]
-        kwargs[name] = _build(tp, value, key + ".") if is_dataclass(tp) else _coerce(tp, value, key)
+        kwargs[name] = _build_dataclass(tp, value, key + ".") if is_dataclass(tp) else _coerce(tp, value, key)
     missing = [f.name for f in fields(cls)
                if f.name not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
@@ -212,7 +235,7 @@ def _build(cls: type, data: Any, prefix: str = "") -> Any:
 
 def build_experiment(data: dict) -> Experiment:
     """Type-check and value-check a plain dict (one run's config) into an Experiment."""
-    exp = _build(Experiment, data)
+    exp = _build_dataclass(Experiment, data)
     for key, ok, requirement in _RULES:
         value = _get(exp, key)
         if not ok(value, exp):

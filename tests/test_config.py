@@ -1,8 +1,11 @@
+import dataclasses
+import math
 from pathlib import Path
 
 import pytest
+import yaml
 
-from runner.config import ConfigError, Experiment, build_experiment, load_runs
+from runner.config import NOT_IDENTITY, ConfigError, build_experiment, identity, introduced_with, load_runs
 
 from conftest import REPO
 
@@ -17,8 +20,42 @@ def write(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
 def test_shipped_experiments_validate(path):
+    """Every shipped file expands to one run per grid point, and each run's config round-trips."""
     runs = load_runs(path)
-    assert runs and all(isinstance(r.experiment, Experiment) for r in runs)
+    grid = yaml.safe_load(path.read_text()).get("grid") or {}
+    sizes = [len(range(*v["range"])) if isinstance(v, dict) else len(v) for v in grid.values()]
+    assert len(runs) == math.prod(sizes) and len({r.run_id for r in runs}) == len(runs)
+    for r in runs:
+        assert build_experiment(r.experiment.to_dict()) == r.experiment
+        assert set(r.overrides) == set(grid)
+
+
+# Golden run ids: runs trained before a change are still found complete after it. A change here
+# orphans every existing run directory of these experiments; add keys with `introduced_with`.
+GOLDEN_RUN_IDS = {"lil_gatsby.yaml": "3959ef7929cb", "smoke.yaml": "30509a8442aa"}
+
+
+@pytest.mark.parametrize("name, run_id", GOLDEN_RUN_IDS.items())
+def test_run_ids_of_shipped_experiments_are_pinned(name, run_id):
+    (run,) = load_runs(REPO / "experiments" / name)
+    assert run.run_id == run_id
+
+
+def test_identity_follows_field_metadata():
+    @dataclasses.dataclass(frozen=True)
+    class Inner:
+        kept: int = 1
+        where: str = dataclasses.field(default="here", metadata=NOT_IDENTITY)
+        added: str = dataclasses.field(default="old", metadata=introduced_with("old"))
+
+    @dataclasses.dataclass(frozen=True)
+    class Outer:
+        inner: Inner = dataclasses.field(default_factory=Inner)
+        label: str = "x"
+
+    assert identity(Outer()) == {"inner": {"kept": 1}, "label": "x"}
+    assert identity(Outer(Inner(where="there"))) == identity(Outer())
+    assert identity(Outer(Inner(added="new"))) == {"inner": {"kept": 1, "added": "new"}, "label": "x"}
 
 
 def test_reference_experiment_is_the_notebook():
