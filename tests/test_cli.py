@@ -28,6 +28,27 @@ def test_smoke_experiment_end_to_end(tmp_path, small_book, capsys):
     assert (run_dir / "recording.safetensors").stat().st_mtime_ns == mtime
 
 
+def test_index_command_rebuilds_from_manifests(tmp_path, small_book, capsys):
+    runs = tmp_path / "runs"
+    for seed in (1, 2):
+        assert main(["train", str(REPO / "experiments" / "smoke.yaml"), "--runs", str(runs), "--corpus",
+                     str(small_book), "--set", f"train.seed={seed}", "--set", "train.steps=3", "--quiet"]) == 0
+    exp_dir = runs / "smoke"
+    expected = (exp_dir / "index.jsonl").read_text()
+    for name in ("index.jsonl", "index.csv"):
+        (exp_dir / name).unlink()
+    capsys.readouterr()
+    assert main(["index", str(runs)]) == 0  # a runs root: every experiment below it
+    assert capsys.readouterr().out == f"{exp_dir}: 2 runs indexed\n"
+    assert (exp_dir / "index.jsonl").read_text() == expected
+    assert len((exp_dir / "index.csv").read_text().splitlines()) == 3
+    assert main(["index", str(exp_dir)]) == 0  # or one experiment's directory
+    assert main(["index", str(tmp_path / "nowhere")]) == 2
+    (tmp_path / "empty").mkdir()
+    assert main(["index", str(tmp_path / "empty")]) == 2
+    assert "no run directories" in capsys.readouterr().err
+
+
 def test_out_and_set(tmp_path, small_book):
     out = tmp_path / "here"
     assert main(["train", str(REPO / "experiments" / "smoke.yaml"), "--out", str(out), "--quiet",

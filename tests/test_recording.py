@@ -1,6 +1,7 @@
 """The recording is scientific data: its layout, its conventions and its exact values."""
 
 import json
+import re
 import warnings
 
 import pytest
@@ -159,7 +160,11 @@ def test_metadata_describes_the_run(runs):
     assert set(manifest["samples"]) == {"In my younger", "Gatsby", "The green light"}
     assert all(text.startswith(prompt) for prompt, text in manifest["samples"].items())
     assert manifest["dead_token_summary"]["dead_tokens"] == manifest["corpus"]["token_counts"].count(0)
-    assert (run_dir / "train.log").read_text().count("step ") >= 2
+    log = (run_dir / "train.log").read_text()
+    logged = [(int(m[1]), float(m[2])) for m in re.finditer(r" step (\d+)/24 loss ([\d.]+) [\d.]+ steps/s\n", log)]
+    assert [step for step, _ in logged] == list(range(1, 25))  # 24 steps: a line each (20 lines at most per run)
+    assert all(loss == pytest.approx(rec["loss"][step].item(), abs=1e-4) for step, loss in logged)
+    assert f"run {exp.run_id} complete: final loss {rec['loss'][-1].item():.4f}" in log
     assert not list(run_dir.glob("*.partial"))
 
 

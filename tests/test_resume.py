@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import runner.checkpoint
+import runner.corpus
 import runner.record
 from runner.rundir import RECORDING
 from runner.verify import load_recording
@@ -66,13 +68,14 @@ def last_logged_step(log: Path) -> int:
 
 @pytest.mark.parametrize("trial", range(2))
 def test_sigkill_at_a_random_step_then_resume(experiment_file, uninterrupted, tmp_path, trial):
-    target = random.Random().randrange(20, STEPS - 20)
+    rng = random.Random(1000 + trial)  # seeded: a failure names a step that can be tried again
+    target = rng.randrange(20, STEPS - 20)
     out = tmp_path / "run"
     proc = subprocess.Popen(train_cmd(experiment_file, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while last_logged_step(out / "train.log") < target and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    time.sleep(random.random() * 0.1)  # a few more steps, so the kill is not always right after a log line
+    time.sleep(rng.random() * 0.1)  # a few more steps, so the kill is not always right after a log line
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = last_logged_step(out / "train.log")
@@ -138,10 +141,42 @@ def test_write_error_mid_run_fails_then_resumes(experiment_file, uninterrupted, 
 def test_restart_ignores_the_checkpoint(experiment_file, uninterrupted, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(train_cmd(experiment_file, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while last_logged_step(out / "train.log") < 50 and proc.poll() is None:
+    deadline = time.monotonic() + 120
+    while last_logged_step(out / "train.log") < 50 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     proc.kill()
     proc.wait()
+    assert 50 <= last_logged_step(out / "train.log") < STEPS
     assert subprocess.run(train_cmd(experiment_file, out) + ["--restart"], capture_output=True).returncode == 0
     assert "resumed_from_step" not in json.loads((out / "run.json").read_text())
     assert_identical(out, uninterrupted)
+
+
+def test_resume_in_a_later_epoch(tmp_path, monkeypatch):
+    """A corpus of 10 batches per epoch: the run crashes right after its checkpoint at step 12 (in
+    epoch 2) and resumes there, to the same recording as an uninterrupted run."""
+    from runner.config import build_experiment
+    from runner.data import WindowSampler
+    from runner.tokenizer import encode
+
+    book = tmp_path / "tiny.txt"
+    book.write_text("It was the green light at the end of Daisy's dock. " * 2)
+    exp = build_experiment({"name": "epochs", "corpus": {"path": str(book)}, "model": {"context_length": 16},
+                            "train": {"steps": 30, "batch_size": 8, "device": "cpu", "checkpoint_every": 12}})
+    text = runner.corpus.load_corpus(str(book), "drop").text
+    per_epoch = WindowSampler(encode(text), 16, 8, 0).batches_per_epoch
+    assert per_epoch < 12 < 2 * per_epoch < 30  # resumes in epoch 2, then crosses into epoch 3
+    run(exp, tmp_path / "uninterrupted", progress=False)
+
+    real_save = runner.checkpoint.save
+
+    def save_then_crash(run_dir, run_id, step, *args):
+        real_save(run_dir, run_id, step, *args)
+        raise RuntimeError(f"injected crash after the checkpoint at step {step}")
+
+    monkeypatch.setattr(runner.checkpoint, "save", save_then_crash)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        run(exp, tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(runner.checkpoint, "save", real_save)
+    assert run(exp, tmp_path / "resumed", progress=False)["resumed_from_step"] == 12
+    assert_identical(tmp_path / "resumed", load_recording(tmp_path / "uninterrupted" / RECORDING))
