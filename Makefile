@@ -5,14 +5,14 @@ BIN    := $(VENV)/bin
 EXP    ?= experiments/lil_gatsby.yaml
 RUNS   ?= runs
 
-.PHONY: setup run test sweep index bench clean wheelhouse image docker-run docker-sweep cluster-up cluster-down test-container
+.PHONY: setup run test lint sweep index bench clean wheelhouse image docker-run docker-sweep cluster-up cluster-down test-container
 
 # The venv is rebuilt when pyproject.toml changes. torch==2.13.0 is the CPU build on this project's
 # machines; for CUDA, install a CUDA build of torch 2.13.0 into .venv first (see README).
 $(BIN)/lilgatsby: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,dev]'
 	touch $@
 
 setup: $(BIN)/lilgatsby
@@ -22,6 +22,10 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check runner tests bench
+	$(BIN)/mypy
 
 sweep: setup
 	$(BIN)/lilgatsby sweep $(EXP) --runs $(RUNS)

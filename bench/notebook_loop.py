@@ -50,7 +50,7 @@ def main() -> None:
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False, tie_word_embeddings=True)
     model = GPT2LMHeadModel(config)
     if args.precision == "bf16":
-        model = model.to(torch.bfloat16)
+        model = model.to(torch.bfloat16)  # type: ignore[arg-type]  # transformers types .to() without self
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     n = args.steps + 1
     history = {"W": torch.zeros(n, vocab, hidden, dtype=torch.bfloat16),

@@ -197,7 +197,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             return tuple(_coerce(args[0], v, key) for v in value)
         if len(value) != len(args):
             raise ConfigError(f"{key}: must be a list of {len(args)} values (got {value!r})")
-        return tuple(_coerce(a, v, key) for a, v in zip(args, value))
+        return tuple(_coerce(a, v, key) for a, v in zip(args, value, strict=True))
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ConfigError(f"{key}: must be a finite number (got {value!r})")
@@ -213,7 +213,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in this module, not user input
 
 
-def _build_dataclass(cls: type, data: Any, prefix: str = "") -> Any:
+def _build_dataclass(cls: Any, data: Any, prefix: str = "") -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'top level'}: must be a mapping (got {data!r})")
     hints = typing.get_type_hints(cls)
@@ -352,7 +352,7 @@ def _expand(data: dict, overrides: typing.Iterable[str]) -> list[Run]:
         raise ConfigError(f"grid: has {count:,} runs; the limit is {MAX_GRID_RUNS:,}")
     runs: dict[str, Run] = {}
     for values in itertools.product(*axes.values()):
-        point = dict(zip(axes, values))
+        point = dict(zip(axes, values, strict=True))
         where = f" (grid point {', '.join(f'{k}={v!r}' for k, v in point.items())})" if point else ""
         config = json.loads(json.dumps(data))  # deep copy of plain YAML data
         try:

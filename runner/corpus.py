@@ -67,7 +67,7 @@ def to_ascii(text: str, mode: str) -> tuple[str, int, int]:
     if mode not in ("drop", "map"):
         raise ValueError(f"unknown ascii mode {mode!r}")
     mapped = text.translate(ASCII_MAP) if mode == "map" else text
-    replaced = sum(a != b for a, b in zip(text, mapped))  # the map is one character to one
+    replaced = sum(a != b for a, b in zip(text, mapped, strict=True))  # the map is one character to one
     dropped = 0
     out = []
     for ch in mapped:

@@ -20,11 +20,12 @@ COLUMNS = ("run_id", "name", "status", "swept", "seed", "device", "host", "start
            "live_row_norm", "dead_cosine", "recording_path", "recording_bytes", "git_commit", "error")
 
 
-def _flatten(config: dict, prefix: str = "") -> dict:
+def flatten_config(config: dict, prefix: str = "") -> dict:
+    """Nested sections as dotted keys: {"train": {"seed": 1}} -> {"train.seed": 1}."""
     flat = {}
     for key, value in config.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten_config(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -57,7 +58,7 @@ def index_row(run_dir: Path, manifest: dict) -> dict:
         "git_commit": manifest.get("environment", {}).get("git_commit"),
         "error": manifest.get("error"),
     }
-    row.update(_flatten(manifest.get("config", {})))
+    row.update(flatten_config(manifest.get("config", {})))
     return row
 
 

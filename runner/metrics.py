@@ -11,7 +11,8 @@ def dead_token_summary(W: torch.Tensor, token_counts: list[int]) -> dict:
     W = W.detach().float().cpu()
     dead = torch.tensor([c == 0 for c in token_counts])
     norms = W.norm(dim=1)
-    summary = {"dead_tokens": int(dead.sum()), "dead_row_norm": None, "live_row_norm": None, "dead_cosine": None}
+    summary: dict[str, int | float | None] = {"dead_tokens": int(dead.sum()), "dead_row_norm": None,
+                                              "live_row_norm": None, "dead_cosine": None}
     if dead.any():
         summary["dead_row_norm"] = norms[dead].mean().item()
     if (~dead).any():

@@ -89,7 +89,7 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 
 
 def _as_bytes(t: torch.Tensor) -> memoryview:
-    return memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
+    return t.contiguous().view(torch.uint8).numpy().data.cast("B")
 
 
 class RecordingWriter:

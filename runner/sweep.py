@@ -13,6 +13,7 @@ import re
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import ray
 import torch
@@ -93,12 +94,13 @@ def _init_ray(address: str | None) -> None:
     env: dict = {"worker_process_setup_hook": "runner.train.keep_freed_memory_mapped"}
     if os.environ.get(ENV_VAR):
         env["env_vars"] = {ENV_VAR: os.environ[ENV_VAR]}
-    common = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING,
+    common: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING,
               "runtime_env": env}
     if address:
         _connect(address, common)
     else:  # a new embedded instance sized to this machine (never another one found running); a Mac
-        mps = {"mps": 1} if torch.backends.mps.is_available() else None  # offers its GPU as `mps`
+        # offers its GPU as `mps`
+        mps: dict[str, float] | None = {"mps": 1} if torch.backends.mps.is_available() else None
         ray.init(address="local", num_cpus=os.cpu_count(), resources=mps, **common)
 
 

@@ -9,10 +9,12 @@ import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+from transformers import GPT2LMHeadModel
 
 from runner import checkpoint
 from runner.config import Experiment
@@ -69,8 +71,9 @@ def run(exp: Experiment, run_dir: Path, *, overrides: dict | None = None, device
     check_free_space(run_dir / RECORDING, exp)
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(run_dir):
-        if not force and is_complete(run_dir, exp):
-            return read_manifest(run_dir)
+        finished = None if force else read_manifest(run_dir)
+        if finished is not None and is_complete(run_dir, exp):
+            return finished
         if restart:
             partial_path(run_dir / RECORDING).unlink(missing_ok=True)
         return _run_locked(exp, run_dir, corpus, torch_device, overrides, thread_count(exp.train.threads, threads),
@@ -79,8 +82,9 @@ def run(exp: Experiment, run_dir: Path, *, overrides: dict | None = None, device
 
 def _run_locked(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.device, overrides: dict | None,
                 threads: int | None, progress: bool, restart: bool) -> dict:
-    manifest = {"run_id": exp.run_id, "name": exp.name, "status": "running", "overrides": overrides or {},
-                "config": exp.to_dict(), "started_at": _now(), "environment": environment()}
+    manifest: dict[str, Any] = {"run_id": exp.run_id, "name": exp.name, "status": "running",
+                                "overrides": overrides or {}, "config": exp.to_dict(), "started_at": _now(),
+                                "environment": environment()}
     write_manifest(run_dir, manifest)
     with _log_to(run_dir / "train.log"):
         try:
@@ -98,11 +102,12 @@ def _run_locked(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: to
 
 
 def _build_model_and_optimizer(exp: Experiment, device: torch.device
-                               ) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict[str, str]]:
+                               ) -> tuple[GPT2LMHeadModel, torch.optim.Optimizer, dict[str, str]]:
     """The model, its optimizer, and the implementation choices that produced them (kernels and
     host allocator; recorded, since they change rounding)."""
     kernels = implementation(exp.train.precision, device)
-    model = build_model(exp.model, exp.train.seed, **kernels).to(device)
+    # (transformers types .to() without its self argument)
+    model = build_model(exp.model, exp.train.seed, **kernels).to(device)  # type: ignore[arg-type]
     if exp.train.precision == "bf16-true":
         model.to(torch.bfloat16)  # parameters, gradients and Adam's moments all in bf16
     # The single-tensor loop, not `foreach`: with fp32 parameters (bf16-mixed) the foreach update was
@@ -176,7 +181,7 @@ def _train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.d
     checkpointer = checkpoint.Checkpointer(run_dir, exp, before_save=writer.flush,
                                            train_s=lambda: train_s_before + time.perf_counter() - t_train)
     try:
-        for step, (inputs, targets) in zip(range(start, cfg.steps + 1), sampler.batches(start)):
+        for step, (inputs, targets) in zip(range(start, cfg.steps + 1), sampler.batches(start), strict=False):
             inputs, targets = inputs.to(torch_device, non_blocking=True), targets.to(torch_device, non_blocking=True)
             with autocast:
                 logits = model(input_ids=inputs, attention_mask=mask).logits
@@ -258,5 +263,5 @@ def sample_text(model, *, seed: int, device: torch.device) -> dict[str, str]:
         new_tokens = min(SAMPLE_TOKENS, model.config.n_positions - ids.shape[1])
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=True,
                              temperature=SAMPLE_TEMPERATURE, top_k=0, pad_token_id=tokenizer.pad_token_id)
-        samples[prompt] = tokenizer.decode(out[0])
+        samples[prompt] = str(tokenizer.decode(out[0]))
     return samples

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from runner.config import ModelConfig
-from runner.model import build_model, count_parameters
 from runner.host import keep_freed_memory_mapped
+from runner.model import build_model, count_parameters
 
 
 def test_reference_model_shape_and_tying():

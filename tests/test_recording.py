@@ -11,8 +11,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from runner.corpus import load_corpus
 from runner.rundir import RECORDING
-from runner.verify import adam_violations, load_recording, read_metadata
 from runner.train import run
+from runner.verify import adam_violations, load_recording, read_metadata
 
 NAMES = ("W", "grads", "momentum", "variance", "logits", "loss")
 

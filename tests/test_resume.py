@@ -18,8 +18,8 @@ import runner.checkpoint
 import runner.corpus
 import runner.record
 from runner.rundir import RECORDING
-from runner.verify import load_recording
 from runner.train import run
+from runner.verify import load_recording
 
 from conftest import REPO
 

@@ -13,8 +13,8 @@ from runner import sweep
 from runner.cli import main
 from runner.config import build_experiment
 from runner.index import load_index
-from runner.verify import load_recording
 from runner.sweep import task_options
+from runner.verify import load_recording
 
 from conftest import REPO
 
@@ -122,7 +122,8 @@ def test_two_sweeps_on_one_runs_dir_never_train_a_run_twice(long_sweep, tmp_path
     sweeps = [subprocess.Popen(_sweep_cmd(long_sweep, runs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=300)[0] for p in sweeps]
-    for sweep_process, out in zip(sweeps, outputs):  # 1 exactly when it found a run being trained by the other
+    # each exits 1 exactly when it found a run being trained by the other
+    for sweep_process, out in zip(sweeps, outputs, strict=True):
         busy = "being trained by another process" in out
         assert sweep_process.returncode == (1 if busy else 0), out
         assert busy or "2/2 runs complete" in out or "all 2 runs complete" in out, out

@@ -9,11 +9,10 @@ import torch
 
 from runner.cli import main
 from runner.index import rebuild_index
-from runner.rundir import RunLocked, is_complete, run_lock
 from runner.record import DiskSpaceError
-from runner.rundir import RECORDING
-from runner.verify import verify
+from runner.rundir import RECORDING, RunLocked, is_complete, run_lock
 from runner.train import run
+from runner.verify import verify
 
 
 @pytest.fixture(scope="module")
