@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 EXP    ?= experiments/lil_gatsby.yaml
 RUNS   ?= runs
 
-.PHONY: setup run test lint sweep index bench clean wheelhouse image docker-run docker-sweep cluster-up cluster-down test-container
+.PHONY: setup run test lint sweep index report bench clean wheelhouse image docker-run docker-sweep cluster-up cluster-down test-container
 
 # The venv is rebuilt when pyproject.toml changes. torch==2.13.0 is the CPU build on this project's
 # machines; for CUDA, install a CUDA build of torch 2.13.0 into .venv first (see README).
@@ -32,6 +32,10 @@ sweep: setup
 
 index: setup
 	$(BIN)/lilgatsby index $(RUNS)
+
+# EXP: an experiment file (its runs under $(RUNS)) or an experiment directory, e.g. EXP=runs/seed_sweep
+report: setup
+	$(BIN)/lilgatsby report $(EXP) --runs $(RUNS)
 
 # BENCH_ARGS: e.g. --steps 10000 (full reference run) or --sweep (8-seed sweep)
 bench: setup

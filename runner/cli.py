@@ -1,4 +1,5 @@
-"""`lilgatsby`: train one experiment, sweep a grid on Ray, rebuild an index, verify a recording."""
+"""`lilgatsby`: train one experiment, sweep a grid on Ray, rebuild an index, verify a recording,
+report an experiment's runs."""
 
 from __future__ import annotations
 
@@ -47,6 +48,15 @@ def _parser() -> argparse.ArgumentParser:
 
     index = sub.add_parser("index", help="rebuild index.jsonl/index.csv from the run manifests")
     index.add_argument("runs_dir", type=Path, help="a runs root or one experiment's directory")
+
+    report = sub.add_parser("report", help="figures and an offline HTML page of an experiment's runs")
+    report.add_argument("experiment", type=Path,
+                        help="an experiment's directory (runs/<name>/) or its experiment YAML file")
+    report.add_argument("--runs", type=Path, default=Path("runs"),
+                        help="runs root, for an experiment file (default: runs/)")
+    report.add_argument("--out", type=Path, help="where to write it (default: <experiment dir>/report/)")
+    report.add_argument("--run", dest="run_id", metavar="RUN_ID",
+                        help="the run whose dead-token trajectories are drawn (default: the first complete)")
     return parser
 
 
@@ -114,13 +124,24 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from runner.report import report
+
+    experiment_dir = args.experiment
+    if experiment_dir.suffix in (".yaml", ".yml"):
+        experiment_dir = args.runs / load_runs(experiment_dir)[0].experiment.name
+    print(report(experiment_dir, args.out, args.run_id))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:  # step lines go to train.log; the console has a bar
         handler.addFilter(lambda record: not record.name.startswith("runner.progress"))
     logging.getLogger("runner").setLevel(logging.INFO)
-    commands = {"train": cmd_train, "sweep": cmd_sweep, "verify": cmd_verify, "index": cmd_index}
+    commands = {"train": cmd_train, "sweep": cmd_sweep, "verify": cmd_verify, "index": cmd_index,
+                "report": cmd_report}
     try:
         with logging_redirect_tqdm():
             return commands[args.command](args)

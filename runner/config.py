@@ -102,6 +102,9 @@ class TrainConfig:
 class RecordConfig:
     every: int = 1  # record steps 0, every, 2*every, ... <= steps
     tensors: tuple[str, ...] = RECORDED_TENSORS
+    # whole-model snapshots (Hugging Face format) under models/step-<N>/: final | none | pythia | [steps]
+    model_steps: Literal["final", "none", "pythia"] | tuple[int, ...] = field(
+        default="final", metadata=introduced_with("final"))
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,9 @@ _RULES: list[tuple[str, typing.Callable[[Any, Experiment], bool], str]] = [
     ("record.every", lambda v, e: 1 <= v <= e.train.steps, "must be between 1 and train.steps"),
     ("record.tensors", lambda v, e: set(v) <= set(RECORDED_TENSORS) and len(set(v)) == len(v),
      f"must be distinct names from {list(RECORDED_TENSORS)}"),
+    ("record.model_steps", lambda v, e: isinstance(v, str) or (len(set(v)) == len(v)
+                                                                and all(0 <= s <= e.train.steps for s in v)),
+     "must be final, none, pythia or a list of distinct steps between 0 and train.steps"),
     ("resources.cpus_per_run", lambda v, e: 0 < v <= 1024, "must be > 0 and <= 1024"),
     ("resources.gpus_per_run", lambda v, e: 0 <= v <= 64, "must be between 0 and 64"),
 ]
@@ -184,8 +190,13 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, key)
+        requirements = []
+        for inner in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(inner, value, key)
+            except ConfigError as e:
+                requirements.append(str(e).removeprefix(f"{key}: ").rsplit(" (got ", 1)[0])
+        raise ConfigError(f"{key}: {' or '.join(requirements)} (got {value!r})")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: must be one of {list(args)} (got {value!r})")

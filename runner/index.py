@@ -11,6 +11,8 @@ import io
 import json
 from pathlib import Path
 
+import pandas as pd
+
 from runner.rundir import MANIFEST, RECORDING, read_manifest, recording_ok, write_atomic
 
 INDEX_JSONL, INDEX_CSV = "index.jsonl", "index.csv"
@@ -86,15 +88,9 @@ def experiment_dirs(root: Path) -> list[Path]:
     return [d for d in sorted(root.iterdir()) if d.is_dir() and holds_runs(d)]
 
 
-def load_index(path: str | Path):
-    """Rows of an index (index.jsonl, or an experiment directory holding one): a pandas DataFrame
-    when pandas is installed, else a list of dicts."""
+def load_index(path: str | Path) -> pd.DataFrame:
+    """Rows of an index (index.jsonl, or an experiment directory holding one) as a DataFrame."""
     path = Path(path)
     if path.is_dir():
         path = path / INDEX_JSONL
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    try:
-        import pandas
-    except ImportError:
-        return rows
-    return pandas.DataFrame(rows)
+    return pd.read_json(path, lines=True, dtype=False)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from runner.config import Experiment, UserError
+from runner.rows import recorded_steps
 
 FORMAT_VERSION = "1"
 HEADER_SLACK = 4096  # bytes reserved for metadata only known at the end (final loss, timings)
@@ -57,11 +58,6 @@ def check_free_space(path: Path, exp: Experiment) -> None:
     if needed > free:
         raise DiskSpaceError(f"{path}: the recording needs {needed / 2**20:,.1f} MiB but only "
                              f"{free / 2**20:,.1f} MiB are free on that disk")
-
-
-def recorded_steps(steps: int, every: int) -> range:
-    """Row r of every per-step tensor holds step r * every."""
-    return range(0, steps + 1, every)
 
 
 def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:

@@ -21,11 +21,12 @@ from runner.config import Experiment
 from runner.corpus import Corpus, load_corpus
 from runner.data import WindowSampler
 from runner.host import keep_freed_memory_mapped, resolve_device, thread_count
-from runner.metrics import dead_token_summary
+from runner.metrics import dead_token_summary, write_metrics
 from runner.model import build_model, causal_mask, count_parameters, implementation
 from runner.provenance import environment
 from runner.record import RecordingWriter, check_free_space, expected_layout, partial_path
 from runner.rundir import RECORDING, is_complete, read_manifest, run_lock, write_manifest
+from runner.snapshots import Snapshots
 from runner.tokenizer import build_tokenizer, encode, save_tokenizer
 from runner.verify import layout_problems
 
@@ -180,6 +181,8 @@ def _train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.d
     t_train = time.perf_counter()
     checkpointer = checkpoint.Checkpointer(run_dir, exp, before_save=writer.flush,
                                            train_s=lambda: train_s_before + time.perf_counter() - t_train)
+    snapshots = Snapshots(run_dir, exp)
+    snapshots.after_step(start - 1, model)  # step 0's, when scheduled
     try:
         for step, (inputs, targets) in zip(range(start, cfg.steps + 1), sampler.batches(start), strict=False):
             inputs, targets = inputs.to(torch_device, non_blocking=True), targets.to(torch_device, non_blocking=True)
@@ -194,6 +197,7 @@ def _train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.d
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses[step - 1] = loss.detach()
+            snapshots.after_step(step, model)
             checkpointer.after_step(step, model, optimizer, losses)
             bar.update(step, losses)
     except BaseException:
@@ -203,7 +207,8 @@ def _train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.d
         bar.close()
     result = {"device": str(torch_device), "threads": torch.get_num_threads(), "n_params": n_params,
               "implementation": impl,
-              **_finish(exp, run_dir, corpus, model, optimizer, writer, losses, checkpointer.train_s(), t0)}
+              **_finish(exp, run_dir, corpus, model, optimizer, writer, losses, checkpointer.train_s(), t0),
+              "snapshots": snapshots.saved()}
     if ckpt:
         result["resumed_from_step"] = ckpt.step
     return result
@@ -212,7 +217,7 @@ def _train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.d
 def _finish(exp: Experiment, run_dir: Path, corpus: Corpus, model, optimizer, writer: RecordingWriter,
             losses: torch.Tensor, train_s: float, t0: float) -> dict:
     """The end of a run: the final state and metrics into the recording, which is then published;
-    the dead-token summary and text samples. Returns these for run.json."""
+    the per-step metrics table, the dead-token summary and text samples. Returns these for run.json."""
     W = model.lm_head.weight
     state = optimizer.state[W]
     metrics = {"final_loss": losses[-1].item(), "mean_loss_last_100": losses[-100:].mean().item(),
@@ -220,7 +225,8 @@ def _finish(exp: Experiment, run_dir: Path, corpus: Corpus, model, optimizer, wr
     path = writer.close({"W_final": W, "momentum_final": state["exp_avg"], "variance_final": state["exp_avg_sq"]},
                         {k: repr(v) for k, v in metrics.items()})
     checkpoint.remove(run_dir)
-    summary = dead_token_summary(W, corpus.token_counts)
+    write_metrics(run_dir)
+    summary = dead_token_summary(W.detach().float().cpu().numpy(), corpus.token_counts)
     samples = sample_text(model.float(), seed=exp.train.seed, device=W.device)
     for prompt, text in samples.items():
         log.info("sample %r -> %r", prompt, text)

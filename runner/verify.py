@@ -1,6 +1,7 @@
 """Reading recordings back: metadata, tensors, and `verify` (header, layout, values, Adam's relation).
 
-Reads go through the safetensors library: memory-mapped, nothing executed.
+Reads go through the safetensors library: memory-mapped, nothing executed. (`rows` streams rows
+without torch, for analyses whose memory must stay bounded.)
 """
 
 from __future__ import annotations
@@ -110,4 +111,5 @@ def load_recording(path: Path, names: tuple[str, ...] | None = None) -> dict[str
     """Tensors of a recording (memory-mapped by safetensors; nothing is executed)."""
     with safe_open(str(path), framework="pt") as f:
         return {name: f.get_tensor(name) for name in (names or f.keys())}
+
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pandas as pd
 import pytest
 
 from runner import sweep
@@ -24,7 +25,8 @@ SMOKE_SWEEP = REPO / "experiments" / "smoke_sweep.yaml"
 
 def index_records(path) -> list[dict]:
     rows = load_index(path)
-    return rows.to_dict("records") if hasattr(rows, "to_dict") else rows  # a DataFrame when pandas is installed
+    assert isinstance(rows, pd.DataFrame) and list(rows.columns[:3]) == ["run_id", "name", "status"]
+    return rows.to_dict("records")
 
 
 def test_smoke_sweep_then_resume(tmp_path, small_book, capsys):

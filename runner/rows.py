@@ -1,0 +1,64 @@
+"""Rows of a recording as numpy arrays, by plain reads: for analyses whose memory must stay bounded.
+
+Two choices keep a 1 GB recording's analysis small: the file is read, not memory-mapped (mapped
+pages count toward the process's memory as they are touched; read pages stay in the kernel's
+cache), and nothing here imports torch (~240 MiB of the process before any work). bf16 values are
+widened to fp32 exactly: a bf16 number is the upper half of the fp32 with the same value.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+ITEM_BYTES = {"BF16": 2, "F32": 4}
+
+
+def recorded_steps(steps: int, every: int) -> range:
+    """Row r of every per-step tensor holds step r * every."""
+    return range(0, steps + 1, every)
+
+
+class RowReader:
+    """`with RowReader(path) as f: f.rows("W", 0, 256)` -> fp32 array of rows 0..255."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.fd = os.open(self.path, os.O_RDONLY)
+        try:
+            (size,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
+            header = json.loads(os.pread(self.fd, size, 8))
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self.tensors: dict[str, dict] = header
+        self.data_start = 8 + size
+
+    def __enter__(self) -> RowReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)
+
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop-1 of tensor `name`, as fp32."""
+        info = self.tensors[name]
+        dtype, shape = info["dtype"], info["shape"]
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * ITEM_BYTES[dtype]
+        buffer = bytearray((stop - start) * row_bytes)
+        offset, view = self.data_start + info["data_offsets"][0] + start * row_bytes, memoryview(buffer)
+        while view:
+            read = os.preadv(self.fd, [view], offset)
+            if read == 0:
+                raise EOFError(f"{self.path}: {name}: rows {start}..{stop - 1} run past the end of the file")
+            view, offset = view[read:], offset + read
+        if dtype == "BF16":
+            values = (np.frombuffer(buffer, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+        else:
+            values = np.frombuffer(buffer, dtype="<f4")
+        return values.reshape(stop - start, *shape[1:])
