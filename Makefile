@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 EXP    ?= experiments/lil_gatsby.yaml
 RUNS   ?= runs
 
-.PHONY: setup run test lint sweep index report bench clean wheelhouse image docker-run docker-sweep cluster-up cluster-down test-container
+.PHONY: setup run test lint sweep index report bench bench-analysis clean wheelhouse image docker-run docker-sweep cluster-up cluster-down test-container
 
 # The venv is rebuilt when pyproject.toml changes. torch==2.13.0 is the CPU build on this project's
 # machines; for CUDA, install a CUDA build of torch 2.13.0 into .venv first (see README).
@@ -40,6 +40,10 @@ report: setup
 # BENCH_ARGS: e.g. --steps 10000 (full reference run) or --sweep (8-seed sweep)
 bench: setup
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# metrics, end-of-run and report costs, on the reference run (`make run` first)
+bench-analysis: setup
+	$(BIN)/python bench/analysis.py
 
 # --- containers (docker/): CONTAINER=podman|docker ---
 CONTAINER  ?= $(shell command -v podman >/dev/null 2>&1 && echo podman || echo docker)
