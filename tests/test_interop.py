@@ -1,0 +1,34 @@
+"""A model snapshot loads into TransformerLens (the `interp` extra) with the Hugging Face model's logits."""
+
+import os
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from runner.snapshots import snapshot_dir
+from runner.train import run
+
+try:
+    from transformer_lens.model_bridge import TransformerBridge
+except ImportError:
+    if os.environ.get("CI"):
+        raise  # CI installs the interp extra
+    pytest.skip("transformer-lens is not installed (pip install -e '.[interp]')", allow_module_level=True)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-true"])
+def test_snapshot_in_transformer_lens(make_experiment, tmp_path, precision):
+    exp = make_experiment(train={"steps": 20, "precision": precision})
+    run(exp, tmp_path, progress=False)
+    path = snapshot_dir(tmp_path, 20)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    # the README's snippet: TransformerLens's bridge over the snapshot, in fp32
+    bridge = TransformerBridge.boot_transformers(str(path), tokenizer=tokenizer, dtype=torch.float32, device="cpu")
+    hf = GPT2LMHeadModel.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    ids = tokenizer("In my younger and more vulnerable years", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = hf(ids).logits
+        logits, cache = bridge.run_with_cache(ids)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)  # fp32 rounding, different op order
+    assert cache["blocks.0.hook_resid_pre"].shape == (1, ids.shape[1], exp.model.hidden_dim)
