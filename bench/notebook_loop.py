@@ -41,10 +41,11 @@ def main() -> None:
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", type=Path, required=True, help="safetensors file to write")
+    parser.add_argument("--corpus", help="the book (default: as the runner finds it)")
     args = parser.parse_args()
     t_start = time.perf_counter()
     vocab, hidden, context, batch = 128, 64, 128, 32
-    dataset = WindowDataset(encode(load_corpus(None, "drop").text), context)
+    dataset = WindowDataset(encode(load_corpus(args.corpus, "drop").text), context)
     torch.manual_seed(args.seed)
     config = GPT2Config(vocab_size=vocab, n_positions=context, n_embd=hidden, n_layer=2, n_head=2,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False, tie_word_embeddings=True)

@@ -96,6 +96,16 @@ class TrainConfig:
     threads: int | None = None  # torch intra-op threads; None: all cores (or the CPUs Ray assigned)
     # steps between checkpoints (resume points after a crash, not results)
     checkpoint_every: int = field(default=1000, metadata=NOT_IDENTITY)
+    # The notebook's 1.12a as it ran, one key per difference (experiments/notebook_1_12a.yaml sets all):
+    # what is learned: next-token | token-after-next (already-shifted targets as labels=, shifted again by HF)
+    targets: Literal["next-token", "token-after-next"] = field(
+        default="next-token", metadata=introduced_with("next-token"))
+    # which windows each step trains on: epochs (a permutation per epoch, the last partial batch dropped)
+    # | notebook (its DataLoader's order, the last partial batch kept; row 0 from its dummy batch)
+    batch_order: Literal["epochs", "notebook"] = field(default="epochs", metadata=introduced_with("epochs"))
+    # fast (chosen per precision and device, see README) | notebook (HF's defaults: gelu_new, SDPA; the
+    # recorded mean logits reduced in the model's dtype)
+    kernels: Literal["fast", "notebook"] = field(default="fast", metadata=introduced_with("fast"))
 
 
 @dataclass(frozen=True)

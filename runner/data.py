@@ -1,4 +1,4 @@
-"""Training batches: which windows of the encoded corpus each step trains on."""
+"""Training batches: which windows of the encoded corpus each step trains on (`train.batch_order`)."""
 
 from __future__ import annotations
 
@@ -31,3 +31,55 @@ class WindowSampler:
                 windows = self.tokens[starts[:, None] + self.offsets]  # (batch, context + 1), one gather
                 yield windows[:, :-1], windows[:, 1:]
             order, position = torch.randperm(self.n_windows, generator=generator), 0
+
+
+class NotebookSampler:
+    """The notebook's batch order, reproduced with gathers instead of a per-item DataLoader:
+    `DataLoader(windows, batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))`.
+
+    Every DataLoader iterator draws a base seed from that generator as it is created, and its
+    RandomSampler draws `randperm(n)` from it at the first batch and once more (discarded) as the
+    epoch runs out; the last partial batch is kept. The notebook drew one iterator for the dummy
+    batch of row 0, then one for training and a new one at every epoch."""
+
+    def __init__(self, tokens: torch.Tensor, context_length: int, batch_size: int, seed: int):
+        self.tokens, self.batch_size, self.seed = tokens, batch_size, seed
+        self.n_windows = len(tokens) - context_length
+        if self.n_windows < 1:
+            raise ValueError(f"corpus has {len(tokens)} tokens: too few for one window of {context_length + 1}")
+        self.batches_per_epoch = -(-self.n_windows // batch_size)
+        self.offsets = torch.arange(context_length + 1)
+
+    def _new_iterator(self, generator: torch.Generator) -> torch.Tensor:
+        """What creating a DataLoader iterator and taking its first batch draws: the window order."""
+        torch.empty((), dtype=torch.int64).random_(generator=generator)  # the iterator's base seed
+        return torch.randperm(self.n_windows, generator=generator)
+
+    def _batch(self, order: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        windows = self.tokens[order[b * self.batch_size:(b + 1) * self.batch_size, None] + self.offsets]
+        return windows[:, :-1], windows[:, 1:]
+
+    def dummy_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch the notebook's row 0 logits come from: the first batch of the first iterator."""
+        return self._batch(self._new_iterator(torch.Generator().manual_seed(self.seed)), 0)
+
+    def batches(self, first_step: int = 1):
+        """Yield (inputs, targets) for steps first_step, first_step + 1, ... (step 1 is the first batch)."""
+        generator = torch.Generator().manual_seed(self.seed)
+        self._new_iterator(generator)  # the dummy batch's iterator
+        epoch, position = divmod(first_step - 1, self.batches_per_epoch)
+        for e in range(epoch + 1):
+            if e:
+                torch.randperm(self.n_windows, generator=generator)  # the exhausted sampler's last draw
+            order = self._new_iterator(generator)
+        while True:
+            for b in range(position, self.batches_per_epoch):
+                yield self._batch(order, b)
+            torch.randperm(self.n_windows, generator=generator)
+            order, position = self._new_iterator(generator), 0
+
+
+def make_sampler(batch_order: str, tokens: torch.Tensor, context_length: int, batch_size: int, seed: int
+                 ) -> WindowSampler | NotebookSampler:
+    sampler = NotebookSampler if batch_order == "notebook" else WindowSampler
+    return sampler(tokens, context_length, batch_size, seed)

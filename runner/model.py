@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from runner.config import ModelConfig
 from runner.tokenizer import BOS, EOS
 
 
-def implementation(precision: str, device: torch.device) -> dict[str, str]:
+def implementation(precision: str, device: torch.device, kernels: str = "fast") -> dict[str, str]:
     """The fastest numerically equivalent kernels for this precision and device (measured by
     `make bench`, see README): `gelu_pytorch_tanh` is GPT-2's tanh-approximated GELU as one fused op
     instead of separate mul/pow/tanh ops; on the CPU, SDPA's backward is slow in bf16, so bf16 runs
-    use HF's eager attention there and fp32 runs keep SDPA."""
+    use HF's eager attention there and fp32 runs keep SDPA. `notebook`: HF's defaults, as 1.12a ran."""
+    if kernels == "notebook":
+        return {"activation_function": "gelu_new", "attn_implementation": "sdpa"}
     bf16 = precision in ("bf16-true", "bf16-mixed")
     attention = "eager" if bf16 and device.type == "cpu" else "sdpa"
     return {"activation_function": "gelu_pytorch_tanh", "attn_implementation": attention}
@@ -57,6 +60,27 @@ def causal_mask(model: GPT2LMHeadModel, length: int, device: torch.device) -> to
         return None
     dtype = model.transformer.wte.weight.dtype
     return torch.full((length, length), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)[None, None]
+
+
+def batch_loss(model: GPT2LMHeadModel, inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None,
+               autocast: torch.autocast, objective: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits and the loss of one batch. `next-token`: the cross-entropy of every position
+    against the next token, in fp32, outside autocast. `token-after-next`: the notebook's: the
+    already-shifted targets passed as `labels=`, which GPT2LMHeadModel shifts once more (it drops
+    the last position and learns the token after next)."""
+    labels = targets if objective == "token-after-next" else None
+    with autocast:
+        out = model(input_ids=inputs, attention_mask=mask, labels=labels)
+    if labels is not None:
+        return out.logits, out.loss
+    return out.logits, F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten())
+
+
+def mean_last_logits(logits: torch.Tensor, kernels: str) -> torch.Tensor:
+    """The recorded logits: the batch mean at the last position, in fp32 (the notebook reduced in
+    the model's dtype, then cast)."""
+    last = logits[:, -1]
+    return last.mean(0).float() if kernels == "notebook" else last.float().mean(0)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

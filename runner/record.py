@@ -144,12 +144,16 @@ class RecordingWriter:
 
     def record(self, step: int, values: dict[str, torch.Tensor | None]) -> None:
         """Record training step `step` (after backward, before the update) if the stride wants it.
-        At step 1 it first records row 0: the initial W, and logits and loss on step 1's batch, with
-        gradient and Adam moments zero (see README, "Recording format")."""
-        if step == 1:
-            self._write(0, {**values, "grads": None, "momentum": None, "variance": None})
+        At step 1, unless row 0 is written, it first records row 0 from step 1's values: the initial
+        W, and logits and loss on step 1's batch (see README, "Recording format")."""
+        if step == 1 and self._chunk_start + self._filled == 0:
+            self.record_initial(values)
         if step % self.every == 0:
             self._write(step, values)
+
+    def record_initial(self, values: dict[str, torch.Tensor | None]) -> None:
+        """Row 0: the state before any update, with gradient and Adam moments zero."""
+        self._write(0, {**values, "grads": None, "momentum": None, "variance": None})
 
     def _write(self, step: int, values: dict[str, torch.Tensor | None]) -> None:
         """Buffer row `step`; a value of None records zeros (e.g. Adam state before the first update)."""

@@ -12,17 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import GPT2LMHeadModel
 
 from runner import checkpoint
 from runner.config import Experiment
 from runner.corpus import Corpus, load_corpus
-from runner.data import WindowSampler
+from runner.data import NotebookSampler, make_sampler
 from runner.host import keep_freed_memory_mapped, resolve_device, thread_count
 from runner.metrics import dead_token_summary, write_metrics
-from runner.model import build_model, causal_mask, count_parameters, implementation
+from runner.model import batch_loss, build_model, causal_mask, count_parameters, implementation, mean_last_logits
 from runner.provenance import environment
 from runner.record import RecordingWriter, check_free_space, expected_layout, partial_path
 from runner.rundir import RECORDING, is_complete, read_manifest, run_lock, write_manifest
@@ -106,7 +105,7 @@ def _build_model_and_optimizer(exp: Experiment, device: torch.device
                                ) -> tuple[GPT2LMHeadModel, torch.optim.Optimizer, dict[str, str]]:
     """The model, its optimizer, and the implementation choices that produced them (kernels and
     host allocator; recorded, since they change rounding)."""
-    kernels = implementation(exp.train.precision, device)
+    kernels = implementation(exp.train.precision, device, exp.train.kernels)
     # (transformers types .to() without its self argument)
     model = build_model(exp.model, exp.train.seed, **kernels).to(device)  # type: ignore[arg-type]
     if exp.train.precision == "bf16-true":
@@ -161,7 +160,7 @@ def _train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.d
     cfg = exp.train
     if threads:
         torch.set_num_threads(threads)
-    sampler = WindowSampler(encode(corpus.text), exp.model.context_length, cfg.batch_size, cfg.seed)
+    sampler = make_sampler(cfg.batch_order, encode(corpus.text), exp.model.context_length, cfg.batch_size, cfg.seed)
     save_tokenizer(run_dir / "tokenizer")
     model, optimizer, impl = _build_model_and_optimizer(exp, torch_device)
     n_params = count_parameters(model)
@@ -183,16 +182,16 @@ def _train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.d
                                            train_s=lambda: train_s_before + time.perf_counter() - t_train)
     snapshots = Snapshots(run_dir, exp)
     snapshots.after_step(start - 1, model)  # step 0's, when scheduled
+    if start == 1 and isinstance(sampler, NotebookSampler):
+        _record_dummy_row(writer, model, sampler, mask, autocast, exp, torch_device)
     try:
         for step, (inputs, targets) in zip(range(start, cfg.steps + 1), sampler.batches(start), strict=False):
             inputs, targets = inputs.to(torch_device, non_blocking=True), targets.to(torch_device, non_blocking=True)
-            with autocast:
-                logits = model(input_ids=inputs, attention_mask=mask).logits
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            logits, loss = batch_loss(model, inputs, targets, mask, autocast, cfg.targets)
             loss.backward()
             state = optimizer.state.get(W, {})  # recorded after backward, before the update
             writer.record(step, {"W": W, "grads": W.grad, "momentum": state.get("exp_avg"),
-                                 "variance": state.get("exp_avg_sq"), "logits": logits[:, -1].float().mean(0),
+                                 "variance": state.get("exp_avg_sq"), "logits": mean_last_logits(logits, cfg.kernels),
                                  "loss": loss})
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -212,6 +211,17 @@ def _train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.d
     if ckpt:
         result["resumed_from_step"] = ckpt.step
     return result
+
+
+@torch.no_grad()
+def _record_dummy_row(writer: RecordingWriter, model, sampler: NotebookSampler, mask, autocast, exp: Experiment,
+                      device: torch.device) -> None:
+    """The notebook's row 0: the initial W and the logits of its dummy batch (the first batch of a
+    first, discarded DataLoader iterator); loss[0], which the notebook left 0, is that batch's loss."""
+    inputs, targets = (t.to(device) for t in sampler.dummy_batch())
+    logits, loss = batch_loss(model, inputs, targets, mask, autocast, exp.train.targets)
+    writer.record_initial({"W": model.lm_head.weight, "logits": mean_last_logits(logits, exp.train.kernels),
+                           "loss": loss})
 
 
 def _finish(exp: Experiment, run_dir: Path, corpus: Corpus, model, optimizer, writer: RecordingWriter,
