@@ -1,5 +1,5 @@
-"""`lilgatsby`: train one experiment, sweep a grid on Ray, rebuild an index, verify a recording,
-report an experiment's runs."""
+"""`lilgatsby`: train one experiment, sweep a grid on Ray, rebuild an index, verify or compare
+recordings, report an experiment's runs."""
 
 from __future__ import annotations
 
@@ -48,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
 
     index = sub.add_parser("index", help="rebuild index.jsonl/index.csv from the run manifests")
     index.add_argument("runs_dir", type=Path, help="a runs root or one experiment's directory")
+
+    compare = sub.add_parser("compare", help="how two recordings differ, tensor by tensor (exit 0: identical)")
+    compare.add_argument("a", type=Path, help="a recording or run directory")
+    compare.add_argument("b", type=Path, help="another")
 
     report = sub.add_parser("report", help="figures and an offline HTML page of an experiment's runs")
     report.add_argument("experiment", type=Path,
@@ -124,6 +128,14 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from runner.compare import compare
+
+    lines, identical = compare(args.a, args.b)
+    print("\n".join(lines))
+    return 0 if identical else 1
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from runner.report import report
 
@@ -141,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         handler.addFilter(lambda record: not record.name.startswith("runner.progress"))
     logging.getLogger("runner").setLevel(logging.INFO)
     commands = {"train": cmd_train, "sweep": cmd_sweep, "verify": cmd_verify, "index": cmd_index,
-                "report": cmd_report}
+                "compare": cmd_compare, "report": cmd_report}
     try:
         with logging_redirect_tqdm():
             return commands[args.command](args)

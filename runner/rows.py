@@ -15,7 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from runner.config import UserError
+
 ITEM_BYTES = {"BF16": 2, "F32": 4}
+BITS = {"BF16": np.dtype("<u2"), "F32": np.dtype("<u4")}
 
 
 def recorded_steps(steps: int, every: int) -> range:
@@ -28,16 +31,24 @@ class RowReader:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.fd = os.open(self.path, os.O_RDONLY)
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise UserError(f"{self.path}: cannot open: {e.strerror}") from None
         try:
             (size,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
-            header = json.loads(os.pread(self.fd, size, 8))
-        except BaseException:
+            header = json.loads(os.pread(self.fd, min(size, 100 << 20), 8))
+            self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+            self.tensors: dict[str, dict] = header
+            self.data_start = 8 + size
+            need, have = self.data_start + max((t["data_offsets"][1] for t in header.values()), default=0), \
+                os.fstat(self.fd).st_size
+        except (struct.error, ValueError, KeyError, TypeError, AttributeError):
             os.close(self.fd)
-            raise
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
-        self.tensors: dict[str, dict] = header
-        self.data_start = 8 + size
+            raise UserError(f"{self.path}: not a safetensors recording (unreadable header)") from None
+        if have < need:
+            os.close(self.fd)
+            raise UserError(f"{self.path}: truncated: its header describes {need:,} bytes, the file has {have:,}")
 
     def __enter__(self) -> RowReader:
         return self
@@ -45,8 +56,18 @@ class RowReader:
     def __exit__(self, *exc) -> None:
         os.close(self.fd)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name]["shape"])
+
     def rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows start..stop-1 of tensor `name`, as fp32."""
+        values = self.bits(name, start, stop)
+        if values.dtype == BITS["BF16"]:
+            return (values.astype(np.uint32) << 16).view(np.float32)
+        return values.view(np.float32)
+
+    def bits(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop-1 of tensor `name` as stored: unsigned integers of the dtype's width."""
         info = self.tensors[name]
         dtype, shape = info["dtype"], info["shape"]
         row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * ITEM_BYTES[dtype]
@@ -57,8 +78,4 @@ class RowReader:
             if read == 0:
                 raise EOFError(f"{self.path}: {name}: rows {start}..{stop - 1} run past the end of the file")
             view, offset = view[read:], offset + read
-        if dtype == "BF16":
-            values = (np.frombuffer(buffer, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
-        else:
-            values = np.frombuffer(buffer, dtype="<f4")
-        return values.reshape(stop - start, *shape[1:])
+        return np.frombuffer(buffer, dtype=BITS[dtype]).reshape(stop - start, *shape[1:])

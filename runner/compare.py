@@ -1,0 +1,115 @@
+"""`lilgatsby compare A B`: how two recordings differ, tensor by tensor, to the last bit.
+
+Streams both files in chunks of rows (`rows.RowReader`), so memory stays bounded on 1 GB files.
+For each tensor: identical or not, the largest absolute and relative difference, the largest
+difference in units in the last place of its dtype, and the first row (and step) that differs;
+then the config and metadata keys whose values differ.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from runner.config import RECORDED_TENSORS
+from runner.index import flatten_config
+from runner.rows import RowReader
+from runner.rundir import RECORDING
+
+CHUNK_ROWS = 64
+
+
+@dataclass
+class TensorDiff:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    problem: str | None = None  # the tensors cannot be compared value by value (absent, shape, dtype)
+    differing: int = 0
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    max_ulp: int = 0
+    first_row: int | None = None
+
+    @property
+    def identical(self) -> bool:
+        return self.problem is None and self.differing == 0
+
+
+def _ordered(bits: np.ndarray, width: int) -> np.ndarray:
+    """Floating-point bit patterns as integers in the order of their values, so that the difference
+    of two is their distance in units in the last place (+0 and -0 coincide)."""
+    bits = bits.astype(np.int64)
+    sign, magnitude = bits >> (width - 1), bits & ((1 << (width - 1)) - 1)
+    return np.where(sign == 1, -magnitude, magnitude)
+
+
+def compare_tensor(a: RowReader, b: RowReader, name: str) -> TensorDiff:
+    info_a, info_b = a.tensors.get(name), b.tensors.get(name)
+    if info_a is None or info_b is None:
+        info = info_a or info_b
+        return TensorDiff(name, info["dtype"], tuple(info["shape"]), problem=f"only in {'A' if info_a else 'B'}")
+    diff = TensorDiff(name, info_a["dtype"], tuple(info_a["shape"]))
+    if (info_a["dtype"], info_a["shape"]) != (info_b["dtype"], info_b["shape"]):
+        diff.problem = f"{info_a['dtype']}{info_a['shape']} vs {info_b['dtype']}{info_b['shape']}"
+        return diff
+    rows, width = (diff.shape[0] if diff.shape else 1), 16 if diff.dtype == "BF16" else 32
+    for start in range(0, rows, CHUNK_ROWS):
+        stop = min(start + CHUNK_ROWS, rows)
+        bits_a, bits_b = a.bits(name, start, stop), b.bits(name, start, stop)
+        differs = (bits_a != bits_b).reshape(stop - start, -1).any(axis=1)
+        if not differs.any():
+            continue
+        if diff.first_row is None:
+            diff.first_row = start + int(np.argmax(differs))
+        values_a, values_b = a.rows(name, start, stop).astype(np.float64), b.rows(name, start, stop).astype(np.float64)
+        delta = np.abs(values_a - values_b)
+        scale = np.maximum(np.abs(values_a), np.abs(values_b))
+        diff.differing += int((bits_a != bits_b).sum())
+        diff.max_abs = max(diff.max_abs, float(np.nanmax(delta)))
+        diff.max_rel = max(diff.max_rel, float(np.nanmax(np.divide(delta, scale, out=np.zeros_like(delta),
+                                                                   where=scale > 0))))
+        diff.max_ulp = max(diff.max_ulp, int(np.abs(_ordered(bits_a, width) - _ordered(bits_b, width)).max()))
+    return diff
+
+
+def _differing_keys(a: dict, b: dict) -> list[tuple[str, object, object]]:
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def compare(path_a: Path, path_b: Path) -> tuple[list[str], bool]:
+    """Report lines and whether every tensor is identical. Paths are recordings or run directories."""
+    paths = [p / RECORDING if p.is_dir() else p for p in (path_a, path_b)]
+    with RowReader(paths[0]) as a, RowReader(paths[1]) as b:
+        names = list(a.tensors) + [n for n in b.tensors if n not in a.tensors]
+        diffs = [compare_tensor(a, b, name) for name in names]
+        every = int(a.metadata.get("record_every", "1"))
+        config_a, config_b = (flatten_config(json.loads(r.metadata.get("config", "{}"))) for r in (a, b))
+        meta_a, meta_b = ({k: v for k, v in r.metadata.items() if k != "config"} for r in (a, b))
+    lines = [f"A: {paths[0]}", f"B: {paths[1]}"]
+    for d in diffs:
+        head = f"{d.name:<16} {d.dtype:<4} {str(list(d.shape)):<16} "
+        if d.problem:
+            lines.append(head + f"not comparable: {d.problem}")
+        elif d.identical:
+            lines.append(head + "identical")
+        else:
+            total = int(np.prod(d.shape)) if d.shape else 1
+            where = f"row {d.first_row}" + (f" (step {d.first_row * every})" if d.name in RECORDED_TENSORS else "")
+            lines.append(head + f"differs: {d.differing:,} of {total:,} values; max abs {d.max_abs:.3g}, "
+                         f"max rel {d.max_rel:.3g}, max {d.max_ulp:,} ulp ({d.dtype}); first at {where}")
+    for label, (x, y) in (("config", (config_a, config_b)), ("metadata", (meta_a, meta_b))):
+        for key, value_a, value_b in _differing_keys(x, y):
+            lines.append(f"{label} differs: {key}: {_short(value_a)} vs {_short(value_b)}")
+    same = sum(d.identical for d in diffs)
+    lines.append(f"{same} of {len(diffs)} tensors identical")
+    return lines, same == len(diffs)
+
