@@ -50,8 +50,9 @@ def _ordered(bits: np.ndarray, width: int) -> np.ndarray:
 def compare_tensor(a: RowReader, b: RowReader, name: str) -> TensorDiff:
     info_a, info_b = a.tensors.get(name), b.tensors.get(name)
     if info_a is None or info_b is None:
-        info = info_a or info_b
-        return TensorDiff(name, info["dtype"], tuple(info["shape"]), problem=f"only in {'A' if info_a else 'B'}")
+        only, info = ("A", info_a) if info_a is not None else ("B", info_b)
+        assert info is not None  # `name` comes from one of the two headers
+        return TensorDiff(name, info["dtype"], tuple(info["shape"]), problem=f"only in {only}")
     diff = TensorDiff(name, info_a["dtype"], tuple(info_a["shape"]))
     if (info_a["dtype"], info_a["shape"]) != (info_b["dtype"], info_b["shape"]):
         diff.problem = f"{info_a['dtype']}{info_a['shape']} vs {info_b['dtype']}{info_b['shape']}"
@@ -102,6 +103,7 @@ def compare(path_a: Path, path_b: Path) -> tuple[list[str], bool]:
         elif d.identical:
             lines.append(head + "identical")
         else:
+            assert d.first_row is not None  # set with the first differing value
             total = int(np.prod(d.shape)) if d.shape else 1
             where = f"row {d.first_row}" + (f" (step {d.first_row * every})" if d.name in RECORDED_TENSORS else "")
             lines.append(head + f"differs: {d.differing:,} of {total:,} values; max abs {d.max_abs:.3g}, "

@@ -18,7 +18,7 @@ import numpy as np
 from runner.config import UserError
 
 ITEM_BYTES = {"BF16": 2, "F32": 4}
-BITS = {"BF16": np.dtype("<u2"), "F32": np.dtype("<u4")}
+BITS: dict[str, np.dtype] = {"BF16": np.dtype("<u2"), "F32": np.dtype("<u4")}
 
 
 def recorded_steps(steps: int, every: int) -> range:
