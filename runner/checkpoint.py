@@ -1,7 +1,7 @@
 """Checkpoints: everything a run needs to continue bit-exactly, as a safetensors file (no pickles).
 
 Saved every `train.checkpoint_every` steps, after the recording rows written so far are on disk:
-the parameters, Adam's state, the RNG states, the losses so far and the step. The batch order is
+the parameters, Adam's state, the RNG states, the losses so far, the step and torch's thread count. The batch order is
 a pure function of (seed, step), so the step is the sampler's position. Written to a temporary
 file and renamed, so a crash during the write leaves the previous checkpoint intact.
 """
@@ -31,6 +31,7 @@ class Checkpoint:
     step: int  # the last completed step: parameters and Adam state are after its update
     train_s: float  # training seconds spent up to `step` (over all attempts)
     losses: torch.Tensor  # losses of steps 1..step
+    threads: int | None  # torch's thread count the run trained with (it changes the bits); None: not recorded
 
 
 class Checkpointer:
@@ -67,7 +68,8 @@ def save(run_dir: Path, run_id: str, step: int, train_s: float, model: torch.nn.
     tensors["losses"] = losses[:step].detach().cpu()
     tmp = run_dir / (CHECKPOINT + ".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={"run_id": run_id, "step": str(step), "train_s": repr(train_s)})
+              metadata={"run_id": run_id, "step": str(step), "train_s": repr(train_s),
+                        "threads": str(torch.get_num_threads())})
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, run_dir / CHECKPOINT)
@@ -100,7 +102,8 @@ def load(run_dir: Path, run_id: str, model: torch.nn.Module, optimizer: torch.op
     cuda_states = [tensors[k] for k in cuda_keys]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
-    return Checkpoint(step=int(meta["step"]), train_s=float(meta["train_s"]), losses=tensors["losses"].to(device))
+    return Checkpoint(step=int(meta["step"]), train_s=float(meta["train_s"]), losses=tensors["losses"].to(device),
+                      threads=int(meta["threads"]) if "threads" in meta else None)
 
 
 def remove(run_dir: Path) -> None:

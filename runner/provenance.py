@@ -10,9 +10,12 @@ import subprocess
 from importlib import metadata as pkg_metadata
 from pathlib import Path
 
+import torch
 
-def environment() -> dict:
-    """Versions, host and code revision, so a recording says what produced it."""
+
+def environment(device: torch.device) -> dict:
+    """Versions, host, processor and code revision, so a recording says what produced it. The
+    processor matters to the bits: torch dispatches to kernels for its instruction set."""
     packages = ("torch", "transformers", "tokenizers", "safetensors", "ray", "pyyaml", "tqdm")
     versions = {}
     for name in packages:
@@ -20,7 +23,18 @@ def environment() -> dict:
             versions[name] = pkg_metadata.version(name)
     return {"python": platform.python_version(), "packages": versions, "host": socket.gethostname(), "pid": os.getpid(),
             "platform": platform.platform(), "git_commit": git_commit(),
-            "image": os.environ.get("LILGATSBY_IMAGE")}
+            "image": os.environ.get("LILGATSBY_IMAGE"), "cpu": cpu_model(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+
+
+def cpu_model() -> str:
+    """The processor's model name (from /proc/cpuinfo on Linux)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine()
 
 
 def git_commit() -> str:

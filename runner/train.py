@@ -84,7 +84,7 @@ def _run_locked(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: to
                 threads: int | None, progress: bool, restart: bool) -> dict:
     manifest: dict[str, Any] = {"run_id": exp.run_id, "name": exp.name, "status": "running",
                                 "overrides": overrides or {}, "config": exp.to_dict(), "started_at": _now(),
-                                "environment": environment()}
+                                "environment": environment(torch_device)}
     write_manifest(run_dir, manifest)
     with _log_to(run_dir / "train.log"):
         try:
@@ -99,6 +99,22 @@ def _run_locked(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: to
             manifest["ended_at"] = _now()
             write_manifest(run_dir, manifest)
     return manifest
+
+
+def _continue_with_threads_of(ckpt: checkpoint.Checkpoint, run_id: str) -> None:
+    """A resumed run trains on with the thread count it started with, whatever it is offered now:
+    torch splits reductions by thread, so mixing counts would mix bits."""
+    if ckpt.threads is None:
+        log.warning("run %s: its checkpoint does not record a thread count; continuing with %d threads, "
+                    "so the result may differ in the last bits from an uninterrupted run", run_id,
+                    torch.get_num_threads())
+    elif ckpt.threads != torch.get_num_threads():
+        log.warning("run %s: resuming with the %d threads it started with (offered %d)", run_id, ckpt.threads,
+                    torch.get_num_threads())
+        torch.set_num_threads(ckpt.threads)
+        if torch.get_num_threads() != ckpt.threads:
+            raise RuntimeError(f"run {run_id}: cannot resume with the {ckpt.threads} threads it started with "
+                               f"(torch runs {torch.get_num_threads()}); --restart trains it again from step 0")
 
 
 def _build_model_and_optimizer(exp: Experiment, device: torch.device
@@ -168,6 +184,8 @@ def _train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.d
               "implementation": json.dumps(impl, sort_keys=True)}
     writer, ckpt = _open_recording(exp, run_dir, model, optimizer, restart, header, torch_device)
     start, train_s_before = (ckpt.step + 1, ckpt.train_s) if ckpt else (1, 0.0)
+    if ckpt:
+        _continue_with_threads_of(ckpt, exp.run_id)
     losses = torch.empty(cfg.steps, device=torch_device)
     if ckpt:
         losses[:ckpt.step] = ckpt.losses
@@ -262,7 +280,8 @@ def _recording_metadata(exp: Experiment, corpus: Corpus, env: dict, started_at: 
             "packages": json.dumps(env["packages"], sort_keys=True), "python": env["python"],
             "git_commit": env["git_commit"], "corpus_sha256": corpus.sha256,
             "corpus_length": str(len(corpus.text)), "corpus_ascii": corpus.mode,
-            "token_counts": json.dumps(corpus.token_counts), "started_at": started_at}
+            "token_counts": json.dumps(corpus.token_counts), "started_at": started_at, "cpu": env["cpu"],
+            "cpu_capability": env["cpu_capability"], **({"gpu": env["gpu"]} if env["gpu"] else {})}
 
 
 @torch.no_grad()

@@ -153,8 +153,12 @@ def test_metadata_describes_the_run(runs):
     assert len(json.loads(meta["token_counts"])) == 128 and len(meta["corpus_sha256"]) == 64
     assert float(meta["final_loss"]) == pytest.approx(rec["loss"][-1].item())
     assert float(meta["steps_per_s"]) > 0 and "torch" in json.loads(meta["packages"])
+    # what the bits depend on: the processor and the instruction set torch dispatches to
+    assert meta["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and meta["cpu"]
+    assert "gpu" not in meta
     manifest = json.loads((run_dir / "run.json").read_text())
     assert manifest["status"] == "complete" and manifest["n_params"] == 116_480
+    assert manifest["environment"]["cpu"] == meta["cpu"] and manifest["environment"]["gpu"] is None
     assert json.loads(meta["implementation"]) == manifest["implementation"]
     assert set(manifest["implementation"]) == {"activation_function", "attn_implementation", "host_allocator"}
     assert set(manifest["samples"]) == {"In my younger", "Gatsby", "The green light"}

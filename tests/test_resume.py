@@ -180,3 +180,30 @@ def test_resume_in_a_later_epoch(tmp_path, monkeypatch):
     monkeypatch.setattr(runner.checkpoint, "save", real_save)
     assert run(exp, tmp_path / "resumed", progress=False)["resumed_from_step"] == 12
     assert_identical(tmp_path / "resumed", load_recording(tmp_path / "uninterrupted" / RECORDING))
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_resume_keeps_the_thread_count_it_started_with(make_experiment, tmp_path, monkeypatch, restore_threads):
+    """Started on 1 thread, resumed where 2 are offered: it trains on with 1, to the uninterrupted run's bits."""
+    exp = make_experiment(train={"steps": 30, "checkpoint_every": 10})
+    run(exp, tmp_path / "uninterrupted", threads=1, progress=False)
+    real_save = runner.checkpoint.save
+
+    def save_then_crash(*args):
+        real_save(*args)
+        raise RuntimeError("injected crash")
+
+    monkeypatch.setattr(runner.checkpoint, "save", save_then_crash)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        run(exp, tmp_path / "resumed", threads=1, progress=False)
+    monkeypatch.setattr(runner.checkpoint, "save", real_save)
+    manifest = run(exp, tmp_path / "resumed", threads=2, progress=False)
+    assert manifest["resumed_from_step"] == 10 and manifest["threads"] == 1
+    assert "resuming with the 1 threads it started with (offered 2)" in (tmp_path / "resumed" / "train.log").read_text()
+    assert_identical(tmp_path / "resumed", load_recording(tmp_path / "uninterrupted" / RECORDING))
