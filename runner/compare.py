@@ -77,11 +77,17 @@ def compare_tensor(a: RowReader, b: RowReader, name: str) -> TensorDiff:
     return diff
 
 
+ABSENT = object()
+
+
 def _differing_keys(a: dict, b: dict) -> list[tuple[str, object, object]]:
-    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return [(k, a.get(k, ABSENT), b.get(k, ABSENT)) for k in sorted(set(a) | set(b))
+            if a.get(k, ABSENT) != b.get(k, ABSENT)]
 
 
 def _short(value: object, limit: int = 60) -> str:
+    if value is ABSENT:
+        return "(absent)"
     text = json.dumps(value) if not isinstance(value, str) else value
     return text if len(text) <= limit else text[:limit - 1] + "…"
 

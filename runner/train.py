@@ -184,25 +184,24 @@ def _train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.d
               "implementation": json.dumps(impl, sort_keys=True)}
     writer, ckpt = _open_recording(exp, run_dir, model, optimizer, restart, header, torch_device)
     start, train_s_before = (ckpt.step + 1, ckpt.train_s) if ckpt else (1, 0.0)
-    if ckpt:
-        _continue_with_threads_of(ckpt, exp.run_id)
     losses = torch.empty(cfg.steps, device=torch_device)
     if ckpt:
+        _continue_with_threads_of(ckpt, exp.run_id)
         losses[:ckpt.step] = ckpt.losses
     log.info("run %s: %s parameters, device %s, precision %s, %d threads%s", exp.run_id, f"{n_params:,}",
              torch_device, cfg.precision, torch.get_num_threads(), f", resuming after step {ckpt.step}" if ckpt else "")
     W = model.lm_head.weight  # tied: the same Parameter as transformer.wte.weight
     mask = causal_mask(model, exp.model.context_length, torch_device)
     autocast = torch.autocast(torch_device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16-mixed")
+    snapshots = Snapshots(run_dir, exp)
     bar = _Progress(exp, start, progress)
     t_train = time.perf_counter()
     checkpointer = checkpoint.Checkpointer(run_dir, exp, before_save=writer.flush,
                                            train_s=lambda: train_s_before + time.perf_counter() - t_train)
-    snapshots = Snapshots(run_dir, exp)
-    snapshots.after_step(start - 1, model)  # step 0's, when scheduled
-    if start == 1 and isinstance(sampler, NotebookSampler):
-        _record_dummy_row(writer, model, sampler, mask, autocast, exp, torch_device)
     try:
+        snapshots.after_step(start - 1, model)  # step 0's, when scheduled
+        if start == 1 and isinstance(sampler, NotebookSampler):
+            _record_dummy_row(writer, model, sampler, mask, autocast, exp, torch_device)
         for step, (inputs, targets) in zip(range(start, cfg.steps + 1), sampler.batches(start), strict=False):
             inputs, targets = inputs.to(torch_device, non_blocking=True), targets.to(torch_device, non_blocking=True)
             logits, loss = batch_loss(model, inputs, targets, mask, autocast, cfg.targets)
