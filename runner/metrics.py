@@ -46,11 +46,16 @@ def _mean_pairwise_cosine(rows: np.ndarray) -> np.ndarray:
     return (total - np.square(unit).sum(axis=(1, 2))) / (n * (n - 1))
 
 
-def _mean(values: np.ndarray, mask: np.ndarray, reduce=np.mean) -> np.ndarray:
+def _reduce_over(values: np.ndarray, mask: np.ndarray, reduce=np.mean) -> np.ndarray:
     """Reduce (steps, vocab, ...) values over the masked tokens; NaN when the mask is empty."""
     if not mask.any():
         return np.full(values.shape[0], np.nan, dtype=np.float32)
     return reduce(values[:, mask], axis=1)
+
+
+def _dead_live(name: str, values: np.ndarray, dead: np.ndarray) -> dict[str, np.ndarray]:
+    """`dead_<name>` and `live_<name>`: the mean of (steps, vocab, ...) values over each group."""
+    return {f"dead_{name}": _reduce_over(values, dead), f"live_{name}": _reduce_over(values, ~dead)}
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -61,8 +66,8 @@ def _columns(W: np.ndarray, dead: np.ndarray) -> dict[str, np.ndarray]:
     """The W-only columns of a chunk of rows (steps, vocab, dim)."""
     norms = np.linalg.norm(W, axis=2)
     live = ~dead
-    return {"dead_norm": _mean(norms, dead), "live_norm": _mean(norms, live),
-            "dead_norm_min": _mean(norms, dead, np.min), "dead_norm_max": _mean(norms, dead, np.max),
+    return {**_dead_live("norm", norms, dead),
+            "dead_norm_min": _reduce_over(norms, dead, np.min), "dead_norm_max": _reduce_over(norms, dead, np.max),
             "dead_cosine": _mean_pairwise_cosine(W[:, dead]),
             "dead_live_cosine": (_cosine(W[:, dead].mean(axis=1), W[:, live].mean(axis=1))
                                  if dead.any() and live.any() else np.full(W.shape[0], np.nan, dtype=np.float32))}
@@ -75,7 +80,6 @@ def compute_metrics(path: str | Path, chunk_rows: int = CHUNK_ROWS) -> pd.DataFr
     with RowReader(path) as f:
         exp = build_experiment(json.loads(f.metadata["config"]))
         dead = np.array(json.loads(f.metadata["token_counts"])) == 0
-        live = ~dead
         steps = recorded_steps(exp.train.steps, exp.record.every)
         (b1, b2), eps = exp.train.betas, exp.train.eps
         names = set(f.tensors)
@@ -90,10 +94,10 @@ def compute_metrics(path: str | Path, chunk_rows: int = CHUNK_ROWS) -> pd.DataFr
                 W = f.rows("W", start, stop)
                 columns.update(_columns(W, dead))
                 drift = np.linalg.norm(W - W0, axis=2)
-                columns.update(dead_drift=_mean(drift, dead), live_drift=_mean(drift, live))
+                columns.update(_dead_live("drift", drift, dead))
             if "grads" in names:
                 grad_norms = np.linalg.norm(f.rows("grads", start, stop), axis=2)
-                columns.update(dead_grad_norm=_mean(grad_norms, dead), live_grad_norm=_mean(grad_norms, live))
+                columns.update(_dead_live("grad_norm", grad_norms, dead))
             if {"momentum", "variance"} <= names:
                 # Row s holds Adam's moments after s - 1 updates: the direction of update s - 1 (none before row 2).
                 with np.errstate(divide="ignore", invalid="ignore"):
@@ -101,11 +105,10 @@ def compute_metrics(path: str | Path, chunk_rows: int = CHUNK_ROWS) -> pd.DataFr
                     m_hat = f.rows("momentum", start, stop) / (1 - b1 ** t)
                     v_hat = f.rows("variance", start, stop) / (1 - b2 ** t)
                     update = np.linalg.norm(m_hat / (np.sqrt(v_hat) + eps), axis=2).astype(np.float32)
-                columns.update(dead_update=_mean(update, dead), live_update=_mean(update, live))
+                columns.update(_dead_live("update", update, dead))
             if "logits" in names:
                 logits = f.rows("logits", start, stop)
-                columns.update(dead_logit=_mean(logits, dead), live_logit=_mean(logits, live),
-                               dead_logit_max=_mean(logits, dead, np.max))
+                columns.update(_dead_live("logit", logits, dead), dead_logit_max=_reduce_over(logits, dead, np.max))
             chunks.append(pd.DataFrame({k: v.astype(np.float32) if k != "step" else v for k, v in columns.items()}))
     return pd.concat(chunks, ignore_index=True)
 
