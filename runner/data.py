@@ -5,19 +5,31 @@ from __future__ import annotations
 import torch
 
 
-class WindowSampler:
-    """Training windows of context_length + 1 tokens at every offset, shuffled without replacement
-    each epoch (like `DataLoader(shuffle=True, drop_last=True)`), as a pure function of the seed:
-    epoch e uses the e-th permutation drawn from a generator seeded with the run seed."""
+class _Windows:
+    """The training examples: the windows of context_length + 1 tokens at every offset."""
 
     def __init__(self, tokens: torch.Tensor, context_length: int, batch_size: int, seed: int):
         self.tokens, self.batch_size, self.seed = tokens, batch_size, seed
         self.n_windows = len(tokens) - context_length
+        self.offsets = torch.arange(context_length + 1)
+
+    def _batch(self, order: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch b of a window order as (inputs, targets), with one gather."""
+        windows = self.tokens[order[b * self.batch_size:(b + 1) * self.batch_size, None] + self.offsets]
+        return windows[:, :-1], windows[:, 1:]
+
+
+class WindowSampler(_Windows):
+    """Windows shuffled without replacement each epoch (like `DataLoader(shuffle=True,
+    drop_last=True)`), as a pure function of the seed: epoch e uses the e-th permutation drawn from
+    a generator seeded with the run seed."""
+
+    def __init__(self, tokens: torch.Tensor, context_length: int, batch_size: int, seed: int):
+        super().__init__(tokens, context_length, batch_size, seed)
         if self.n_windows < batch_size:
             raise ValueError(f"corpus has {len(tokens)} tokens: too few for batches of {batch_size} windows "
                              f"of {context_length + 1} tokens")
         self.batches_per_epoch = self.n_windows // batch_size
-        self.offsets = torch.arange(context_length + 1)
 
     def batches(self, first_step: int = 1):
         """Yield (inputs, targets) for steps first_step, first_step + 1, ... (step 1 is the first batch)."""
@@ -27,13 +39,11 @@ class WindowSampler:
             order = torch.randperm(self.n_windows, generator=generator)
         while True:
             for b in range(position, self.batches_per_epoch):
-                starts = order[b * self.batch_size:(b + 1) * self.batch_size]
-                windows = self.tokens[starts[:, None] + self.offsets]  # (batch, context + 1), one gather
-                yield windows[:, :-1], windows[:, 1:]
+                yield self._batch(order, b)
             order, position = torch.randperm(self.n_windows, generator=generator), 0
 
 
-class NotebookSampler:
+class NotebookSampler(_Windows):
     """The notebook's batch order, reproduced with gathers instead of a per-item DataLoader:
     `DataLoader(windows, batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))`.
 
@@ -43,21 +53,15 @@ class NotebookSampler:
     batch of row 0, then one for training and a new one at every epoch."""
 
     def __init__(self, tokens: torch.Tensor, context_length: int, batch_size: int, seed: int):
-        self.tokens, self.batch_size, self.seed = tokens, batch_size, seed
-        self.n_windows = len(tokens) - context_length
+        super().__init__(tokens, context_length, batch_size, seed)
         if self.n_windows < 1:
             raise ValueError(f"corpus has {len(tokens)} tokens: too few for one window of {context_length + 1}")
         self.batches_per_epoch = -(-self.n_windows // batch_size)
-        self.offsets = torch.arange(context_length + 1)
 
     def _new_iterator(self, generator: torch.Generator) -> torch.Tensor:
         """What creating a DataLoader iterator and taking its first batch draws: the window order."""
         torch.empty((), dtype=torch.int64).random_(generator=generator)  # the iterator's base seed
         return torch.randperm(self.n_windows, generator=generator)
-
-    def _batch(self, order: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        windows = self.tokens[order[b * self.batch_size:(b + 1) * self.batch_size, None] + self.offsets]
-        return windows[:, :-1], windows[:, 1:]
 
     def dummy_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch the notebook's row 0 logits come from: the first batch of the first iterator."""
