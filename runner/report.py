@@ -130,15 +130,16 @@ def report(experiment_dir: Path, out: Path | None = None, run_id: str | None = N
         _trajectory_figure(experiment_dir / chosen["run_id"], chosen["run_id"]).savefig(out / TRAJECTORIES, dpi=110)
         figures.append((TRAJECTORIES, f"Each dead token's row norm (run {chosen['run_id']})"))
     page = out / "report.html"
-    page.write_text(_html(experiment_dir, rows, figures), encoding="utf-8")
+    page.write_text(_html(experiment_dir, rows, chosen, figures), encoding="utf-8")
     log.info("%s: %d figures, %d runs (%d complete)", page, len(figures), len(rows), len(complete))
     return page
 
 
-def _html(experiment_dir: Path, rows: list[dict], figures: list[tuple[str, str]]) -> str:
+def _html(experiment_dir: Path, rows: list[dict], shown: dict, figures: list[tuple[str, str]]) -> str:
+    """The page: figures, every run (failed and incomplete ones too) and the config of `shown`."""
     swept = sorted({k for r in rows for k in (r["swept"] or "").split(",") if k})
     table = pd.DataFrame([{c: r.get(c) for c in TABLE_COLUMNS[:1] + swept + TABLE_COLUMNS[1:]} for r in rows])
-    config = json.loads((experiment_dir / rows[0]["run_id"] / MANIFEST).read_text())["config"]
+    config = json.loads((experiment_dir / shown["run_id"] / MANIFEST).read_text())["config"]
     for key in swept:  # the swept keys vary by run: they are in the table, not the config
         section, _, name = key.partition(".")
         config.get(section, {}).pop(name, None)

@@ -76,6 +76,13 @@ def test_single_run_report_and_run_choice(tmp_path, small_book):
     assert main(["report", str(REPO / "experiments" / "smoke.yaml"), "--runs", str(runs)]) == 0
     (run_dir,) = [d for d in (runs / "smoke").iterdir() if (d / "run.json").exists()]
     assert {p.name for p in (runs / "smoke" / "report").iterdir()} == {*FIGURES, "report.html"}
+    # a failed run, sorted first, is listed in the table and not plotted
+    (runs / "smoke" / "000failed000").mkdir()
+    (runs / "smoke" / "000failed000" / "run.json").write_text(json.dumps(
+        {"run_id": "000failed000", "name": "smoke", "status": "failed", "error": "RuntimeError: boom"}))
+    assert main(["report", str(runs / "smoke")]) == 0
+    page = (runs / "smoke" / "report" / "report.html").read_text()
+    assert "000failed000" in page and "2 runs, 1 complete" in page
     assert main(["report", str(runs / "smoke"), "--run", run_dir.name, "--out", str(tmp_path / "r")]) == 0
     assert main(["report", str(runs / "smoke"), "--run", "nope", "--out", str(tmp_path / "r")]) == 2
 
