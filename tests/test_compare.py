@@ -35,7 +35,7 @@ def test_identical_runs(twins, capsys):
     out = capsys.readouterr().out
     assert len(re.findall(r"^\w+\s+(BF16|F32)\s+\[[\d, ]+\]\s+identical$", out, re.M)) == 9
     assert "9 of 9 tensors identical" in out
-    assert "config differs" not in out and "metadata differs: started_at" in out
+    assert "config differs" not in out  # (timings in the metadata may differ: they are not tensors)
 
 
 def test_one_ulp_apart(twins, tmp_path, capsys):
