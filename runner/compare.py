@@ -16,7 +16,7 @@ import numpy as np
 
 from runner.config import RECORDED_TENSORS
 from runner.index import flatten_config
-from runner.rows import RowReader
+from runner.rows import RowReader, as_fp32
 from runner.rundir import RECORDING
 
 CHUNK_ROWS = 64
@@ -61,15 +61,16 @@ def compare_tensor(a: RowReader, b: RowReader, name: str) -> TensorDiff:
     for start in range(0, rows, CHUNK_ROWS):
         stop = min(start + CHUNK_ROWS, rows)
         bits_a, bits_b = a.bits(name, start, stop), b.bits(name, start, stop)
-        differs = (bits_a != bits_b).reshape(stop - start, -1).any(axis=1)
-        if not differs.any():
+        unequal = bits_a != bits_b
+        rows_differ = unequal.reshape(stop - start, -1).any(axis=1)
+        if not rows_differ.any():
             continue
         if diff.first_row is None:
-            diff.first_row = start + int(np.argmax(differs))
-        values_a, values_b = a.rows(name, start, stop).astype(np.float64), b.rows(name, start, stop).astype(np.float64)
+            diff.first_row = start + int(np.argmax(rows_differ))
+        values_a, values_b = as_fp32(bits_a).astype(np.float64), as_fp32(bits_b).astype(np.float64)
         delta = np.abs(values_a - values_b)
         scale = np.maximum(np.abs(values_a), np.abs(values_b))
-        diff.differing += int((bits_a != bits_b).sum())
+        diff.differing += int(unequal.sum())
         diff.max_abs = max(diff.max_abs, float(np.nanmax(delta)))
         diff.max_rel = max(diff.max_rel, float(np.nanmax(np.divide(delta, scale, out=np.zeros_like(delta),
                                                                    where=scale > 0))))

@@ -125,8 +125,7 @@ def report(experiment_dir: Path, out: Path | None = None, run_id: str | None = N
         if fig is not None:
             fig.savefig(out / name, dpi=110)
             figures.append((name, title))
-    recorded = json.loads((experiment_dir / chosen["run_id"] / MANIFEST).read_text())["config"]["record"]["tensors"]
-    if "W" in recorded:
+    if "W" in chosen["record.tensors"]:  # the index row holds the run's config, flattened
         _trajectory_figure(experiment_dir / chosen["run_id"], chosen["run_id"]).savefig(out / TRAJECTORIES, dpi=110)
         figures.append((TRAJECTORIES, f"Each dead token's row norm (run {chosen['run_id']})"))
     page = out / "report.html"

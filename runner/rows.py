@@ -26,6 +26,13 @@ def recorded_steps(steps: int, every: int) -> range:
     return range(0, steps + 1, every)
 
 
+def as_fp32(bits: np.ndarray) -> np.ndarray:
+    """Stored bits (see `RowReader.bits`) as fp32 values; bf16 widens exactly."""
+    if bits.dtype == BITS["BF16"]:
+        return (bits.astype(np.uint32) << 16).view(np.float32)
+    return bits.view(np.float32)
+
+
 class RowReader:
     """`with RowReader(path) as f: f.rows("W", 0, 256)` -> fp32 array of rows 0..255."""
 
@@ -56,15 +63,9 @@ class RowReader:
     def __exit__(self, *exc) -> None:
         os.close(self.fd)
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.tensors[name]["shape"])
-
     def rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows start..stop-1 of tensor `name`, as fp32."""
-        values = self.bits(name, start, stop)
-        if values.dtype == BITS["BF16"]:
-            return (values.astype(np.uint32) << 16).view(np.float32)
-        return values.view(np.float32)
+        return as_fp32(self.bits(name, start, stop))
 
     def bits(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows start..stop-1 of tensor `name` as stored: unsigned integers of the dtype's width."""
