@@ -41,6 +41,29 @@ def small_book(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def crash_after_checkpoint(monkeypatch):
+    """`crash_after_checkpoint(exp, run_dir, **run_kwargs)` trains until the run's first checkpoint
+    is written and crashes right there (checking that it did), leaving the run to resume."""
+    import runner.checkpoint
+    from runner.train import run
+
+    def crash(exp, run_dir, **run_kwargs):
+        real_save = runner.checkpoint.save
+
+        def save_then_crash(*args):
+            real_save(*args)
+            raise RuntimeError("injected crash after a checkpoint")
+
+        monkeypatch.setattr(runner.checkpoint, "save", save_then_crash)
+        try:
+            with pytest.raises(RuntimeError, match="injected crash"):
+                run(exp, run_dir, progress=False, **run_kwargs)
+        finally:
+            monkeypatch.setattr(runner.checkpoint, "save", real_save)
+    return crash
+
+
+@pytest.fixture
 def make_experiment(small_book):
     """An Experiment on the small book: the reference model, few steps, small batches, CPU."""
     def make(**sections):

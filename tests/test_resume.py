@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import runner.checkpoint
 import runner.corpus
 import runner.record
 from runner.rundir import RECORDING
@@ -152,7 +151,7 @@ def test_restart_ignores_the_checkpoint(experiment_file, uninterrupted, tmp_path
     assert_identical(out, uninterrupted)
 
 
-def test_resume_in_a_later_epoch(tmp_path, monkeypatch):
+def test_resume_in_a_later_epoch(tmp_path, crash_after_checkpoint):
     """A corpus of 10 batches per epoch: the run crashes right after its checkpoint at step 12 (in
     epoch 2) and resumes there, to the same recording as an uninterrupted run."""
     from runner.config import build_experiment
@@ -167,17 +166,7 @@ def test_resume_in_a_later_epoch(tmp_path, monkeypatch):
     per_epoch = WindowSampler(encode(text), 16, 8, 0).batches_per_epoch
     assert per_epoch < 12 < 2 * per_epoch < 30  # resumes in epoch 2, then crosses into epoch 3
     run(exp, tmp_path / "uninterrupted", progress=False)
-
-    real_save = runner.checkpoint.save
-
-    def save_then_crash(run_dir, run_id, step, *args):
-        real_save(run_dir, run_id, step, *args)
-        raise RuntimeError(f"injected crash after the checkpoint at step {step}")
-
-    monkeypatch.setattr(runner.checkpoint, "save", save_then_crash)
-    with pytest.raises(RuntimeError, match="injected crash"):
-        run(exp, tmp_path / "resumed", progress=False)
-    monkeypatch.setattr(runner.checkpoint, "save", real_save)
+    crash_after_checkpoint(exp, tmp_path / "resumed")
     assert run(exp, tmp_path / "resumed", progress=False)["resumed_from_step"] == 12
     assert_identical(tmp_path / "resumed", load_recording(tmp_path / "uninterrupted" / RECORDING))
 
@@ -189,20 +178,12 @@ def restore_threads():
     torch.set_num_threads(threads)
 
 
-def test_resume_keeps_the_thread_count_it_started_with(make_experiment, tmp_path, monkeypatch, restore_threads):
+def test_resume_keeps_the_thread_count_it_started_with(make_experiment, tmp_path, crash_after_checkpoint,
+                                                       restore_threads):
     """Started on 1 thread, resumed where 2 are offered: it trains on with 1, to the uninterrupted run's bits."""
     exp = make_experiment(train={"steps": 30, "checkpoint_every": 10})
     run(exp, tmp_path / "uninterrupted", threads=1, progress=False)
-    real_save = runner.checkpoint.save
-
-    def save_then_crash(*args):
-        real_save(*args)
-        raise RuntimeError("injected crash")
-
-    monkeypatch.setattr(runner.checkpoint, "save", save_then_crash)
-    with pytest.raises(RuntimeError, match="injected crash"):
-        run(exp, tmp_path / "resumed", threads=1, progress=False)
-    monkeypatch.setattr(runner.checkpoint, "save", real_save)
+    crash_after_checkpoint(exp, tmp_path / "resumed", threads=1)
     manifest = run(exp, tmp_path / "resumed", threads=2, progress=False)
     assert manifest["resumed_from_step"] == 10 and manifest["threads"] == 1
     assert "resuming with the 1 threads it started with (offered 2)" in (tmp_path / "resumed" / "train.log").read_text()

@@ -4,7 +4,6 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast, pipeline
 
-import runner.checkpoint
 from runner.rundir import RECORDING
 from runner.snapshots import snapshot_dir, snapshot_steps
 from runner.train import run
@@ -52,20 +51,11 @@ def test_default_is_the_final_snapshot_only(make_experiment, tmp_path):
     assert manifest["snapshots"] == ["step-3"] and [p.name for p in (tmp_path / "models").iterdir()] == ["step-3"]
 
 
-def test_a_resumed_run_ends_with_the_same_snapshots(pythia_run, tmp_path, monkeypatch):
+def test_a_resumed_run_ends_with_the_same_snapshots(pythia_run, tmp_path, crash_after_checkpoint):
     exp, uninterrupted, _ = pythia_run
-    real_save = runner.checkpoint.save
-
-    def save_then_crash(run_dir, run_id, step, *args):
-        real_save(run_dir, run_id, step, *args)
-        raise RuntimeError("injected crash")
-
-    monkeypatch.setattr(runner.checkpoint, "save", save_then_crash)
-    with pytest.raises(RuntimeError, match="injected crash"):
-        run(exp, tmp_path, progress=False)
+    crash_after_checkpoint(exp, tmp_path)
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["step-0", "step-1", "step-2", "step-4"]
     (tmp_path / "models" / "step-8.partial").mkdir()  # as a crash in the middle of a snapshot leaves it
-    monkeypatch.setattr(runner.checkpoint, "save", real_save)
     manifest = run(exp, tmp_path, progress=False)
     assert manifest["resumed_from_step"] == 5 and manifest["snapshots"] == PYTHIA_12
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == sorted(PYTHIA_12)
