@@ -7,23 +7,11 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from runner.config import ModelConfig
+from runner.kernels import HF_DEFAULTS, Kernels, use_kernels
 from runner.tokenizer import BOS, EOS
 
 
-def implementation(precision: str, device: torch.device, kernels: str = "fast") -> dict[str, str]:
-    """The fastest numerically equivalent kernels for this precision and device (measured by
-    `make bench`, see README): `gelu_pytorch_tanh` is GPT-2's tanh-approximated GELU as one fused op
-    instead of separate mul/pow/tanh ops; on the CPU, SDPA's backward is slow in bf16, so bf16 runs
-    use HF's eager attention there and fp32 runs keep SDPA. `notebook`: HF's defaults, as 1.12a ran."""
-    if kernels == "notebook":
-        return {"activation_function": "gelu_new", "attn_implementation": "sdpa"}
-    bf16 = precision in ("bf16-true", "bf16-mixed")
-    attention = "eager" if bf16 and device.type == "cpu" else "sdpa"
-    return {"activation_function": "gelu_pytorch_tanh", "attn_implementation": attention}
-
-
-def gpt2_config(cfg: ModelConfig, *, activation_function: str = "gelu_new",
-                attn_implementation: str = "sdpa") -> GPT2Config:
+def gpt2_config(cfg: ModelConfig, kernels: Kernels = HF_DEFAULTS) -> GPT2Config:
     config = GPT2Config(
         vocab_size=cfg.vocab_size,
         n_positions=cfg.n_positions,
@@ -38,17 +26,19 @@ def gpt2_config(cfg: ModelConfig, *, activation_function: str = "gelu_new",
         bos_token_id=ord(BOS),
         eos_token_id=ord(EOS),
         pad_token_id=ord(EOS),
-        activation_function=activation_function,
+        activation_function=kernels.activation_function,
     )
-    config._attn_implementation = attn_implementation
+    config._attn_implementation = kernels.attention
     return config
 
 
-def build_model(cfg: ModelConfig, seed: int, **kernels: str) -> GPT2LMHeadModel:
+def build_model(cfg: ModelConfig, seed: int, kernels: Kernels = HF_DEFAULTS) -> GPT2LMHeadModel:
     """Initialise on the CPU in fp32 from `seed`, so the initial weights do not depend on the device
     (nor on the kernels chosen, which have no parameters)."""
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(gpt2_config(cfg, **kernels))
+    model = GPT2LMHeadModel(gpt2_config(cfg, kernels))
+    use_kernels(model, kernels)
+    return model
 
 
 def causal_mask(model: GPT2LMHeadModel, length: int, device: torch.device) -> torch.Tensor | None:

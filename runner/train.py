@@ -20,14 +20,15 @@ from runner.config import Experiment
 from runner.corpus import Corpus, load_corpus
 from runner.data import NotebookSampler, make_sampler
 from runner.host import keep_freed_memory_mapped, resolve_device, thread_count
+from runner.kernels import adam, choose
 from runner.metrics import dead_token_summary, write_metrics
-from runner.model import batch_loss, build_model, causal_mask, count_parameters, implementation, mean_last_logits
+from runner.model import batch_loss, build_model, causal_mask, count_parameters, mean_last_logits
 from runner.provenance import environment
 from runner.record import RecordingWriter, check_free_space, expected_layout, partial_path
 from runner.rundir import RECORDING, is_complete, read_manifest, run_lock, write_manifest
 from runner.snapshots import Snapshots
 from runner.tokenizer import build_tokenizer, encode, save_tokenizer
-from runner.verify import layout_problems
+from runner.verify import layout_problems, read_metadata
 
 log = logging.getLogger(__name__)
 progress_log = logging.getLogger("runner.progress")  # train.log only; the console has the bar
@@ -121,16 +122,13 @@ def _build_model_and_optimizer(exp: Experiment, device: torch.device
                                ) -> tuple[GPT2LMHeadModel, torch.optim.Optimizer, dict[str, str]]:
     """The model, its optimizer, and the implementation choices that produced them (kernels and
     host allocator; recorded, since they change rounding)."""
-    kernels = implementation(exp.train.precision, device, exp.train.kernels)
+    kernels = choose(exp.train.precision, device, exp.train.kernels)
     # (transformers types .to() without its self argument)
-    model = build_model(exp.model, exp.train.seed, **kernels).to(device)  # type: ignore[arg-type]
+    model = build_model(exp.model, exp.train.seed, kernels).to(device)  # type: ignore[arg-type]
     if exp.train.precision == "bf16-true":
         model.to(torch.bfloat16)  # parameters, gradients and Adam's moments all in bf16
-    # The single-tensor loop, not `foreach`: with fp32 parameters (bf16-mixed) the foreach update was
-    # seen to differ in the last bit from run to run within one process, depending on what ran before.
-    optimizer = torch.optim.Adam(model.parameters(), lr=exp.train.lr, betas=exp.train.betas, eps=exp.train.eps,
-                                 foreach=False)
-    return model, optimizer, {**kernels, "host_allocator": keep_freed_memory_mapped()}
+    optimizer = adam(model.parameters(), kernels, exp.train.lr, exp.train.betas, exp.train.eps)
+    return model, optimizer, {**kernels.as_dict(), "host_allocator": keep_freed_memory_mapped()}
 
 
 def _open_recording(exp: Experiment, run_dir: Path, model, optimizer, restart: bool, header: dict,
@@ -140,6 +138,10 @@ def _open_recording(exp: Experiment, run_dir: Path, model, optimizer, restart: b
     resumable = not restart and (run_dir / checkpoint.CHECKPOINT).exists()
     if resumable and layout_problems(partial_path(path), expected_layout(exp)):
         log.warning("run %s: a checkpoint but no usable partial recording; starting over", exp.run_id)
+        resumable = False
+    elif resumable and (before := read_metadata(partial_path(path)).get("implementation")) != header["implementation"]:
+        log.warning("run %s: started with other kernels (%s; now %s): the bits would mix, so starting over",
+                    exp.run_id, before, header["implementation"])
         resumable = False
     ckpt = checkpoint.load(run_dir, exp.run_id, model, optimizer) if resumable else None
     if ckpt is None:

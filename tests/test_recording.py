@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from runner import kernels
 from runner.corpus import load_corpus
 from runner.rundir import RECORDING
 from runner.train import run
@@ -23,8 +24,9 @@ def runs(tmp_path_factory, small_book):
     from runner.config import build_experiment
     base = {"name": "t", "corpus": {"path": str(small_book)}, "train": {"steps": 24, "batch_size": 4, "device": "cpu"}}
     out = {}
-    for key, train in {"bf16-true": {}, "bf16-true-again": {}, "seed-7": {"seed": 7},
-                       "bf16-mixed": {"precision": "bf16-mixed"}, "fp32": {"precision": "fp32"}}.items():
+    precisions = {"bf16-true": {}, "bf16-mixed": {"precision": "bf16-mixed"}, "fp32": {"precision": "fp32"}}
+    for key, train in {**precisions, "bf16-true-again": {}, "seed-7": {"seed": 7},
+                       **{f"{k}-hf": {**v, "kernels": "hf"} for k, v in precisions.items()}}.items():
         exp = build_experiment({**base, "train": {**base["train"], **train}})
         run_dir = tmp_path_factory.mktemp(key)
         run(exp, run_dir, progress=False)
@@ -34,19 +36,25 @@ def runs(tmp_path_factory, small_book):
 
 def reference_loop(exp):
     """A plain re-statement of the notebook's loop: HF model, torch Adam, snapshots after backward
-    and before the step; batches from a seeded permutation of all windows. The kernels are the ones
-    the runner documents for the CPU: fused tanh-GELU, eager attention in bf16, SDPA in fp32."""
+    and before the step; batches from a seeded permutation of all windows. The kernels are the
+    run's (`train.kernels`): `hf`, transformers' own as the runner documents them for the CPU (fused
+    tanh-GELU, eager attention in bf16, SDPA in fp32) and torch's default Adam; `fast`, ours and
+    torch's fused Adam."""
     cfg = exp.train
     tokens = torch.tensor(list(load_corpus(exp.corpus.path, "drop").text.encode("ascii")))
     torch.manual_seed(cfg.seed)
     config = GPT2Config(vocab_size=128, n_positions=128, n_embd=64, n_layer=2, n_head=2, resid_pdrop=0,
                         embd_pdrop=0, attn_pdrop=0, use_cache=False, tie_word_embeddings=True, bos_token_id=2,
                         eos_token_id=3, pad_token_id=3, activation_function="gelu_pytorch_tanh")
-    config._attn_implementation = "sdpa" if cfg.precision == "fp32" else "eager"
+    fast = cfg.kernels == "fast"
+    config._attn_implementation = kernels.CAUSAL_ATTENTION if fast else "sdpa" if cfg.precision == "fp32" else "eager"
     model = GPT2LMHeadModel(config)
+    if fast:
+        for block in model.transformer.h:
+            block.mlp.act = kernels.TanhGelu()
     if cfg.precision == "bf16-true":
         model.to(torch.bfloat16)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fast or None)
     W = model.lm_head.weight
     n = len(tokens) - 128
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
@@ -97,7 +105,7 @@ def test_row_zero_is_initialisation(runs):
         assert 4.0 < rec["loss"][0] < 5.5  # about ln(128) = 4.85 at init
 
 
-@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed", "fp32"])
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed", "fp32", "bf16-true-hf", "bf16-mixed-hf", "fp32-hf"])
 def test_equals_reference_loop_bitwise(runs, precision):
     """Bit for bit. Known exception (README, "Reproducibility"): in bf16-mixed, some processes train
     with last-bit differences from the first update on, depending on what ran earlier in the process
@@ -106,7 +114,7 @@ def test_equals_reference_loop_bitwise(runs, precision):
     exp, _, rec = runs[precision]
     expected = reference_loop(exp)
     differing = [name for name, tensor in expected.items() if not torch.equal(rec[name], tensor)]
-    if precision != "bf16-mixed":
+    if not precision.startswith("bf16-mixed"):
         assert not differing
     for name in differing:
         got, want = rec[name].float(), expected[name].float()
@@ -160,7 +168,8 @@ def test_metadata_describes_the_run(runs):
     assert manifest["status"] == "complete" and manifest["n_params"] == 116_480
     assert manifest["environment"]["cpu"] == meta["cpu"] and manifest["environment"]["gpu"] is None
     assert json.loads(meta["implementation"]) == manifest["implementation"]
-    assert set(manifest["implementation"]) == {"activation_function", "attn_implementation", "host_allocator"}
+    assert manifest["implementation"] == {**kernels.choose("bf16-true", torch.device("cpu")).as_dict(),
+                                          "host_allocator": manifest["implementation"]["host_allocator"]}
     assert set(manifest["samples"]) == {"In my younger", "Gatsby", "The green light"}
     assert all(text.startswith(prompt) for prompt, text in manifest["samples"].items())
     assert manifest["dead_token_summary"]["dead_tokens"] == manifest["corpus"]["token_counts"].count(0)

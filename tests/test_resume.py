@@ -188,3 +188,20 @@ def test_resume_keeps_the_thread_count_it_started_with(make_experiment, tmp_path
     assert manifest["resumed_from_step"] == 10 and manifest["threads"] == 1
     assert "resuming with the 1 threads it started with (offered 2)" in (tmp_path / "resumed" / "train.log").read_text()
     assert_identical(tmp_path / "resumed", load_recording(tmp_path / "uninterrupted" / RECORDING))
+
+
+def test_resume_with_other_kernels_starts_over(make_experiment, tmp_path, crash_after_checkpoint, monkeypatch):
+    """A run interrupted under other kernels (older code, same run id) is trained again from step 0
+    with today's, never continued with mixed bits."""
+    import runner.train
+    from runner.kernels import choose
+
+    exp = make_experiment(train={"steps": 30, "checkpoint_every": 10})
+    run(exp, tmp_path / "uninterrupted", progress=False)
+    monkeypatch.setattr(runner.train, "choose", lambda *args: choose("bf16-true", torch.device("cpu"), "hf"))
+    crash_after_checkpoint(exp, tmp_path / "resumed")
+    monkeypatch.undo()
+    manifest = run(exp, tmp_path / "resumed", progress=False)
+    assert "resumed_from_step" not in manifest
+    assert "started with other kernels" in (tmp_path / "resumed" / "train.log").read_text()
+    assert_identical(tmp_path / "resumed", load_recording(tmp_path / "uninterrupted" / RECORDING))
