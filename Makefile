@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 EXP    ?= experiments/lil_gatsby.yaml
 RUNS   ?= runs
 
-.PHONY: setup run test lint sweep index report bench bench-analysis clean wheelhouse image docker-run docker-sweep cluster-up cluster-down test-container
+.PHONY: setup run test lint sweep index report bench bench-analysis bench-profile clean wheelhouse image docker-run docker-sweep cluster-up cluster-down test-container
 
 # The venv is rebuilt when pyproject.toml changes. torch==2.13.0 is the CPU build on this project's
 # machines; for CUDA, install a CUDA build of torch 2.13.0 into .venv first (see README).
@@ -40,6 +40,11 @@ report: setup
 # BENCH_ARGS: e.g. --steps 10000 (full reference run) or --sweep (8-seed sweep)
 bench: setup
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# where a training step's time goes, kernels hf vs fast (PRECISION=bf16-true|bf16-mixed|fp32)
+PRECISION ?= bf16-true
+bench-profile: setup
+	$(BIN)/python bench/profile_step.py --precision $(PRECISION)
 
 # metrics, end-of-run and report costs, on the reference run (`make run` first)
 bench-analysis: setup

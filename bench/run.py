@@ -2,8 +2,9 @@
 
 Each measurement is a separate process (so peak RSS is its own, from the OS via wait4), and the
 baseline and the runner alternate. Modes:
-  default        --steps 300 (after a warm-up run of each): bf16 and fp32, plus the runner with
-                 recording off to measure the recording overhead
+  default        --steps 300 (after a warm-up run of each): bf16-true, bf16-mixed and fp32, the
+                 runner with `train.kernels: hf` and `fast`, plus the runner with recording off to
+                 measure the recording overhead
   --steps 10000  the full reference run, baseline vs runner (bf16)
   --sweep        an 8-seed sweep (--sweep-steps each) through `lilgatsby sweep` vs the baseline run
                  8 times one after another
@@ -48,10 +49,11 @@ def baseline(steps: int, precision: str, work: Path, seed: int = 42) -> dict:
     return {**json.loads(result["stdout"].splitlines()[-1]), "rss_mib": result["rss_mib"], "wall_s": result["wall_s"]}
 
 
-def runner(steps: int, precision: str, work: Path, record: bool = True) -> dict:
-    out = work / f"run-{precision}-{record}"
+def runner(steps: int, precision: str, work: Path, record: bool = True, kernels: str = "fast") -> dict:
+    out = work / f"run-{precision}-{record}-{kernels}"
     cmd = [*LILGATSBY, "train", str(REPO / "experiments" / "lil_gatsby.yaml"), "--out", str(out), "--force",
-           "--quiet", "--set", f"train.steps={steps}", "--set", f"train.precision={precision}"]
+           "--quiet", "--set", f"train.steps={steps}", "--set", f"train.precision={precision}",
+           "--set", f"train.kernels={kernels}"]
     if not record:
         cmd += ["--set", "record.tensors=[]"]
     result = run_measured(cmd, work)
@@ -66,21 +68,25 @@ def best(results: list[dict]) -> dict:
 
 
 def steps_mode(steps: int, rounds: int, work: Path) -> dict:
+    """Per runner precision: the notebook's loop in the matching precision (bf16 for both bf16
+    modes), the runner with `train.kernels: hf` (transformers' own kernels: the runner before its
+    fast CPU kernels) and with the default `fast`, alternating."""
     rows = {}
-    precisions = ("bf16",) if steps >= 5000 else ("bf16", "fp32")
+    precisions = ("bf16-true",) if steps >= 5000 else ("bf16-true", "bf16-mixed", "fp32")
     for precision in precisions:
-        runner_precision = "bf16-true" if precision == "bf16" else "fp32"
+        notebook_precision = "fp32" if precision == "fp32" else "bf16"
         if steps < 5000:  # warm-up: page cache, lazy imports
-            baseline(20, precision, work)
-            runner(20, runner_precision, work)
-        base, ours = [], []
+            baseline(20, notebook_precision, work)
+            runner(20, precision, work)
+        measured: dict[str, list] = {"baseline": [], "runner_hf_kernels": [], "runner": []}
         for _ in range(rounds):
-            base.append(baseline(steps, precision, work))
-            ours.append(runner(steps, runner_precision, work))
-        rows[precision] = {"baseline": best(base), "runner": best(ours)}
+            measured["baseline"].append(baseline(steps, notebook_precision, work))
+            measured["runner_hf_kernels"].append(runner(steps, precision, work, kernels="hf"))
+            measured["runner"].append(runner(steps, precision, work))
+        rows[precision] = {name: best(results) for name, results in measured.items()}
     if steps < 5000:
-        rows["bf16"]["runner_no_recording"] = best([runner(steps, "bf16-true", work, record=False)
-                                                     for _ in range(rounds)])
+        rows["bf16-true"]["runner_no_recording"] = best([runner(steps, "bf16-true", work, record=False)
+                                                          for _ in range(rounds)])
     return rows
 
 
@@ -110,12 +116,13 @@ def table(mode: str, results: dict) -> str:
         for name, r in rows.items():
             lines.append(f"| {precision} | {name} | {r['steps']} | {r['steps_per_s']:.1f} | "
                          f"{r['steps_per_s'] / base:.2f}x | {r['rss_mib']:.0f} | {r['wall_s']:.1f} |")
-    if "runner_no_recording" in results.get("bf16", {}):
-        on, off = results["bf16"]["runner"]["steps_per_s"], results["bf16"]["runner_no_recording"]["steps_per_s"]
+    bf16 = results.get("bf16-true", {})
+    if "runner_no_recording" in bf16:
+        on, off = bf16["runner"]["steps_per_s"], bf16["runner_no_recording"]["steps_per_s"]
         lines.append(f"\nrecording overhead: {(off / on - 1) * 100:.1f} % of step time")
-    if "bf16" in results:
-        ratio = results["bf16"]["runner"]["rss_mib"] / results["bf16"]["baseline"]["rss_mib"]
-        lines.append(f"peak RSS runner / baseline (bf16): {ratio * 100:.0f} %")
+    if bf16:
+        ratio = bf16["runner"]["rss_mib"] / bf16["baseline"]["rss_mib"]
+        lines.append(f"peak RSS runner / baseline (bf16-true): {ratio * 100:.0f} %")
     return "\n".join(lines)
 
 

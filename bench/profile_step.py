@@ -1,0 +1,118 @@
+"""`make bench-profile`: where a training step's time goes, `train.kernels: hf` (transformers' own
+kernels, the runner before round 2) against `fast`, side by side in one process (torch.profiler).
+
+The reference config (batch 32 x 128 tokens), one precision per call. Each op's self time is put
+in a category; "other ops" is the rest, "Python and dispatch" the step's wall time not spent in ops.
+Prints a markdown table of milliseconds per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import profile, record_function
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from runner.config import load_runs  # noqa: E402
+from runner.host import keep_freed_memory_mapped  # noqa: E402
+from runner.kernels import adam, choose  # noqa: E402
+from runner.model import batch_loss, build_model, causal_mask  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CATEGORIES = {
+    "matmuls (projections, MLP, unembedding, attention products)": ("aten::mm", "aten::addmm", "aten::bmm",
+                                                                    "aten::baddbmm"),
+    "attention softmax": ("aten::_softmax", "aten::_softmax_backward_data"),
+    "tanh-GELU": ("aten::gelu", "aten::gelu_backward", "aten::addcmul", "aten::sigmoid_"),
+    "layer norms": ("aten::native_layer_norm", "aten::native_layer_norm_backward"),
+    "cross-entropy (fp32 log-softmax)": ("aten::_log_softmax", "aten::_log_softmax_backward_data",
+                                         "aten::nll_loss_forward", "aten::nll_loss_backward", "aten::fill_"),
+    "elementwise add/mul (eager attention's scale and mask, residuals, ...)": ("aten::add", "aten::add_", "aten::mul",
+                                                                              "aten::mul_"),
+    "copies and casts": ("aten::copy_", "aten::cat"),
+}
+OPTIMIZER = "optimizer (Adam over 116,480 parameters)"
+STEPS = 20
+
+
+def make_step(precision: str, kernels: str):
+    exp = load_runs(REPO / "experiments" / "lil_gatsby.yaml")[0].experiment
+    cpu = torch.device("cpu")
+    impl = choose(precision, cpu, kernels)
+    model = build_model(exp.model, exp.train.seed, impl)
+    if precision == "bf16-true":
+        model.to(torch.bfloat16)  # type: ignore[arg-type]  # transformers types .to() without self
+    optimizer = adam(model.parameters(), impl, exp.train.lr, exp.train.betas, exp.train.eps)
+    mask = causal_mask(model, exp.model.context_length, cpu)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+    windows = torch.randint(0, 128, (exp.train.batch_size, exp.model.context_length + 1),
+                            generator=torch.Generator().manual_seed(0))
+
+    def step() -> None:
+        _, loss = batch_loss(model, windows[:, :-1], windows[:, 1:], mask, autocast, exp.train.targets)
+        loss.backward()
+        with record_function(OPTIMIZER):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def _in_optimizer(event) -> bool:
+    while event is not None:
+        if event.name == OPTIMIZER:
+            return True
+        event = event.cpu_parent
+    return False
+
+
+def breakdown(step) -> dict[str, float]:
+    """Milliseconds per step by category (the fastest of 5 timed rounds for the wall time)."""
+    for _ in range(10):
+        step()
+    walls = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(STEPS):
+            step()
+        walls.append((time.perf_counter() - t0) / STEPS * 1e3)
+    with profile() as prof:
+        for _ in range(STEPS):
+            step()
+    ms: dict[str, float] = defaultdict(float)
+    category = {op: name for name, ops in CATEGORIES.items() for op in ops}
+    for event in prof.events():
+        self_ms = event.self_cpu_time_total / 1e3 / STEPS
+        if event.name == OPTIMIZER:
+            ms[OPTIMIZER] += event.cpu_time_total / 1e3 / STEPS
+        elif not _in_optimizer(event):
+            ms[category.get(event.name, "other ops")] += self_ms
+    ops_ms = sum(ms.values())
+    wall = min(walls)
+    scale = wall / max(ops_ms, wall)  # the profiler slows ops down a little: scale them to the wall time
+    out = {name: value * scale for name, value in ms.items()}
+    out["Python and dispatch"] = max(0.0, wall - ops_ms * scale)
+    out["step (wall)"] = wall
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--precision", choices=["bf16-true", "bf16-mixed", "fp32"], default="bf16-true")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    keep_freed_memory_mapped()
+    results = {kernels: breakdown(make_step(args.precision, kernels)) for kernels in ("hf", "fast")}
+    rows = [*CATEGORIES, OPTIMIZER, "other ops", "Python and dispatch", "step (wall)"]
+    print(f"{args.precision}, {args.threads} threads, ms per step | kernels: hf | kernels: fast\n|---|---|---|")
+    for row in rows:
+        print(f"| {row} | {results['hf'].get(row, 0):.2f} | {results['fast'].get(row, 0):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
