@@ -91,24 +91,39 @@ def steps_mode(steps: int, rounds: int, work: Path) -> dict:
 
 
 def sweep_mode(steps: int, seeds: int, work: Path) -> dict:
+    """The notebook's loop run `seeds` times in a row against `lilgatsby sweep` over as many seeds,
+    once with each run on one CPU (two runs side by side on two cores) and once on all of them."""
     t0 = time.perf_counter()
     for seed in range(seeds):
         baseline(steps, "bf16", work, seed=seed)
     base_s = time.perf_counter() - t0
-    exp = work / "bench_sweep.yaml"
-    exp.write_text(f"include: {REPO / 'experiments' / 'lil_gatsby.yaml'}\nname: bench_sweep\n"
-                   f"train: {{steps: {steps}}}\ngrid: {{train.seed: {{range: [0, {seeds}]}}}}\n")
-    result = run_measured([*LILGATSBY, "sweep", str(exp), "--runs", str(work / "runs"), "--force", "--quiet"], work)
-    return {"seeds": seeds, "steps": steps, "baseline_sequential_s": base_s, "sweep_s": result["wall_s"],
-            "speedup": base_s / result["wall_s"], "sweep_rss_mib": result["rss_mib"]}
+    results: dict = {"seeds": seeds, "steps": steps, "baseline_sequential_s": base_s, "sweeps": {}}
+    for cpus in sorted({1, os.cpu_count() or 1}):
+        exp = work / f"bench_sweep_{cpus}.yaml"
+        exp.write_text(f"include: {REPO / 'experiments' / 'lil_gatsby.yaml'}\nname: bench_sweep_{cpus}\n"
+                       f"train: {{steps: {steps}}}\nresources: {{cpus_per_run: {cpus}}}\n"
+                       f"grid: {{train.seed: {{range: [0, {seeds}]}}}}\n")
+        result = run_measured([*LILGATSBY, "sweep", str(exp), "--runs", str(work / "runs"), "--force", "--quiet"],
+                              work)
+        runs = [json.loads(p.read_text()) for p in (work / "runs" / f"bench_sweep_{cpus}").glob("*/run.json")]
+        results["sweeps"][cpus] = {"sweep_s": result["wall_s"], "speedup": base_s / result["wall_s"],
+                                   "driver_rss_mib": result["rss_mib"],
+                                   "run_steps_per_s": sum(r["metrics"]["steps_per_s"] for r in runs) / len(runs),
+                                   "run_setup_s": sum(r["metrics"]["wall_s"] - r["metrics"]["train_s"]
+                                                                 for r in runs) / len(runs)}
+    return results
 
 
 def table(mode: str, results: dict) -> str:
     if mode == "sweep":
         r = results
-        return (f"{r['seeds']}-seed sweep, {r['steps']} steps each: baseline x{r['seeds']} sequential "
-                f"{r['baseline_sequential_s']:.1f} s, lilgatsby sweep {r['sweep_s']:.1f} s, "
-                f"speedup {r['speedup']:.2f}x")
+        lines = [f"{r['seeds']}-seed sweep, {r['steps']} steps each: the notebook's loop {r['seeds']} times in a row "
+                 f"{r['baseline_sequential_s']:.1f} s", "| cpus_per_run | sweep s | speedup | steps/s per run | "
+                 "per-run setup s (before step 1) | driver peak RSS MiB |", "|---|---|---|---|---|---|"]
+        for cpus, s in r["sweeps"].items():
+            lines.append(f"| {cpus} | {s['sweep_s']:.1f} | {s['speedup']:.2f}x | {s['run_steps_per_s']:.1f} | "
+                         f"{s['run_setup_s']:.2f} | {s['driver_rss_mib']:.0f} |")
+        return "\n".join(lines)
     lines = ["| precision | implementation | steps | steps/s | speedup | peak RSS MiB | wall s |",
              "|---|---|---|---|---|---|---|"]
     for precision, rows in results.items():

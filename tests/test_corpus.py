@@ -117,3 +117,15 @@ def test_offline_without_copy_names_the_env_var(tmp_path, monkeypatch):
     with pytest.raises(CorpusError, match=f"set {corpus_mod.ENV_VAR}="):
         load_corpus(None, "drop")
     assert not (tmp_path / "data" / "pg64317.txt").exists()
+
+
+def test_loaded_once_per_process_until_the_file_changes(tmp_path):
+    """A sweep's worker reads and cleans the book once for all its runs, but never serves a stale copy."""
+    path = tmp_path / "book.txt"
+    path.write_text(SMALL_BOOK, encoding="utf-8")
+    first = load_corpus(str(path), "drop")
+    assert load_corpus(str(path), "drop") is first
+    assert load_corpus(str(path), "map") is not first
+    path.write_text(SMALL_BOOK.replace("my father", "my grandfather"), encoding="utf-8")
+    changed = load_corpus(str(path), "drop")
+    assert "grandfather" in changed.text and "grandfather" not in first.text
