@@ -2,8 +2,9 @@
 kernels, the runner before round 2) against `fast`, side by side in one process (torch.profiler).
 
 The reference config (batch 32 x 128 tokens), one precision per call. Each op's self time is put
-in a category; "other ops" is the rest, "Python and dispatch" the step's wall time not spent in ops.
-Prints a markdown table of milliseconds per step.
+in a category ("other ops": the rest); the optimizer's is its whole step. Also the step's wall time
+without the profiler, and its fixed cost (the same step on a tiny batch). Prints a markdown table
+of milliseconds per step.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from runner.model import batch_loss, build_model, causal_mask  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CATEGORIES = {
-    "matmuls (projections, MLP, unembedding, attention products)": ("aten::mm", "aten::addmm", "aten::bmm",
-                                                                    "aten::baddbmm"),
-    "attention softmax": ("aten::_softmax", "aten::_softmax_backward_data"),
+    "linear layers: projections, MLP, unembedding (mm, addmm)": ("aten::mm", "aten::addmm"),
+    "attention: its two products, softmax, SDPA's fused kernel": (
+        "aten::bmm", "aten::baddbmm", "aten::_softmax", "aten::_softmax_backward_data",
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "aten::_scaled_dot_product_flash_attention_for_cpu_backward"),
     "tanh-GELU": ("aten::gelu", "aten::gelu_backward", "aten::addcmul", "aten::sigmoid_"),
     "layer norms": ("aten::native_layer_norm", "aten::native_layer_norm_backward"),
     "cross-entropy (fp32 log-softmax)": ("aten::_log_softmax", "aten::_log_softmax_backward_data",
@@ -40,26 +43,40 @@ OPTIMIZER = "optimizer (Adam over 116,480 parameters)"
 STEPS = 20
 
 
-def make_step(precision: str, kernels: str):
+def make_step(precision: str, kernels: str, batch: tuple[int, int] | None = None):
+    """One training step of the reference config (or of a batch of `batch` = (windows, tokens))."""
     exp = load_runs(REPO / "experiments" / "lil_gatsby.yaml")[0].experiment
+    windows, length = batch or (exp.train.batch_size, exp.model.context_length)
     cpu = torch.device("cpu")
     impl = choose(precision, cpu, kernels)
     model = build_model(exp.model, exp.train.seed, impl)
     if precision == "bf16-true":
         model.to(torch.bfloat16)  # type: ignore[arg-type]  # transformers types .to() without self
     optimizer = adam(model.parameters(), impl, exp.train.lr, exp.train.betas, exp.train.eps)
-    mask = causal_mask(model, exp.model.context_length, cpu)
+    mask = causal_mask(model, length, cpu)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
-    windows = torch.randint(0, 128, (exp.train.batch_size, exp.model.context_length + 1),
-                            generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, 128, (windows, length + 1), generator=torch.Generator().manual_seed(0))
 
     def step() -> None:
-        _, loss = batch_loss(model, windows[:, :-1], windows[:, 1:], mask, autocast, exp.train.targets)
+        _, loss = batch_loss(model, tokens[:, :-1], tokens[:, 1:], mask, autocast, exp.train.targets)
         loss.backward()
         with record_function(OPTIMIZER):
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step
+
+
+def wall_ms(step) -> float:
+    """Milliseconds per step without the profiler: the fastest of 5 rounds of STEPS steps."""
+    for _ in range(10):
+        step()
+    rounds = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(STEPS):
+            step()
+        rounds.append((time.perf_counter() - t0) / STEPS * 1e3)
+    return min(rounds)
 
 
 def _in_optimizer(event) -> bool:
@@ -70,33 +87,24 @@ def _in_optimizer(event) -> bool:
     return False
 
 
-def breakdown(step) -> dict[str, float]:
-    """Milliseconds per step by category (the fastest of 5 timed rounds for the wall time)."""
-    for _ in range(10):
-        step()
-    walls = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(STEPS):
-            step()
-        walls.append((time.perf_counter() - t0) / STEPS * 1e3)
+def breakdown(precision: str, kernels: str) -> dict[str, float]:
+    """Milliseconds per step: each category's op time as the profiler measures it (it slows ops a
+    little), the step's wall time without the profiler, and the fixed cost of a step: the same
+    step on a batch of one window of 8 tokens (Python, dispatch, autograd, optimizer overhead)."""
+    step = make_step(precision, kernels)
+    out: dict[str, float] = defaultdict(float)
+    out["step, wall time (no profiler)"] = wall_ms(step)
     with profile() as prof:
         for _ in range(STEPS):
             step()
-    ms: dict[str, float] = defaultdict(float)
     category = {op: name for name, ops in CATEGORIES.items() for op in ops}
     for event in prof.events():
-        self_ms = event.self_cpu_time_total / 1e3 / STEPS
         if event.name == OPTIMIZER:
-            ms[OPTIMIZER] += event.cpu_time_total / 1e3 / STEPS
+            out[OPTIMIZER] += event.cpu_time_total / 1e3 / STEPS
         elif not _in_optimizer(event):
-            ms[category.get(event.name, "other ops")] += self_ms
-    ops_ms = sum(ms.values())
-    wall = min(walls)
-    scale = wall / max(ops_ms, wall)  # the profiler slows ops down a little: scale them to the wall time
-    out = {name: value * scale for name, value in ms.items()}
-    out["Python and dispatch"] = max(0.0, wall - ops_ms * scale)
-    out["step (wall)"] = wall
+            out[category.get(event.name, "other ops")] += event.self_cpu_time_total / 1e3 / STEPS
+    out["all ops (profiled)"] = sum(out[name] for name in (*CATEGORIES, OPTIMIZER, "other ops"))
+    out["fixed cost: the same step on 1 window of 8 tokens"] = wall_ms(make_step(precision, kernels, (1, 8)))
     return out
 
 
@@ -107,8 +115,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     keep_freed_memory_mapped()
-    results = {kernels: breakdown(make_step(args.precision, kernels)) for kernels in ("hf", "fast")}
-    rows = [*CATEGORIES, OPTIMIZER, "other ops", "Python and dispatch", "step (wall)"]
+    results = {kernels: breakdown(args.precision, kernels) for kernels in ("hf", "fast")}
+    rows = [*CATEGORIES, OPTIMIZER, "other ops", "all ops (profiled)", "step, wall time (no profiler)",
+            "fixed cost: the same step on 1 window of 8 tokens"]
     print(f"{args.precision}, {args.threads} threads, ms per step | kernels: hf | kernels: fast\n|---|---|---|")
     for row in rows:
         print(f"| {row} | {results['hf'].get(row, 0):.2f} | {results['fast'].get(row, 0):.2f} |")

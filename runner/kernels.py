@@ -41,7 +41,7 @@ HF_DEFAULTS = Kernels("gelu_new", "sdpa", "transformers", "single-tensor")  # wh
 
 
 def choose(precision: str, device: torch.device, kernels: str = "fast") -> Kernels:
-    """The kernels for `train.kernels`. `fast`: the fastest measured on the device (`make bench`;
+    """The kernels for `train.kernels`. `fast`: the fastest measured on the device (README, "Speed";
     ours on the CPU, transformers' SDPA elsewhere). `hf`: transformers' own fastest for the precision
     (as `fast` chose before the fast CPU kernels: eager attention in bf16 on the CPU, where SDPA's
     backward is slow, SDPA otherwise) and torch's default single-tensor Adam: the bits of earlier
@@ -52,8 +52,9 @@ def choose(precision: str, device: torch.device, kernels: str = "fast") -> Kerne
     if kernels == "hf":
         bf16_on_cpu = precision in ("bf16-true", "bf16-mixed") and cpu
         return Kernels("gelu_pytorch_tanh", "eager" if bf16_on_cpu else "sdpa", "transformers", "single-tensor")
-    if cpu:
-        return Kernels("gelu_pytorch_tanh", CAUSAL_ATTENTION, "sigmoid-form", "fused")
+    if cpu:  # the sigmoid-form GELU computes in fp32: with bf16 activations its casts cost what it saves
+        return Kernels("gelu_pytorch_tanh", CAUSAL_ATTENTION, "sigmoid-form" if precision == "fp32" else "transformers",
+                       "fused")
     return Kernels("gelu_pytorch_tanh", "sdpa", "transformers", "fused" if device.type == "cuda" else "single-tensor")
 
 

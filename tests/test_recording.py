@@ -38,8 +38,8 @@ def reference_loop(exp):
     """A plain re-statement of the notebook's loop: HF model, torch Adam, snapshots after backward
     and before the step; batches from a seeded permutation of all windows. The kernels are the
     run's (`train.kernels`): `hf`, transformers' own as the runner documents them for the CPU (fused
-    tanh-GELU, eager attention in bf16, SDPA in fp32) and torch's default Adam; `fast`, ours and
-    torch's fused Adam."""
+    tanh-GELU, eager attention in bf16, SDPA in fp32) and torch's default Adam; `fast`, our attention
+    (and our GELU in fp32) and torch's fused Adam."""
     cfg = exp.train
     tokens = torch.tensor(list(load_corpus(exp.corpus.path, "drop").text.encode("ascii")))
     torch.manual_seed(cfg.seed)
@@ -49,7 +49,7 @@ def reference_loop(exp):
     fast = cfg.kernels == "fast"
     config._attn_implementation = kernels.CAUSAL_ATTENTION if fast else "sdpa" if cfg.precision == "fp32" else "eager"
     model = GPT2LMHeadModel(config)
-    if fast:
+    if fast and cfg.precision == "fp32":
         for block in model.transformer.h:
             block.mlp.act = kernels.TanhGelu()
     if cfg.precision == "bf16-true":
