@@ -1,6 +1,6 @@
 """Which implementation of GPT-2's functions and of Adam a run uses (`train.kernels`), and the fast
-CPU ones: exact causal softmax attention and tanh-GELU with fewer passes over memory than
-transformers' own, and torch's fused Adam. A kernel changes rounding only, never the function
+CPU ones: exact causal softmax attention with fewer passes over its scores, tanh-GELU through
+sigmoid, and torch's fused Adam. A kernel changes rounding only, never the function
 (tests/test_kernels.py bounds the difference over 200 training steps); the choice is recorded in
 run.json and in the recording's metadata, because it changes the bits.
 
