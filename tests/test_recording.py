@@ -37,24 +37,24 @@ def runs(tmp_path_factory, small_book):
 def reference_loop(exp):
     """A plain re-statement of the notebook's loop: HF model, torch Adam, snapshots after backward
     and before the step; batches from a seeded permutation of all windows. The kernels are the
-    run's (`train.kernels`): `hf`, transformers' own as the runner documents them for the CPU (fused
-    tanh-GELU, eager attention in bf16, SDPA in fp32) and torch's default Adam; `fast`, our attention
-    (and our GELU in fp32) and torch's fused Adam."""
+    run's, as `kernels.choose` names them: transformers' attention (eager, SDPA) or ours, their
+    tanh-GELU or ours, torch's default or fused Adam."""
     cfg = exp.train
     tokens = torch.tensor(list(load_corpus(exp.corpus.path, "drop").text.encode("ascii")))
     torch.manual_seed(cfg.seed)
     config = GPT2Config(vocab_size=128, n_positions=128, n_embd=64, n_layer=2, n_head=2, resid_pdrop=0,
                         embd_pdrop=0, attn_pdrop=0, use_cache=False, tie_word_embeddings=True, bos_token_id=2,
                         eos_token_id=3, pad_token_id=3, activation_function="gelu_pytorch_tanh")
-    fast = cfg.kernels == "fast"
-    config._attn_implementation = kernels.CAUSAL_ATTENTION if fast else "sdpa" if cfg.precision == "fp32" else "eager"
+    chosen = kernels.choose(cfg.precision, torch.device("cpu"), cfg.kernels)
+    config._attn_implementation = chosen.attention
     model = GPT2LMHeadModel(config)
-    if fast and cfg.precision == "fp32":
+    if chosen.gelu == "sigmoid-form":
         for block in model.transformer.h:
             block.mlp.act = kernels.TanhGelu()
     if cfg.precision == "bf16-true":
         model.to(torch.bfloat16)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fast or None)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                           fused=chosen.adam == "fused" or None)
     W = model.lm_head.weight
     n = len(tokens) - 128
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
