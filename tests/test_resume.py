@@ -194,11 +194,12 @@ def test_resume_with_other_kernels_starts_over(make_experiment, tmp_path, crash_
     """A run interrupted under other kernels (older code, same run id) is trained again from step 0
     with today's, never continued with mixed bits."""
     import runner.train
-    from runner.kernels import choose
+    from runner.kernels import HF_DEFAULTS, choose
 
     exp = make_experiment(train={"steps": 30, "checkpoint_every": 10})
+    assert choose(exp.train.precision, torch.device("cpu"), exp.train.kernels) != HF_DEFAULTS
     run(exp, tmp_path / "uninterrupted", progress=False)
-    monkeypatch.setattr(runner.train, "choose", lambda *args: choose("bf16-true", torch.device("cpu"), "hf"))
+    monkeypatch.setattr(runner.train, "choose", lambda *args: HF_DEFAULTS)
     crash_after_checkpoint(exp, tmp_path / "resumed")
     monkeypatch.undo()
     manifest = run(exp, tmp_path / "resumed", progress=False)
