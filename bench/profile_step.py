@@ -21,8 +21,8 @@ from torch.profiler import profile, record_function
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from runner.config import load_runs  # noqa: E402
 from runner.host import keep_freed_memory_mapped  # noqa: E402
-from runner.kernels import adam, choose  # noqa: E402
-from runner.model import batch_loss, build_model, causal_mask  # noqa: E402
+from runner.model import batch_loss, causal_mask  # noqa: E402
+from runner.train import build_model_and_optimizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CATEGORIES = {
@@ -45,14 +45,11 @@ STEPS = 20
 
 def make_step(precision: str, kernels: str, batch: tuple[int, int] | None = None):
     """One training step of the reference config (or of a batch of `batch` = (windows, tokens))."""
-    exp = load_runs(REPO / "experiments" / "lil_gatsby.yaml")[0].experiment
+    exp = load_runs(REPO / "experiments" / "lil_gatsby.yaml",
+                    [f"train.precision={precision}", f"train.kernels={kernels}"])[0].experiment
     windows, length = batch or (exp.train.batch_size, exp.model.context_length)
     cpu = torch.device("cpu")
-    impl = choose(precision, cpu, kernels)
-    model = build_model(exp.model, exp.train.seed, impl)
-    if precision == "bf16-true":
-        model.to(torch.bfloat16)  # type: ignore[arg-type]  # transformers types .to() without self
-    optimizer = adam(model.parameters(), impl, exp.train.lr, exp.train.betas, exp.train.eps)
+    model, optimizer, _ = build_model_and_optimizer(exp, cpu)  # the runner's own, as `lilgatsby train` builds them
     mask = causal_mask(model, length, cpu)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     tokens = torch.randint(0, 128, (windows, length + 1), generator=torch.Generator().manual_seed(0))

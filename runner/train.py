@@ -119,8 +119,8 @@ def _continue_with_threads_of(ckpt: checkpoint.Checkpoint, run_id: str) -> None:
                                f"(torch runs {torch.get_num_threads()}); --restart trains it again from step 0")
 
 
-def _build_model_and_optimizer(exp: Experiment, device: torch.device
-                               ) -> tuple[GPT2LMHeadModel, torch.optim.Optimizer, dict[str, str]]:
+def build_model_and_optimizer(exp: Experiment, device: torch.device
+                              ) -> tuple[GPT2LMHeadModel, torch.optim.Optimizer, dict[str, str]]:
     """The model, its optimizer, and the implementation choices that produced them (kernels and
     host allocator; recorded, since they change rounding)."""
     kernels = choose(exp.train.precision, device, exp.train.kernels)
@@ -188,7 +188,7 @@ def _train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.d
         torch.set_num_threads(threads)
     sampler = make_sampler(cfg.batch_order, _tokens(corpus), exp.model.context_length, cfg.batch_size, cfg.seed)
     save_tokenizer(run_dir / "tokenizer")
-    model, optimizer, impl = _build_model_and_optimizer(exp, torch_device)
+    model, optimizer, impl = build_model_and_optimizer(exp, torch_device)
     n_params = count_parameters(model)
     header = {**_recording_metadata(exp, corpus, env, started_at, n_params, torch_device),
               "implementation": json.dumps(impl, sort_keys=True)}
