@@ -3,7 +3,9 @@
 Streams both files in chunks of rows (`rows.RowReader`), so memory stays bounded on 1 GB files.
 For each tensor: identical or not, the largest absolute and relative difference, the largest
 difference in units in the last place of its dtype, and the first row (and step) that differs;
-then the config and metadata keys whose values differ.
+then whether the full-precision parameters are identical at the start and the end (by their
+SHA-256 in the metadata: the recorded `W` is bf16), and the config and metadata keys whose values
+differ.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from runner.rows import RowReader, as_fp32
 from runner.rundir import RECORDING
 
 CHUNK_ROWS = 64
+# Metadata: SHA-256 of every parameter as training held it (full precision), before the first
+# update and after the last; recordings made before they were written have neither.
+PARAMETER_FINGERPRINTS = {"initial": "parameters_initial_sha256", "final": "parameters_final_sha256"}
 
 
 @dataclass
@@ -93,8 +98,20 @@ def _short(value: object, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
+def _parameters_line(fingerprints: dict[str, tuple[str | None, str | None]]) -> str:
+    """How the full-precision parameters compare, by their fingerprints."""
+    states = []
+    for when, (a, b) in fingerprints.items():
+        if a and b:
+            states.append(f"{when} {'identical' if a == b else 'differs'}")
+        elif a or b:
+            states.append(f"{when} not recorded in {'B' if a else 'A'}")
+    return f"{'parameters':<16} full precision   " + (", ".join(states) or "not recorded")
+
+
 def compare(path_a: Path, path_b: Path) -> tuple[list[str], bool]:
-    """Report lines and whether every tensor is identical. Paths are recordings or run directories."""
+    """Report lines and whether the recordings are identical: every tensor, and the full-precision
+    parameters where both fingerprint them. Paths are recordings or run directories."""
     paths = [p / RECORDING if p.is_dir() else p for p in (path_a, path_b)]
     with RowReader(paths[0]) as a, RowReader(paths[1]) as b:
         names = list(a.tensors) + [n for n in b.tensors if n not in a.tensors]
@@ -102,6 +119,8 @@ def compare(path_a: Path, path_b: Path) -> tuple[list[str], bool]:
         every = int(a.metadata.get("record_every", "1"))
         config_a, config_b = (flatten_config(json.loads(r.metadata.get("config", "{}"))) for r in (a, b))
         meta_a, meta_b = ({k: v for k, v in r.metadata.items() if k != "config"} for r in (a, b))
+    fingerprints = {when: (meta_a.pop(key, None), meta_b.pop(key, None))
+                    for when, key in PARAMETER_FINGERPRINTS.items()}
     lines = [f"A: {paths[0]}", f"B: {paths[1]}"]
     for d in diffs:
         head = f"{d.name:<16} {d.dtype:<4} {str(list(d.shape)):<16} "
@@ -115,10 +134,13 @@ def compare(path_a: Path, path_b: Path) -> tuple[list[str], bool]:
             where = f"row {d.first_row}" + (f" (step {d.first_row * every})" if d.name in RECORDED_TENSORS else "")
             lines.append(head + f"differs: {d.differing:,} of {total:,} values; max abs {d.max_abs:.3g}, "
                          f"max rel {d.max_rel:.3g}, max {d.max_ulp:,} ulp ({d.dtype}); first at {where}")
+    parameters_differ = any(x and y and x != y for x, y in fingerprints.values())
+    lines.append(_parameters_line(fingerprints))
     for label, (x, y) in (("config", (config_a, config_b)), ("metadata", (meta_a, meta_b))):
         for key, value_a, value_b in _differing_keys(x, y):
             lines.append(f"{label} differs: {key}: {_short(value_a)} vs {_short(value_b)}")
     same = sum(d.identical for d in diffs)
-    lines.append(f"{same} of {len(diffs)} tensors identical")
-    return lines, same == len(diffs)
+    lines.append(f"{same} of {len(diffs)} tensors identical"
+                 + ("; the full-precision parameters differ" if parameters_differ else ""))
+    return lines, same == len(diffs) and not parameters_differ
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -76,3 +78,14 @@ def mean_last_logits(logits: torch.Tensor, kernels: str) -> torch.Tensor:
 def count_parameters(model: torch.nn.Module) -> int:
     """Distinct parameters (the tied matrix counts once): 116,480 for the reference config."""
     return sum(p.numel() for p in model.parameters())
+
+
+def parameters_sha256(model: torch.nn.Module) -> str:
+    """SHA-256 of every parameter (name, dtype, shape and bytes, in named order) as training holds
+    it: the full-precision state, which the recording's bf16 `W` rows do not show in fp32 and
+    bf16-mixed runs (nor the other parameters in any precision)."""
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        digest.update(f"{name}:{param.dtype}:{tuple(param.shape)};".encode())
+        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().data)
+    return digest.hexdigest()

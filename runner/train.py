@@ -23,7 +23,7 @@ from runner.data import NotebookSampler, make_sampler
 from runner.host import keep_freed_memory_mapped, resolve_device, thread_count
 from runner.kernels import adam, choose
 from runner.metrics import dead_token_summary, write_metrics
-from runner.model import batch_loss, build_model, causal_mask, count_parameters, mean_last_logits
+from runner.model import batch_loss, build_model, causal_mask, count_parameters, mean_last_logits, parameters_sha256
 from runner.provenance import environment
 from runner.record import RecordingWriter, check_free_space, expected_layout, partial_path
 from runner.rundir import RECORDING, is_complete, read_manifest, run_lock, write_manifest
@@ -191,7 +191,8 @@ def _train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.d
     model, optimizer, impl = build_model_and_optimizer(exp, torch_device)
     n_params = count_parameters(model)
     header = {**_recording_metadata(exp, corpus, env, started_at, n_params, torch_device),
-              "implementation": json.dumps(impl, sort_keys=True)}
+              "implementation": json.dumps(impl, sort_keys=True),
+              "parameters_initial_sha256": parameters_sha256(model)}  # before a checkpoint is loaded
     writer, ckpt = _open_recording(exp, run_dir, model, optimizer, restart, header, torch_device)
     start, train_s_before = (ckpt.step + 1, ckpt.train_s) if ckpt else (1, 0.0)
     losses = torch.empty(cfg.steps, device=torch_device)
@@ -260,7 +261,8 @@ def _finish(exp: Experiment, run_dir: Path, corpus: Corpus, model, optimizer, wr
     metrics = {"final_loss": losses[-1].item(), "mean_loss_last_100": losses[-100:].mean().item(),
                "train_s": train_s, "steps_per_s": exp.train.steps / train_s, "wall_s": time.perf_counter() - t0}
     path = writer.close({"W_final": W, "momentum_final": state["exp_avg"], "variance_final": state["exp_avg_sq"]},
-                        {k: repr(v) for k, v in metrics.items()})
+                        {**{k: repr(v) for k, v in metrics.items()},
+                         "parameters_final_sha256": parameters_sha256(model)})
     checkpoint.remove(run_dir)
     write_metrics(run_dir)
     summary = dead_token_summary(W.detach().float().cpu().numpy(), corpus.token_counts)

@@ -35,6 +35,7 @@ def test_identical_runs(twins, capsys):
     out = capsys.readouterr().out
     assert len(re.findall(r"^\w+\s+(BF16|F32)\s+\[[\d, ]+\]\s+identical$", out, re.M)) == 9
     assert "9 of 9 tensors identical" in out
+    assert re.search(r"^parameters\s+full precision\s+initial identical, final identical$", out, re.M)
     assert "config differs" not in out  # (timings in the metadata may differ: they are not tensors)
 
 
@@ -53,6 +54,39 @@ def test_one_ulp_apart(twins, tmp_path, capsys):
     line = next(line for line in out.splitlines() if line.startswith("W "))
     assert "differs: 1 of 106,496 values" in line and "max 1 ulp (BF16)" in line and "first at row 3 (step 3)" in line
     assert "8 of 9 tensors identical" in out
+
+
+def rewrite_metadata(path, **changes) -> None:
+    """Change metadata in place (None removes a key); the header keeps its size (padded)."""
+    data = bytearray(path.read_bytes())
+    (size,) = struct.unpack_from("<Q", data)
+    header = json.loads(data[8:8 + size])
+    metadata = header["__metadata__"]
+    for key, value in changes.items():
+        if value is None:
+            del metadata[key]
+        else:
+            metadata[key] = value
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    assert len(encoded) <= size
+    data[8:8 + size] = encoded.ljust(size)
+    path.write_bytes(bytes(data))
+
+
+def test_full_precision_parameters(twins, tmp_path, capsys):
+    """The recorded W is bf16: parameters that differ below it, or elsewhere, differ in their fingerprint."""
+    copy = tmp_path / RECORDING
+    shutil.copy(twins["a"] / RECORDING, copy)
+    rewrite_metadata(copy, parameters_final_sha256="0" * 64)
+    assert main(["compare", str(twins["a"]), str(copy)]) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"^parameters\s+full precision\s+initial identical, final differs$", out, re.M)
+    assert "9 of 9 tensors identical; the full-precision parameters differ" in out
+    assert "metadata differs: parameters" not in out  # said once, on its own line
+    rewrite_metadata(copy, parameters_initial_sha256=None, parameters_final_sha256=None)  # an older recording
+    assert main(["compare", str(twins["a"]), str(copy)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^parameters\s+full precision\s+initial not recorded in B, final not recorded in B$", out, re.M)
 
 
 def test_differently_shaped(twins, capsys):

@@ -16,9 +16,10 @@ import torch
 
 import runner.corpus
 import runner.record
+from runner.compare import PARAMETER_FINGERPRINTS
 from runner.rundir import RECORDING
 from runner.train import run
-from runner.verify import load_recording
+from runner.verify import load_recording, read_metadata
 
 from conftest import REPO
 
@@ -36,23 +37,27 @@ def experiment_file(tmp_path_factory, small_book) -> Path:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(experiment_file, tmp_path_factory) -> dict:
+def uninterrupted(experiment_file, tmp_path_factory) -> Path:
     from runner.config import load_runs
     (spec,) = load_runs(experiment_file)
     run_dir = tmp_path_factory.mktemp("uninterrupted")
     run(spec.experiment, run_dir, progress=False)
-    return load_recording(run_dir / RECORDING)
+    return run_dir
 
 
 def train_cmd(experiment_file: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "runner.cli", "train", str(experiment_file), "--out", str(out), "--quiet"]
 
 
-def assert_identical(out: Path, expected: dict) -> None:
-    recording = load_recording(out / RECORDING)
-    assert set(recording) == set(expected)
-    for name, tensor in expected.items():
+def assert_identical(out: Path, expected: Path) -> None:
+    """`out`'s recording equals the run in `expected`: every tensor, and every parameter at the
+    end (full precision, by the fingerprint in the metadata)."""
+    recording, want = load_recording(out / RECORDING), load_recording(expected / RECORDING)
+    assert set(recording) == set(want)
+    for name, tensor in want.items():
         assert torch.equal(recording[name], tensor), name
+    for key in PARAMETER_FINGERPRINTS.values():
+        assert read_metadata(out / RECORDING)[key] == read_metadata(expected / RECORDING)[key], key
     assert not list(out.glob("*.partial")) and not list(out.glob("checkpoint*"))
 
 
@@ -168,7 +173,7 @@ def test_resume_in_a_later_epoch(tmp_path, crash_after_checkpoint):
     run(exp, tmp_path / "uninterrupted", progress=False)
     crash_after_checkpoint(exp, tmp_path / "resumed")
     assert run(exp, tmp_path / "resumed", progress=False)["resumed_from_step"] == 12
-    assert_identical(tmp_path / "resumed", load_recording(tmp_path / "uninterrupted" / RECORDING))
+    assert_identical(tmp_path / "resumed", tmp_path / "uninterrupted")
 
 
 @pytest.fixture
@@ -187,7 +192,7 @@ def test_resume_keeps_the_thread_count_it_started_with(make_experiment, tmp_path
     manifest = run(exp, tmp_path / "resumed", threads=2, progress=False)
     assert manifest["resumed_from_step"] == 10 and manifest["threads"] == 1
     assert "resuming with the 1 threads it started with (offered 2)" in (tmp_path / "resumed" / "train.log").read_text()
-    assert_identical(tmp_path / "resumed", load_recording(tmp_path / "uninterrupted" / RECORDING))
+    assert_identical(tmp_path / "resumed", tmp_path / "uninterrupted")
 
 
 def test_resume_with_other_kernels_starts_over(make_experiment, tmp_path, crash_after_checkpoint, monkeypatch):
@@ -205,4 +210,4 @@ def test_resume_with_other_kernels_starts_over(make_experiment, tmp_path, crash_
     manifest = run(exp, tmp_path / "resumed", progress=False)
     assert "resumed_from_step" not in manifest
     assert "started with other kernels" in (tmp_path / "resumed" / "train.log").read_text()
-    assert_identical(tmp_path / "resumed", load_recording(tmp_path / "uninterrupted" / RECORDING))
+    assert_identical(tmp_path / "resumed", tmp_path / "uninterrupted")
