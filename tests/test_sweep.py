@@ -136,9 +136,16 @@ def test_two_sweeps_on_one_runs_dir_never_train_a_run_twice(long_sweep, tmp_path
         assert log.count(" complete: final loss") == 1, log
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """A shell starts background jobs with SIGINT ignored, and children inherit that: a suite run
+    in the background would see the sweep ignore Ctrl-C. The sweep gets the default action back."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_cancels_cleanly_and_the_sweep_resumes(long_sweep, tmp_path):
     runs = tmp_path / "runs"
-    sweep = subprocess.Popen(_sweep_cmd(long_sweep, runs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sweep = subprocess.Popen(_sweep_cmd(long_sweep, runs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             preexec_fn=_sigint_as_in_a_terminal)
     deadline = time.monotonic() + 120
     while not list(runs.glob("long/*/checkpoint.safetensors")) and time.monotonic() < deadline:
         time.sleep(0.05)
