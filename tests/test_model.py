@@ -6,7 +6,7 @@ import torch
 
 from runner.config import ModelConfig
 from runner.host import keep_freed_memory_mapped
-from runner.model import build_model, count_parameters
+from runner.model import build_model, count_parameters, parameters_sha256
 
 
 def test_reference_model_shape_and_tying():
@@ -24,6 +24,15 @@ def test_initialisation_depends_only_on_seed():
     a, b, c = (build_model(ModelConfig(), seed) for seed in (1, 1, 2))
     assert torch.equal(a.lm_head.weight, b.lm_head.weight)
     assert not torch.equal(a.lm_head.weight, c.lm_head.weight)
+
+
+def test_parameters_fingerprint_sees_one_bit_of_any_parameter():
+    a, b = build_model(ModelConfig(), seed=1), build_model(ModelConfig(), seed=1)
+    assert parameters_sha256(a) == parameters_sha256(b)
+    with torch.no_grad():  # the last bit of one value of the last layer norm, below bf16's precision
+        bits = b.transformer.ln_f.bias.view(torch.int32)
+        bits[7] ^= 1
+    assert parameters_sha256(a) != parameters_sha256(b)
 
 
 def test_freed_step_memory_is_reused_without_page_faults():
