@@ -17,6 +17,7 @@ from tqdm import tqdm
 from transformers import GPT2LMHeadModel
 
 from runner import checkpoint
+from runner.compare import PARAMETER_FINGERPRINTS
 from runner.config import Experiment
 from runner.corpus import Corpus, load_corpus
 from runner.data import NotebookSampler, make_sampler
@@ -192,7 +193,7 @@ def _train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.d
     n_params = count_parameters(model)
     header = {**_recording_metadata(exp, corpus, env, started_at, n_params, torch_device),
               "implementation": json.dumps(impl, sort_keys=True),
-              "parameters_initial_sha256": parameters_sha256(model)}  # before a checkpoint is loaded
+              PARAMETER_FINGERPRINTS["initial"]: parameters_sha256(model)}  # before a checkpoint is loaded
     writer, ckpt = _open_recording(exp, run_dir, model, optimizer, restart, header, torch_device)
     start, train_s_before = (ckpt.step + 1, ckpt.train_s) if ckpt else (1, 0.0)
     losses = torch.empty(cfg.steps, device=torch_device)
@@ -262,7 +263,7 @@ def _finish(exp: Experiment, run_dir: Path, corpus: Corpus, model, optimizer, wr
                "train_s": train_s, "steps_per_s": exp.train.steps / train_s, "wall_s": time.perf_counter() - t0}
     path = writer.close({"W_final": W, "momentum_final": state["exp_avg"], "variance_final": state["exp_avg_sq"]},
                         {**{k: repr(v) for k, v in metrics.items()},
-                         "parameters_final_sha256": parameters_sha256(model)})
+                         PARAMETER_FINGERPRINTS["final"]: parameters_sha256(model)})
     checkpoint.remove(run_dir)
     write_metrics(run_dir)
     summary = dead_token_summary(W.detach().float().cpu().numpy(), corpus.token_counts)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from runner import kernels
+from runner.compare import PARAMETER_FINGERPRINTS
 from runner.corpus import load_corpus
 from runner.model import parameters_sha256
 from runner.rundir import RECORDING
@@ -57,7 +58,7 @@ def reference_loop(exp):
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                            fused=chosen.adam == "fused" or None)
     W = model.lm_head.weight
-    fingerprints = {"parameters_initial_sha256": parameters_sha256(model)}
+    fingerprints = {PARAMETER_FINGERPRINTS["initial"]: parameters_sha256(model)}
     n = len(tokens) - 128
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
     rows = {k: [] for k in NAMES}
@@ -82,7 +83,7 @@ def reference_loop(exp):
         opt.zero_grad()
     finals = {"W_final": W.detach().to(torch.bfloat16), "momentum_final": opt.state[W]["exp_avg"].float(),
               "variance_final": opt.state[W]["exp_avg_sq"].float()}
-    fingerprints["parameters_final_sha256"] = parameters_sha256(model)
+    fingerprints[PARAMETER_FINGERPRINTS["final"]] = parameters_sha256(model)
     return {**{k: torch.stack(v) for k, v in rows.items()}, **finals}, fingerprints
 
 
