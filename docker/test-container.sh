@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # make test-container: build the image on this machine (local Debian base, host wheelhouse), then in
-# containers run the smoke experiment, the smoke sweep (local Ray inside), and the smoke sweep on a
-# Ray cluster of a head and a worker container; check every result on the host.
+# containers run the smoke experiment (bitwise equal to the same run on the host), the smoke sweep
+# (local Ray inside), and the smoke sweep on a Ray cluster of a head and a worker container; check
+# every result on the host.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
@@ -41,6 +42,10 @@ import json, sys
 env = json.load(open(sys.argv[1]))["environment"]
 assert env["image"] == sys.argv[2] and env["git_commit"] != "unknown", env
 PY
+
+step "the smoke experiment on the host: the same bits (lilgatsby compare)"
+"$lilgatsby" train experiments/smoke.yaml --corpus "$corpus" --out "$work/host" --quiet
+"$lilgatsby" compare "$work/host" "$run_dir" || fail "the container's recording differs from the host's"
 
 step "smoke sweep in a container (local Ray inside)"
 run_in_container sweep /opt/lilgatsby/experiments/smoke_sweep.yaml --quiet
