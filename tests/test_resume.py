@@ -56,8 +56,9 @@ def assert_identical(out: Path, expected: Path) -> None:
     assert set(recording) == set(want)
     for name, tensor in want.items():
         assert torch.equal(recording[name], tensor), name
+    got_metadata, want_metadata = read_metadata(out / RECORDING), read_metadata(expected / RECORDING)
     for key in PARAMETER_FINGERPRINTS.values():
-        assert read_metadata(out / RECORDING)[key] == read_metadata(expected / RECORDING)[key], key
+        assert got_metadata[key] == want_metadata[key], key
     assert not list(out.glob("*.partial")) and not list(out.glob("checkpoint*"))
 
 
