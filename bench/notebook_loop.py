@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from runner.corpus import load_corpus  # noqa: E402  (the same cleaned text as the runner)
-from runner.tokenizer import encode  # noqa: E402
+from runner.data.corpus import load_corpus  # noqa: E402  (the same cleaned text as the runner)
+from runner.data.tokenizer import encode  # noqa: E402
 
 
 class WindowDataset(Dataset):

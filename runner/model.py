@@ -10,7 +10,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from runner.config import ModelConfig
 from runner.kernels import HF_DEFAULTS, Kernels, use_kernels
-from runner.tokenizer import BOS, EOS
+from runner.data.tokenizer import BOS, EOS
 
 
 def gpt2_config(cfg: ModelConfig, kernels: Kernels = HF_DEFAULTS) -> GPT2Config:

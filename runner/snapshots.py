@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from runner.config import Experiment
-from runner.tokenizer import save_tokenizer
+from runner.data.tokenizer import save_tokenizer
 
 MODELS = "models"
 PYTHIA_EARLY_STEPS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # EleutherAI Pythia's log-spaced checkpoints

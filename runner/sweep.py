@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from runner.config import ConfigError, Experiment, Run, build_experiment, load_runs
-from runner.corpus import ENV_VAR, load_corpus, resolve_path
+from runner.data.corpus import ENV_VAR, load_corpus, resolve_path
 from runner.index import rebuild_index
 from runner.record import recording_size
 from runner.rundir import RunLocked, is_complete, read_manifest, write_manifest

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from runner.config import build_experiment
-from runner.corpus import ENV_VAR
+from runner.data.corpus import ENV_VAR
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -3,8 +3,8 @@ import urllib.request
 
 import pytest
 
-from runner import corpus as corpus_mod
-from runner.corpus import CorpusError, clean, load_corpus, resolve_path
+from runner.data import corpus as corpus_mod
+from runner.data.corpus import CorpusError, clean, load_corpus, resolve_path
 
 from conftest import SMALL_BOOK
 
@@ -47,7 +47,7 @@ def test_shared_book_map(book_path):
 def test_file_without_markers_is_used_whole_with_warning(tmp_path, caplog):
     path = tmp_path / "plain.txt"
     path.write_text("just some text\n")
-    with caplog.at_level(logging.WARNING, logger="runner.corpus"):
+    with caplog.at_level(logging.WARNING, logger="runner.data.corpus"):
         assert load_corpus(str(path), "drop").text == "just some text\n"
     assert "no Project Gutenberg START/END markers" in caplog.text
 

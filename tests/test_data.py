@@ -4,7 +4,7 @@ import itertools
 
 import torch
 
-from runner.data import WindowSampler
+from runner.data.batches import WindowSampler
 
 CONTEXT, BATCH, SEED = 3, 4, 7
 

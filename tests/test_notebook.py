@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from runner.config import load_runs
-from runner.data import NotebookSampler
+from runner.data.batches import NotebookSampler
 from runner.rundir import RECORDING
 from runner.train import run
 from runner.verify import load_recording

@@ -11,7 +11,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from runner import kernels
 from runner.compare import PARAMETER_FINGERPRINTS
-from runner.corpus import load_corpus
+from runner.data.corpus import load_corpus
 from runner.model import parameters_sha256
 from runner.rundir import RECORDING
 from runner.train import run

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import runner.corpus
+import runner.data.corpus
 import runner.record
 from runner.compare import PARAMETER_FINGERPRINTS
 from runner.rundir import RECORDING
@@ -161,14 +161,14 @@ def test_resume_in_a_later_epoch(tmp_path, crash_after_checkpoint):
     """A corpus of 10 batches per epoch: the run crashes right after its checkpoint at step 12 (in
     epoch 2) and resumes there, to the same recording as an uninterrupted run."""
     from runner.config import build_experiment
-    from runner.data import WindowSampler
-    from runner.tokenizer import encode
+    from runner.data.batches import WindowSampler
+    from runner.data.tokenizer import encode
 
     book = tmp_path / "tiny.txt"
     book.write_text("It was the green light at the end of Daisy's dock. " * 2)
     exp = build_experiment({"name": "epochs", "corpus": {"path": str(book)}, "model": {"context_length": 16},
                             "train": {"steps": 30, "batch_size": 8, "device": "cpu", "checkpoint_every": 12}})
-    text = runner.corpus.load_corpus(str(book), "drop").text
+    text = runner.data.corpus.load_corpus(str(book), "drop").text
     per_epoch = WindowSampler(encode(text), 16, 8, 0).batches_per_epoch
     assert per_epoch < 12 < 2 * per_epoch < 30  # resumes in epoch 2, then crosses into epoch 3
     run(exp, tmp_path / "uninterrupted", progress=False)

@@ -3,7 +3,7 @@ import random
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from runner.tokenizer import VOCAB_SIZE, build_tokenizer, encode, save_tokenizer
+from runner.data.tokenizer import VOCAB_SIZE, build_tokenizer, encode, save_tokenizer
 
 ALL_ASCII = "".join(chr(i) for i in range(128))
 
