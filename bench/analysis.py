@@ -36,7 +36,7 @@ def metrics_cost(run_dir: Path, work: Path) -> dict:
 def end_of_run_cost(run_dir: Path, work: Path) -> dict:
     # Imported here, after the measured children ran: a forked child's peak RSS counts the pages it
     # shared with this process before exec, and torch is ~240 MiB of them.
-    from runner.model import build_model
+    from runner.model.gpt2 import build_model
     from runner.snapshots import Snapshots
 
     manifest = json.loads((run_dir / MANIFEST).read_text())

@@ -19,17 +19,24 @@ from transformers import GPT2LMHeadModel
 from runner import checkpoint
 from runner.compare import PARAMETER_FINGERPRINTS
 from runner.config import Experiment
-from runner.data.corpus import Corpus, load_corpus
 from runner.data.batches import NotebookSampler, make_sampler
+from runner.data.corpus import Corpus, load_corpus
+from runner.data.tokenizer import build_tokenizer, encode, save_tokenizer
 from runner.host import keep_freed_memory_mapped, resolve_device, thread_count
-from runner.kernels import adam, choose
 from runner.metrics import dead_token_summary, write_metrics
-from runner.model import batch_loss, build_model, causal_mask, count_parameters, mean_last_logits, parameters_sha256
+from runner.model.gpt2 import (
+    batch_loss,
+    build_model,
+    causal_mask,
+    count_parameters,
+    mean_last_logits,
+    parameters_sha256,
+)
+from runner.model.kernels import adam, choose
 from runner.provenance import environment
 from runner.record import RecordingWriter, check_free_space, expected_layout, partial_path
 from runner.rundir import RECORDING, is_complete, read_manifest, run_lock, write_manifest
 from runner.snapshots import Snapshots
-from runner.data.tokenizer import build_tokenizer, encode, save_tokenizer
 from runner.verify import layout_problems, read_metadata
 
 log = logging.getLogger(__name__)

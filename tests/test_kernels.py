@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from transformers.models.gpt2.modeling_gpt2 import eager_attention_forward
 
-from runner import kernels
 from runner.config import ModelConfig
-from runner.model import build_model
+from runner.model import kernels
+from runner.model.gpt2 import build_model
 from runner.rundir import RECORDING
 from runner.train import run
 from runner.verify import load_recording

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from runner import kernels
 from runner.compare import PARAMETER_FINGERPRINTS
 from runner.data.corpus import load_corpus
-from runner.model import parameters_sha256
+from runner.model import kernels
+from runner.model.gpt2 import parameters_sha256
 from runner.rundir import RECORDING
 from runner.train import run
 from runner.verify import adam_violations, load_recording, read_metadata

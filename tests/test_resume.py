@@ -200,7 +200,7 @@ def test_resume_with_other_kernels_starts_over(make_experiment, tmp_path, crash_
     """A run interrupted under other kernels (older code, same run id) is trained again from step 0
     with today's, never continued with mixed bits."""
     import runner.train
-    from runner.kernels import HF_DEFAULTS, choose
+    from runner.model.kernels import HF_DEFAULTS, choose
 
     exp = make_experiment(train={"steps": 30, "checkpoint_every": 10})
     assert choose(exp.train.precision, torch.device("cpu"), exp.train.kernels) != HF_DEFAULTS

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from runner.config import ModelConfig
-from runner.kernels import HF_DEFAULTS, Kernels, use_kernels
 from runner.data.tokenizer import BOS, EOS
+from runner.model.kernels import HF_DEFAULTS, Kernels, use_kernels
 
 
 def gpt2_config(cfg: ModelConfig, kernels: Kernels = HF_DEFAULTS) -> GPT2Config:
