@@ -101,7 +101,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from runner.verify import verify
+    from runner.recording.verify import verify
 
     failed = 0
     for path in args.paths:

@@ -18,7 +18,7 @@ import numpy as np
 
 from runner.config import RECORDED_TENSORS
 from runner.index import flatten_config
-from runner.rows import RowReader, as_fp32
+from runner.recording.rows import RowReader, as_fp32
 from runner.rundir import RECORDING
 
 CHUNK_ROWS = 64

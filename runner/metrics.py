@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from runner.config import build_experiment
-from runner.rows import RowReader, recorded_steps
+from runner.recording.rows import RowReader, recorded_steps
 from runner.rundir import RECORDING, write_atomic
 
 log = logging.getLogger(__name__)

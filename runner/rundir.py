@@ -66,7 +66,7 @@ _verified: dict[tuple[str, int, int], bool] = {}
 
 def recording_ok(path: Path) -> bool:
     """The quick `verify` of a recording, remembered by (path, size, mtime)."""
-    from runner.verify import verify  # torch: imported when a recording is checked, not by `load_index`
+    from runner.recording.verify import verify  # torch: imported when a recording is checked, not by `load_index`
 
     try:
         stat = path.stat()

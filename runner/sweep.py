@@ -22,7 +22,7 @@ from tqdm import tqdm
 from runner.config import ConfigError, Experiment, Run, build_experiment, load_runs
 from runner.data.corpus import ENV_VAR, load_corpus, resolve_path
 from runner.index import rebuild_index
-from runner.record import recording_size
+from runner.recording.writer import recording_size
 from runner.rundir import RunLocked, is_complete, read_manifest, write_manifest
 
 log = logging.getLogger(__name__)

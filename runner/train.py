@@ -34,10 +34,10 @@ from runner.model.gpt2 import (
 )
 from runner.model.kernels import adam, choose
 from runner.provenance import environment
-from runner.record import RecordingWriter, check_free_space, expected_layout, partial_path
+from runner.recording.verify import layout_problems, read_metadata
+from runner.recording.writer import RecordingWriter, check_free_space, expected_layout, partial_path
 from runner.rundir import RECORDING, is_complete, read_manifest, run_lock, write_manifest
 from runner.snapshots import Snapshots
-from runner.verify import layout_problems, read_metadata
 
 log = logging.getLogger(__name__)
 progress_log = logging.getLogger("runner.progress")  # train.log only; the console has the bar

@@ -9,9 +9,9 @@ from transformers.models.gpt2.modeling_gpt2 import eager_attention_forward
 from runner.config import ModelConfig
 from runner.model import kernels
 from runner.model.gpt2 import build_model
+from runner.recording.verify import load_recording
 from runner.rundir import RECORDING
 from runner.train import run
-from runner.verify import load_recording
 
 CPU = torch.device("cpu")
 # fast vs transformers' eager kernels over 200 steps (README, "Training"): the largest per-step loss

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from runner.metrics import compute_metrics, dead_row_norms, dead_token_summary, load_metrics
-from runner.rows import RowReader
+from runner.recording.rows import RowReader
+from runner.recording.verify import load_recording
 from runner.rundir import RECORDING
-from runner.verify import load_recording
 
 METRIC_COLUMNS = ["step", "loss", "dead_norm", "live_norm", "dead_norm_min", "dead_norm_max", "dead_cosine",
                   "dead_live_cosine", "dead_drift", "live_drift", "dead_grad_norm", "live_grad_norm", "dead_update",
@@ -66,7 +66,7 @@ def synthetic_values(step: int) -> dict[str, torch.Tensor]:
 
 def write_synthetic(path, steps=4, **record):
     from runner.config import build_experiment
-    from runner.record import RecordingWriter
+    from runner.recording.writer import RecordingWriter
 
     exp = build_experiment({"name": "synthetic", "model": {"hidden_dim": 2},
                             "train": {"steps": steps, "betas": [B1, B2], "eps": EPS}, "record": record})

@@ -8,9 +8,9 @@ import torch
 
 from runner.config import load_runs
 from runner.data.batches import NotebookSampler
+from runner.recording.verify import load_recording
 from runner.rundir import RECORDING
 from runner.train import run
-from runner.verify import load_recording
 
 from conftest import REPO
 

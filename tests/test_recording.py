@@ -13,9 +13,9 @@ from runner.compare import PARAMETER_FINGERPRINTS
 from runner.data.corpus import load_corpus
 from runner.model import kernels
 from runner.model.gpt2 import parameters_sha256
+from runner.recording.verify import adam_violations, load_recording, read_metadata
 from runner.rundir import RECORDING
 from runner.train import run
-from runner.verify import adam_violations, load_recording, read_metadata
 
 NAMES = ("W", "grads", "momentum", "variance", "logits", "loss")
 
@@ -202,11 +202,11 @@ def test_stride_and_subset(make_experiment, tmp_path):
 
 def test_rows_cross_chunk_boundaries(make_experiment, tmp_path, monkeypatch):
     """Rows buffered in chunks of 5 land in the same places as rows buffered 256 at a time."""
-    import runner.record
+    import runner.recording.writer
     exp = make_experiment()
     run(exp, tmp_path / "big", progress=False)
-    original = runner.record.RecordingWriter.__init__
-    monkeypatch.setattr(runner.record.RecordingWriter, "__init__",
+    original = runner.recording.writer.RecordingWriter.__init__
+    monkeypatch.setattr(runner.recording.writer.RecordingWriter, "__init__",
                         lambda self, *a, **k: original(self, *a, **{**k, "chunk_rows": 5}))
     run(exp, tmp_path / "small", progress=False)
     a, b = load_recording(tmp_path / "big" / RECORDING), load_recording(tmp_path / "small" / RECORDING)

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 import runner.data.corpus
-import runner.record
+import runner.recording.writer
 from runner.compare import PARAMETER_FINGERPRINTS
+from runner.recording.verify import load_recording, read_metadata
 from runner.rundir import RECORDING
 from runner.train import run
-from runner.verify import load_recording, read_metadata
 
 from conftest import REPO
 
@@ -131,13 +131,13 @@ def test_write_error_mid_run_fails_then_resumes(experiment_file, uninterrupted, 
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_pwrite(fd, data, offset)
 
-    monkeypatch.setattr(runner.record.os, "pwrite", failing_pwrite)
+    monkeypatch.setattr(runner.recording.writer.os, "pwrite", failing_pwrite)
     with pytest.raises(OSError, match="No space left"):
         run(spec.experiment, tmp_path, progress=False)
     manifest = json.loads((tmp_path / "run.json").read_text())
     assert manifest["status"] == "failed" and "No space left" in manifest["error"]
     assert not (tmp_path / RECORDING).exists() and (tmp_path / (RECORDING + ".partial")).exists()
-    monkeypatch.setattr(runner.record.os, "pwrite", real_pwrite)
+    monkeypatch.setattr(runner.recording.writer.os, "pwrite", real_pwrite)
     manifest = run(spec.experiment, tmp_path, progress=False)
     assert manifest["resumed_from_step"] > 0
     assert_identical(tmp_path, uninterrupted)

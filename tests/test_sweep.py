@@ -14,8 +14,8 @@ from runner import sweep
 from runner.cli import main
 from runner.config import build_experiment
 from runner.index import load_index
+from runner.recording.verify import load_recording
 from runner.sweep import task_options
-from runner.verify import load_recording
 
 from conftest import REPO
 

@@ -9,10 +9,10 @@ import torch
 
 from runner.cli import main
 from runner.index import rebuild_index
-from runner.record import DiskSpaceError
+from runner.recording.verify import verify
+from runner.recording.writer import DiskSpaceError
 from runner.rundir import RECORDING, RunLocked, is_complete, run_lock
 from runner.train import run
-from runner.verify import verify
 
 
 @pytest.fixture(scope="module")

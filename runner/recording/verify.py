@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from runner.config import build_experiment
-from runner.record import DTYPE_NAMES, FORMAT_VERSION, expected_layout
+from runner.recording.writer import DTYPE_NAMES, FORMAT_VERSION, expected_layout
 from runner.rundir import RECORDING
 
 

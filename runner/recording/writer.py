@@ -6,7 +6,7 @@ tensor bytes) and fills each tensor's rows in place. The header is written first
 reserved, rows are buffered in chunks and written by a background thread, and the header is
 rewritten with the final metadata at the end. The file lives under `<name>.partial` until it is
 complete, then is renamed: a file with the final name is always complete. Reading back is
-`runner.verify`'s.
+`runner.recording.verify`'s.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from runner.config import Experiment, UserError
-from runner.rows import recorded_steps
+from runner.recording.rows import recorded_steps
 
 FORMAT_VERSION = "1"
 HEADER_SLACK = 4096  # bytes reserved for metadata only known at the end (final loss, timings)
