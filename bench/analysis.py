@@ -37,7 +37,7 @@ def end_of_run_cost(run_dir: Path, work: Path) -> dict:
     # Imported here, after the measured children ran: a forked child's peak RSS counts the pages it
     # shared with this process before exec, and torch is ~240 MiB of them.
     from runner.model.gpt2 import build_model
-    from runner.snapshots import Snapshots
+    from runner.training.snapshots import Snapshots
 
     manifest = json.loads((run_dir / MANIFEST).read_text())
     exp = build_experiment({**manifest["config"], "record": {**manifest["config"]["record"], "model_steps": "final"}})

@@ -20,9 +20,9 @@ from torch.profiler import profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from runner.config import load_runs  # noqa: E402
-from runner.host import keep_freed_memory_mapped  # noqa: E402
 from runner.model.gpt2 import batch_loss, causal_mask  # noqa: E402
-from runner.train import build_model_and_optimizer  # noqa: E402
+from runner.training.host import keep_freed_memory_mapped  # noqa: E402
+from runner.training.loop import build_model_and_optimizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CATEGORIES = {

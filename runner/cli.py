@@ -72,7 +72,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 def cmd_train(args: argparse.Namespace) -> int:
     from runner.index import rebuild_index
     from runner.rundir import is_complete
-    from runner.train import run
+    from runner.training.loop import run
 
     runs = load_runs(args.experiment, _overrides(args))
     if len(runs) != 1:

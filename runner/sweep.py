@@ -1,6 +1,6 @@
 """Sweeps on Ray: one task per run, placed on a GPU, an Apple MPS worker or CPUs.
 
-The only module that imports Ray. Each task calls `runner.train.run`, which writes the run
+The only module that imports Ray. Each task calls `runner.training.loop.run`, which writes the run
 directory under the runs root; that root must be storage every worker can reach (local disk for
 the embedded local instance, a shared volume in a cluster).
 """
@@ -73,7 +73,7 @@ def _probe_task() -> tuple[str, int, str]:
 
 @ray.remote
 def _train_task(config: dict, overrides: dict, run_dir: str, restart: bool, force: bool) -> dict:
-    from runner.train import run  # the model stack is imported by workers only (see _init_ray)
+    from runner.training.loop import run  # the model stack is imported by workers only (see _init_ray)
 
     exp = build_experiment(config)
     device, threads = assigned_device()
@@ -91,7 +91,7 @@ def _init_ray(address: str | None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     # Each worker imports the training stack (torch, transformers: ~3 s) and sets up its allocator
     # as it starts, while the driver is still starting Ray, rather than when its first run arrives.
-    env: dict = {"worker_process_setup_hook": "runner.train.keep_freed_memory_mapped"}
+    env: dict = {"worker_process_setup_hook": "runner.training.loop.keep_freed_memory_mapped"}
     if os.environ.get(ENV_VAR):
         env["env_vars"] = {ENV_VAR: os.environ[ENV_VAR]}
     common: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING,

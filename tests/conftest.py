@@ -44,22 +44,22 @@ def small_book(tmp_path_factory) -> Path:
 def crash_after_checkpoint(monkeypatch):
     """`crash_after_checkpoint(exp, run_dir, **run_kwargs)` trains until the run's first checkpoint
     is written and crashes right there (checking that it did), leaving the run to resume."""
-    import runner.checkpoint
-    from runner.train import run
+    import runner.training.checkpoint
+    from runner.training.loop import run
 
     def crash(exp, run_dir, **run_kwargs):
-        real_save = runner.checkpoint.save
+        real_save = runner.training.checkpoint.save
 
         def save_then_crash(*args):
             real_save(*args)
             raise RuntimeError("injected crash after a checkpoint")
 
-        monkeypatch.setattr(runner.checkpoint, "save", save_then_crash)
+        monkeypatch.setattr(runner.training.checkpoint, "save", save_then_crash)
         try:
             with pytest.raises(RuntimeError, match="injected crash"):
                 run(exp, run_dir, progress=False, **run_kwargs)
         finally:
-            monkeypatch.setattr(runner.checkpoint, "save", real_save)
+            monkeypatch.setattr(runner.training.checkpoint, "save", real_save)
     return crash
 
 

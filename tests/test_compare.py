@@ -9,7 +9,7 @@ import pytest
 
 from runner.cli import main
 from runner.rundir import RECORDING
-from runner.train import run
+from runner.training.loop import run
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from runner.snapshots import snapshot_dir
-from runner.train import run
+from runner.training.loop import run
+from runner.training.snapshots import snapshot_dir
 
 try:
     from transformer_lens.model_bridge import TransformerBridge

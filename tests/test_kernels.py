@@ -11,7 +11,7 @@ from runner.model import kernels
 from runner.model.gpt2 import build_model
 from runner.recording.verify import load_recording
 from runner.rundir import RECORDING
-from runner.train import run
+from runner.training.loop import run
 
 CPU = torch.device("cpu")
 # fast vs transformers' eager kernels over 200 steps (README, "Training"): the largest per-step loss
@@ -111,13 +111,13 @@ def test_fast_kernels_train_like_transformers_eager_ones(make_experiment, tmp_pa
     """200 steps with the `fast` kernels and with transformers' eager ones (eager attention, its
     tanh-GELU, torch's default Adam): the same training up to rounding, within the stated
     tolerances on the loss curve and on W at every step (bf16-true's `fast` is the eager one)."""
-    import runner.train
+    import runner.training.loop
 
     max_loss, mean_loss, w_rel = TOLERANCE[precision]
     exp = make_experiment(train={"steps": 200, "batch_size": 8, "precision": precision},
                           record={"tensors": ["W", "loss"], "model_steps": "none"})
     run(exp, tmp_path / "fast", progress=False)
-    monkeypatch.setattr(runner.train, "choose", lambda *args: HF_EAGER)
+    monkeypatch.setattr(runner.training.loop, "choose", lambda *args: HF_EAGER)
     run(exp, tmp_path / "eager", progress=False)
     fast, eager = (load_recording(tmp_path / name / RECORDING) for name in ("fast", "eager"))
     loss_diff = (fast["loss"] - eager["loss"]).abs()

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from runner.config import ModelConfig
-from runner.host import keep_freed_memory_mapped
 from runner.model.gpt2 import build_model, count_parameters, parameters_sha256
+from runner.training.host import keep_freed_memory_mapped
 
 
 def test_reference_model_shape_and_tying():

@@ -10,7 +10,7 @@ from runner.config import load_runs
 from runner.data.batches import NotebookSampler
 from runner.recording.verify import load_recording
 from runner.rundir import RECORDING
-from runner.train import run
+from runner.training.loop import run
 
 from conftest import REPO
 

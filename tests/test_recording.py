@@ -15,7 +15,7 @@ from runner.model import kernels
 from runner.model.gpt2 import parameters_sha256
 from runner.recording.verify import adam_violations, load_recording, read_metadata
 from runner.rundir import RECORDING
-from runner.train import run
+from runner.training.loop import run
 
 NAMES = ("W", "grads", "momentum", "variance", "logits", "loss")
 

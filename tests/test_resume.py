@@ -19,7 +19,7 @@ import runner.recording.writer
 from runner.compare import PARAMETER_FINGERPRINTS
 from runner.recording.verify import load_recording, read_metadata
 from runner.rundir import RECORDING
-from runner.train import run
+from runner.training.loop import run
 
 from conftest import REPO
 
@@ -99,7 +99,7 @@ def test_sigkill_during_a_checkpoint_write(experiment_file, uninterrupted, tmp_p
     out = tmp_path / "run"
     killer = f"""
 import os, signal, sys
-import runner.checkpoint as ckpt
+import runner.training.checkpoint as ckpt
 calls = []
 def dying_save_file(tensors, path, metadata):
     calls.append(path)
@@ -199,13 +199,13 @@ def test_resume_keeps_the_thread_count_it_started_with(make_experiment, tmp_path
 def test_resume_with_other_kernels_starts_over(make_experiment, tmp_path, crash_after_checkpoint, monkeypatch):
     """A run interrupted under other kernels (older code, same run id) is trained again from step 0
     with today's, never continued with mixed bits."""
-    import runner.train
+    import runner.training.loop
     from runner.model.kernels import HF_DEFAULTS, choose
 
     exp = make_experiment(train={"steps": 30, "checkpoint_every": 10})
     assert choose(exp.train.precision, torch.device("cpu"), exp.train.kernels) != HF_DEFAULTS
     run(exp, tmp_path / "uninterrupted", progress=False)
-    monkeypatch.setattr(runner.train, "choose", lambda *args: HF_DEFAULTS)
+    monkeypatch.setattr(runner.training.loop, "choose", lambda *args: HF_DEFAULTS)
     crash_after_checkpoint(exp, tmp_path / "resumed")
     monkeypatch.undo()
     manifest = run(exp, tmp_path / "resumed", progress=False)

@@ -6,8 +6,8 @@ from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast, pipeline
 
 from runner.recording.verify import load_recording
 from runner.rundir import RECORDING
-from runner.snapshots import snapshot_dir, snapshot_steps
-from runner.train import run
+from runner.training.loop import run
+from runner.training.snapshots import snapshot_dir, snapshot_steps
 
 PYTHIA_12 = ["step-0", "step-1", "step-2", "step-4", "step-8", "step-12"]
 

@@ -12,7 +12,7 @@ from runner.index import rebuild_index
 from runner.recording.verify import verify
 from runner.recording.writer import DiskSpaceError
 from runner.rundir import RECORDING, RunLocked, is_complete, run_lock
-from runner.train import run
+from runner.training.loop import run
 
 
 @pytest.fixture(scope="module")

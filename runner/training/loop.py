@@ -16,13 +16,11 @@ import torch
 from tqdm import tqdm
 from transformers import GPT2LMHeadModel
 
-from runner import checkpoint
 from runner.compare import PARAMETER_FINGERPRINTS
 from runner.config import Experiment
 from runner.data.batches import NotebookSampler, make_sampler
 from runner.data.corpus import Corpus, load_corpus
 from runner.data.tokenizer import build_tokenizer, encode, save_tokenizer
-from runner.host import keep_freed_memory_mapped, resolve_device, thread_count
 from runner.metrics import dead_token_summary, write_metrics
 from runner.model.gpt2 import (
     batch_loss,
@@ -33,11 +31,13 @@ from runner.model.gpt2 import (
     parameters_sha256,
 )
 from runner.model.kernels import adam, choose
-from runner.provenance import environment
 from runner.recording.verify import layout_problems, read_metadata
 from runner.recording.writer import RecordingWriter, check_free_space, expected_layout, partial_path
 from runner.rundir import RECORDING, is_complete, read_manifest, run_lock, write_manifest
-from runner.snapshots import Snapshots
+from runner.training import checkpoint
+from runner.training.host import keep_freed_memory_mapped, resolve_device, thread_count
+from runner.training.provenance import environment
+from runner.training.snapshots import Snapshots
 
 log = logging.getLogger(__name__)
 progress_log = logging.getLogger("runner.progress")  # train.log only; the console has the bar
