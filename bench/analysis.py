@@ -19,11 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.run import LILGATSBY, REPO, run_measured  # noqa: E402
+from runner.analysis.metrics import METRICS, METRICS_SOURCE, write_metrics  # noqa: E402
 from runner.config import build_experiment  # noqa: E402
-from runner.metrics import METRICS, METRICS_SOURCE, write_metrics  # noqa: E402
-from runner.rundir import MANIFEST, RECORDING, write_manifest  # noqa: E402
+from runner.runs.rundir import MANIFEST, RECORDING, write_manifest  # noqa: E402
 
-METRICS_CHILD = ("import sys, time; from runner.metrics import compute_metrics; t = time.perf_counter(); "
+METRICS_CHILD = ("import sys, time; from runner.analysis.metrics import compute_metrics; t = time.perf_counter(); "
                  "compute_metrics(sys.argv[1]); print(time.perf_counter() - t)")
 
 

@@ -70,8 +70,8 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from runner.index import rebuild_index
-    from runner.rundir import is_complete
+    from runner.runs.index import rebuild_index
+    from runner.runs.rundir import is_complete
     from runner.training.loop import run
 
     runs = load_runs(args.experiment, _overrides(args))
@@ -115,7 +115,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from runner.index import experiment_dirs, rebuild_index
+    from runner.runs.index import experiment_dirs, rebuild_index
 
     if not args.runs_dir.is_dir():
         raise ConfigError(f"{args.runs_dir}: not a directory")
@@ -129,7 +129,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from runner.compare import compare
+    from runner.analysis.compare import compare
 
     lines, identical = compare(args.a, args.b)
     print("\n".join(lines))
@@ -137,7 +137,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from runner.report import report
+    from runner.analysis.report import report
 
     experiment_dir = args.experiment
     if experiment_dir.suffix in (".yaml", ".yml"):

@@ -21,9 +21,9 @@ from tqdm import tqdm
 
 from runner.config import ConfigError, Experiment, Run, build_experiment, load_runs
 from runner.data.corpus import ENV_VAR, load_corpus, resolve_path
-from runner.index import rebuild_index
 from runner.recording.writer import recording_size
-from runner.rundir import RunLocked, is_complete, read_manifest, write_manifest
+from runner.runs.index import rebuild_index
+from runner.runs.rundir import RunLocked, is_complete, read_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 STATUS_EVERY_S = 30.0

@@ -8,7 +8,7 @@ import struct
 import pytest
 
 from runner.cli import main
-from runner.rundir import RECORDING
+from runner.runs.rundir import RECORDING
 from runner.training.loop import run
 
 

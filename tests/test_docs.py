@@ -9,7 +9,7 @@ import yaml
 
 from runner.cli import _parser
 from runner.config import Experiment
-from runner.index import flatten_config
+from runner.runs.index import flatten_config
 
 from conftest import REPO
 

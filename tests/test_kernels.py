@@ -10,7 +10,7 @@ from runner.config import ModelConfig
 from runner.model import kernels
 from runner.model.gpt2 import build_model
 from runner.recording.verify import load_recording
-from runner.rundir import RECORDING
+from runner.runs.rundir import RECORDING
 from runner.training.loop import run
 
 CPU = torch.device("cpu")

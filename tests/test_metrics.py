@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from runner.metrics import compute_metrics, dead_row_norms, dead_token_summary, load_metrics
+from runner.analysis.metrics import compute_metrics, dead_row_norms, dead_token_summary, load_metrics
 from runner.recording.rows import RowReader
 from runner.recording.verify import load_recording
-from runner.rundir import RECORDING
+from runner.runs.rundir import RECORDING
 
 METRIC_COLUMNS = ["step", "loss", "dead_norm", "live_norm", "dead_norm_min", "dead_norm_max", "dead_cosine",
                   "dead_live_cosine", "dead_drift", "live_drift", "dead_grad_norm", "live_grad_norm", "dead_update",

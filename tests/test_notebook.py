@@ -9,7 +9,7 @@ import torch
 from runner.config import load_runs
 from runner.data.batches import NotebookSampler
 from runner.recording.verify import load_recording
-from runner.rundir import RECORDING
+from runner.runs.rundir import RECORDING
 from runner.training.loop import run
 
 from conftest import REPO

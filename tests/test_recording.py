@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from runner.compare import PARAMETER_FINGERPRINTS
+from runner.analysis.compare import PARAMETER_FINGERPRINTS
 from runner.data.corpus import load_corpus
 from runner.model import kernels
 from runner.model.gpt2 import parameters_sha256
 from runner.recording.verify import adam_violations, load_recording, read_metadata
-from runner.rundir import RECORDING
+from runner.runs.rundir import RECORDING
 from runner.training.loop import run
 
 NAMES = ("W", "grads", "momentum", "variance", "logits", "loss")

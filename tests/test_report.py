@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
+from runner.analysis.report import CURVES, TRAJECTORIES
 from runner.cli import main
-from runner.report import CURVES, TRAJECTORIES
 
 from conftest import REPO
 

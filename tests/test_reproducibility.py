@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from runner.compare import compare
+from runner.analysis.compare import compare
 
 from conftest import REPO
 

@@ -16,9 +16,9 @@ import torch
 
 import runner.data.corpus
 import runner.recording.writer
-from runner.compare import PARAMETER_FINGERPRINTS
+from runner.analysis.compare import PARAMETER_FINGERPRINTS
 from runner.recording.verify import load_recording, read_metadata
-from runner.rundir import RECORDING
+from runner.runs.rundir import RECORDING
 from runner.training.loop import run
 
 from conftest import REPO

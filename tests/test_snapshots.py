@@ -5,7 +5,7 @@ import torch
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast, pipeline
 
 from runner.recording.verify import load_recording
-from runner.rundir import RECORDING
+from runner.runs.rundir import RECORDING
 from runner.training.loop import run
 from runner.training.snapshots import snapshot_dir, snapshot_steps
 

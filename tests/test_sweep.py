@@ -13,8 +13,8 @@ import pytest
 from runner import sweep
 from runner.cli import main
 from runner.config import build_experiment
-from runner.index import load_index
 from runner.recording.verify import load_recording
+from runner.runs.index import load_index
 from runner.sweep import task_options
 
 from conftest import REPO

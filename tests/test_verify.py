@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from runner.cli import main
-from runner.index import rebuild_index
 from runner.recording.verify import verify
 from runner.recording.writer import DiskSpaceError
-from runner.rundir import RECORDING, RunLocked, is_complete, run_lock
+from runner.runs.index import rebuild_index
+from runner.runs.rundir import RECORDING, RunLocked, is_complete, run_lock
 from runner.training.loop import run
 
 

@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from runner.config import build_experiment
 from runner.recording.writer import DTYPE_NAMES, FORMAT_VERSION, expected_layout
-from runner.rundir import RECORDING
+from runner.runs.rundir import RECORDING
 
 
 def layout_problems(path: Path, expected: dict) -> list[str]:

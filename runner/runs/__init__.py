@@ -1,1 +1,1 @@
-"""runs"""
+"""Runs on disk: a run directory (manifest, lock, completeness) and the per-experiment index."""

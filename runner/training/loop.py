@@ -16,12 +16,12 @@ import torch
 from tqdm import tqdm
 from transformers import GPT2LMHeadModel
 
-from runner.compare import PARAMETER_FINGERPRINTS
+from runner.analysis.compare import PARAMETER_FINGERPRINTS
+from runner.analysis.metrics import dead_token_summary, write_metrics
 from runner.config import Experiment
 from runner.data.batches import NotebookSampler, make_sampler
 from runner.data.corpus import Corpus, load_corpus
 from runner.data.tokenizer import build_tokenizer, encode, save_tokenizer
-from runner.metrics import dead_token_summary, write_metrics
 from runner.model.gpt2 import (
     batch_loss,
     build_model,
@@ -33,7 +33,7 @@ from runner.model.gpt2 import (
 from runner.model.kernels import adam, choose
 from runner.recording.verify import layout_problems, read_metadata
 from runner.recording.writer import RecordingWriter, check_free_space, expected_layout, partial_path
-from runner.rundir import RECORDING, is_complete, read_manifest, run_lock, write_manifest
+from runner.runs.rundir import RECORDING, is_complete, read_manifest, run_lock, write_manifest
 from runner.training import checkpoint
 from runner.training.host import keep_freed_memory_mapped, resolve_device, thread_count
 from runner.training.provenance import environment

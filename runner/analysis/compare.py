@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from runner.config import RECORDED_TENSORS
-from runner.index import flatten_config
 from runner.recording.rows import RowReader, as_fp32
-from runner.rundir import RECORDING
+from runner.runs.index import flatten_config
+from runner.runs.rundir import RECORDING
 
 CHUNK_ROWS = 64
 # Metadata: SHA-256 of every parameter as training held it (full precision), before the first

@@ -17,7 +17,7 @@ import pandas as pd
 
 from runner.config import build_experiment
 from runner.recording.rows import RowReader, recorded_steps
-from runner.rundir import RECORDING, write_atomic
+from runner.runs.rundir import RECORDING, write_atomic
 
 log = logging.getLogger(__name__)
 METRICS, METRICS_SOURCE = "metrics.csv", "metrics.source.json"

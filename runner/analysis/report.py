@@ -17,10 +17,10 @@ import pandas as pd
 import yaml
 from matplotlib.figure import Figure
 
+from runner.analysis.metrics import dead_row_norms, load_metrics
 from runner.config import UserError
-from runner.index import rebuild_index
-from runner.metrics import dead_row_norms, load_metrics
-from runner.rundir import MANIFEST, RECORDING
+from runner.runs.index import rebuild_index
+from runner.runs.rundir import MANIFEST, RECORDING
 
 log = logging.getLogger(__name__)
 SEED = "train.seed"

@@ -1,0 +1,1 @@
+"""Analysis of recorded runs: dead-token metrics, `compare`, and the report."""
