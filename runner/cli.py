@@ -94,7 +94,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from runner.sweep import sweep
+    from runner.launch.sweep import sweep
 
     return sweep(args.experiment, _overrides(args), args.runs, address=args.address, force=args.force,
                  dry_run=args.dry_run, max_retries=args.max_retries, progress=not args.quiet, restart=args.restart)

@@ -6,7 +6,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from runner.config import build_experiment
-from runner.sweep import probe
+from runner.launch.sweep import probe
 
 pytestmark = pytest.mark.slow
 

@@ -10,12 +10,12 @@ import time
 import pandas as pd
 import pytest
 
-from runner import sweep
 from runner.cli import main
 from runner.config import build_experiment
+from runner.launch import sweep
+from runner.launch.sweep import task_options
 from runner.recording.verify import load_recording
 from runner.runs.index import load_index
-from runner.sweep import task_options
 
 from conftest import REPO
 
@@ -188,6 +188,6 @@ def test_no_cluster_at_the_address_is_a_clear_error(monkeypatch, tmp_path, small
 
 def test_the_driver_does_not_import_the_model_stack():
     """The sweep driver plans, watches and indexes; transformers (~1.6 s, ~100 MiB) is for workers."""
-    code = "import sys, runner.cli, runner.sweep; print('transformers' in sys.modules)"
+    code = "import sys, runner.cli, runner.launch.sweep; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "False"

@@ -1,0 +1,1 @@
+"""Launching training: one run end to end, and sweeps on Ray."""
