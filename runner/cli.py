@@ -10,7 +10,8 @@ from pathlib import Path
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from runner.config import ConfigError, UserError, load_runs
+from runner.config import load_runs
+from runner.errors import ConfigError, UserError
 
 log = logging.getLogger("runner.cli")
 EXIT_BAD_INPUT = 2

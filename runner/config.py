@@ -28,17 +28,11 @@ from typing import Any, Literal
 
 import yaml
 
+from runner.errors import ConfigError
+
 RECORDED_TENSORS = ("W", "grads", "momentum", "variance", "logits", "loss")
 MAX_GRID_RUNS = 10_000
 MAX_STEPS = 10_000_000
-
-
-class UserError(Exception):
-    """Bad input or a condition the user can fix; the CLI prints the one-line message and exits 2."""
-
-
-class ConfigError(UserError, ValueError):
-    """A bad experiment file, override or value; the message is one line naming file and key."""
 
 
 # Which fields make a run's identity (its run id), declared on the fields themselves:

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runner.config import NOT_IDENTITY, ConfigError, build_experiment, identity, introduced_with, load_runs
+from runner.config import NOT_IDENTITY, build_experiment, identity, introduced_with, load_runs
+from runner.errors import ConfigError
 
 from conftest import REPO
 

@@ -16,8 +16,9 @@ import numpy as np
 import pandas as pd
 
 from runner.config import build_experiment
+from runner.files import write_atomic
 from runner.recording.rows import RowReader, recorded_steps
-from runner.runs.rundir import RECORDING, write_atomic
+from runner.runs.rundir import RECORDING
 
 log = logging.getLogger(__name__)
 METRICS, METRICS_SOURCE = "metrics.csv", "metrics.source.json"

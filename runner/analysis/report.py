@@ -18,7 +18,7 @@ import yaml
 from matplotlib.figure import Figure
 
 from runner.analysis.metrics import dead_row_norms, load_metrics
-from runner.config import UserError
+from runner.errors import UserError
 from runner.runs.index import rebuild_index
 from runner.runs.rundir import MANIFEST, RECORDING
 

@@ -16,7 +16,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from runner.config import UserError
+from runner.errors import UserError
+from runner.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +120,7 @@ def _download(url: str, dest: Path) -> None:
             f"set {ENV_VAR}=/path/to/pg64317.txt (Project Gutenberg eBook #64317, UTF-8) or corpus.path"
         ) from None
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(".part")
-    tmp.write_bytes(data)
-    os.replace(tmp, dest)
+    write_atomic(dest, data)
 
 
 def resolve_path(path: str | None) -> Path:

@@ -19,8 +19,9 @@ import ray
 import torch
 from tqdm import tqdm
 
-from runner.config import ConfigError, Experiment, Run, build_experiment, load_runs
+from runner.config import Experiment, Run, build_experiment, load_runs
 from runner.data.corpus import ENV_VAR, load_corpus, resolve_path
+from runner.errors import ConfigError
 from runner.recording.writer import recording_size
 from runner.runs.index import rebuild_index
 from runner.runs.rundir import RunLocked, is_complete, read_manifest, write_manifest

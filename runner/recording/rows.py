@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runner.config import UserError
+from runner.errors import UserError
 
 ITEM_BYTES = {"BF16": 2, "F32": 4}
 BITS: dict[str, np.dtype] = {"BF16": np.dtype("<u2"), "F32": np.dtype("<u4")}

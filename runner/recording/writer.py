@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 
-from runner.config import Experiment, UserError
+from runner.config import Experiment
+from runner.errors import UserError
+from runner.files import publish
 from runner.recording.rows import recorded_steps
 
 FORMAT_VERSION = "1"
@@ -214,9 +216,8 @@ class RecordingWriter:
                         self.data_start + self.offsets[name])
         self.metadata.update(metadata)
         self._write_header()
-        os.fsync(self.fd)
         os.close(self.fd)
-        os.replace(self.partial, self.path)
+        publish(self.partial, self.path)
         return self.path
 
     def abort(self) -> None:

@@ -9,7 +9,6 @@ file and renamed, so a crash during the write leaves the previous checkpoint int
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from runner.config import Experiment
+from runner.files import atomic_path
 
 log = logging.getLogger(__name__)
 progress_log = logging.getLogger("runner.progress")  # train.log only
@@ -66,13 +66,10 @@ def save(run_dir: Path, run_id: str, step: int, train_s: float, model: torch.nn.
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = state
     tensors["losses"] = losses[:step].detach().cpu()
-    tmp = run_dir / (CHECKPOINT + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={"run_id": run_id, "step": str(step), "train_s": repr(train_s),
-                        "threads": str(torch.get_num_threads())})
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, run_dir / CHECKPOINT)
+    with atomic_path(run_dir / CHECKPOINT, run_dir / (CHECKPOINT + ".tmp")) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"run_id": run_id, "step": str(step), "train_s": repr(train_s),
+                            "threads": str(torch.get_num_threads())})
 
 
 def load(run_dir: Path, run_id: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Checkpoint | None:

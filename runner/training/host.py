@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from runner.config import ConfigError
+from runner.errors import ConfigError
 
 
 def resolve_device(name: str) -> torch.device:

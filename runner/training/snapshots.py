@@ -7,8 +7,6 @@ tokenizer. A snapshot is written under a temporary name and renamed: it is compl
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 from transformers import PreTrainedModel
@@ -16,6 +14,7 @@ from transformers.utils import logging as hf_logging
 
 from runner.config import Experiment
 from runner.data.tokenizer import save_tokenizer
+from runner.files import atomic_path
 
 MODELS = "models"
 PYTHIA_EARLY_STEPS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # EleutherAI Pythia's log-spaced checkpoints
@@ -52,11 +51,9 @@ class Snapshots:
         final = snapshot_dir(self.run_dir, step)
         if step not in self.steps or final.exists():
             return
-        partial = final.with_name(final.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)  # left by a crash mid-write
-        model.save_pretrained(partial)
-        save_tokenizer(partial)
-        os.replace(partial, final)
+        with atomic_path(final, final.with_name(final.name + ".partial")) as partial:
+            model.save_pretrained(partial)
+            save_tokenizer(partial)
 
     def saved(self) -> list[str]:
         return sorted((p.name for p in (self.run_dir / MODELS).glob("step-*") if not p.name.endswith(".partial")),
