@@ -8,7 +8,7 @@ RUNS   ?= runs
 .PHONY: setup run test lint sweep index report bench bench-analysis bench-profile clean wheelhouse image docker-run docker-sweep cluster-up cluster-down test-container
 
 # The venv is rebuilt when pyproject.toml changes. torch==2.13.0 is the CPU build on this project's
-# machines; for CUDA, install a CUDA build of torch 2.13.0 into .venv first (see README).
+# machines; for CUDA, install a CUDA build of torch 2.13.0 into .venv first (see README, "Getting lilgatsby on your PATH").
 $(BIN)/lilgatsby: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip

@@ -71,9 +71,9 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from runner.launch.train import run
     from runner.runs.index import rebuild_index
     from runner.runs.rundir import is_complete
-    from runner.training.loop import run
 
     runs = load_runs(args.experiment, _overrides(args))
     if len(runs) != 1:
@@ -83,7 +83,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.force and is_complete(run_dir, spec.experiment):
         log.info("%s is already complete (use --force to train again)", run_dir)
         return 0
-    manifest = run(spec.experiment, run_dir, overrides=spec.overrides, progress=not args.quiet, restart=args.restart)
+    manifest = run(spec.experiment, run_dir, overrides=spec.overrides, progress=not args.quiet, restart=args.restart,
+                   force=args.force)
     if args.out is None:
         rebuild_index(run_dir.parent)
     for prompt, text in manifest["samples"].items():

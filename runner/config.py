@@ -97,7 +97,7 @@ class TrainConfig:
     # which windows each step trains on: epochs (a permutation per epoch, the last partial batch dropped)
     # | notebook (its DataLoader's order, the last partial batch kept; row 0 from its dummy batch)
     batch_order: Literal["epochs", "notebook"] = field(default="epochs", metadata=introduced_with("epochs"))
-    # fast (ours on the CPU, chosen per precision and device: runner/model/kernels.py, README "Speed")
+    # fast (ours on the CPU, chosen per precision and device: runner/model/kernels.py, docs/speed.md)
     # | hf (transformers' own and torch's single-tensor Adam: the bits of recordings before round 2's
     # kernels) | notebook (HF's defaults: gelu_new, SDPA; the recorded mean logits reduced in the model's dtype)
     kernels: Literal["fast", "hf", "notebook"] = field(default="fast", metadata=introduced_with("fast"))

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 
 from runner.config import build_experiment
 from runner.data.corpus import ENV_VAR
@@ -45,7 +46,7 @@ def crash_after_checkpoint(monkeypatch):
     """`crash_after_checkpoint(exp, run_dir, **run_kwargs)` trains until the run's first checkpoint
     is written and crashes right there (checking that it did), leaving the run to resume."""
     import runner.training.checkpoint
-    from runner.training.loop import run
+    from runner.launch.train import run
 
     def crash(exp, run_dir, **run_kwargs):
         real_save = runner.training.checkpoint.save
@@ -76,3 +77,9 @@ def make_experiment(small_book):
                 data[section] = values
         return build_experiment(data)
     return make
+
+
+def load_recording(path: Path, names: tuple[str, ...] | None = None) -> dict:
+    """Tensors of a recording, all or `names`, through the safetensors library (not our readers)."""
+    with safe_open(str(path), framework="pt") as f:
+        return {name: f.get_tensor(name) for name in (names or f.keys())}

@@ -8,8 +8,8 @@ import struct
 import pytest
 
 from runner.cli import main
-from runner.runs.rundir import RECORDING
-from runner.training.loop import run
+from runner.launch.train import run
+from runner.recording.format import RECORDING
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-import runner.training.loop
-from runner.training.loop import run
+from runner.launch.train import run
+from runner.training.progress import Progress
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -13,7 +13,7 @@ def test_training_loop_does_not_synchronise_between_log_lines(make_experiment, t
     """torch.cuda.set_sync_debug_mode("error") from the first step to the last, lifted only while a
     log line reads the loss (its one intended synchronisation): any other synchronising call in the
     loop (a .item(), a blocking copy to the host, a stream synchronisation) raises."""
-    progress = runner.training.loop._Progress
+    progress = Progress
     real_init, real_update, real_close = progress.__init__, progress.update, progress.close
     logged = []
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from runner.training.loop import run
+from runner.launch.train import run
 from runner.training.snapshots import snapshot_dir
 
 try:
@@ -23,7 +23,7 @@ def test_snapshot_in_transformer_lens(make_experiment, tmp_path, precision):
     run(exp, tmp_path, progress=False)
     path = snapshot_dir(tmp_path, 20)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
-    # the README's snippet: TransformerLens's bridge over the snapshot, in fp32
+    # docs/analysis.md's snippet: TransformerLens's bridge over the snapshot, in fp32
     bridge = TransformerBridge.boot_transformers(str(path), tokenizer=tokenizer, dtype=torch.float32, device="cpu")
     hf = GPT2LMHeadModel.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     ids = tokenizer("In my younger and more vulnerable years", return_tensors="pt").input_ids

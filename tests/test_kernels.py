@@ -1,5 +1,5 @@
 """The fast CPU kernels compute GPT-2's functions: each against transformers' own, then whole
-training runs against transformers' eager kernels within the tolerances the README states."""
+training runs against transformers' eager kernels within the tolerances docs/training.md states."""
 
 import pytest
 import torch
@@ -7,14 +7,15 @@ import torch.nn.functional as F
 from transformers.models.gpt2.modeling_gpt2 import eager_attention_forward
 
 from runner.config import ModelConfig
+from runner.launch.train import run
 from runner.model import kernels
 from runner.model.gpt2 import build_model
-from runner.recording.verify import load_recording
-from runner.runs.rundir import RECORDING
-from runner.training.loop import run
+from runner.recording.format import RECORDING
+
+from conftest import load_recording
 
 CPU = torch.device("cpu")
-# fast vs transformers' eager kernels over 200 steps (README, "Training"): the largest per-step loss
+# fast vs transformers' eager kernels over 200 steps (docs/training.md): the largest per-step loss
 # difference, its mean, and W's largest relative difference (Frobenius, per step). Measured on this
 # suite's small book: bf16-mixed 0.0098 / 0.0012 / 0.5 %, fp32 6.6e-7 / 9.7e-8 / 0.010 %.
 TOLERANCE = {
@@ -95,7 +96,7 @@ def test_choice_per_precision_and_device():
                                                                                    "transformers", "fused")
     for precision in ("bf16-true", "bf16-mixed", "fp32"):
         assert kernels.choose(precision, CPU, "notebook") == kernels.HF_DEFAULTS
-    # bf16-true keeps transformers' kernels and torch's default Adam on bf16 state (README, "Training")
+    # bf16-true keeps transformers' kernels and torch's default Adam on bf16 state (docs/training.md)
     assert kernels.choose("bf16-true", CPU) == kernels.choose("bf16-true", CPU, "hf") == HF_EAGER
     assert kernels.choose("bf16-true", torch.device("cuda")).adam == "single-tensor"
     assert kernels.choose("fp32", CPU, "hf").attention == "sdpa"

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from runner.analysis.metrics import compute_metrics, dead_row_norms, dead_token_summary, load_metrics
+from runner.recording.format import RECORDING
 from runner.recording.rows import RowReader
-from runner.recording.verify import load_recording
-from runner.runs.rundir import RECORDING
+
+from conftest import load_recording
 
 METRIC_COLUMNS = ["step", "loss", "dead_norm", "live_norm", "dead_norm_min", "dead_norm_max", "dead_cosine",
                   "dead_live_cosine", "dead_drift", "live_drift", "dead_grad_norm", "live_grad_norm", "dead_update",

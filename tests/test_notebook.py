@@ -8,11 +8,10 @@ import torch
 
 from runner.config import load_runs
 from runner.data.batches import NotebookSampler
-from runner.recording.verify import load_recording
-from runner.runs.rundir import RECORDING
-from runner.training.loop import run
+from runner.launch.train import run
+from runner.recording.format import RECORDING
 
-from conftest import REPO
+from conftest import REPO, load_recording
 
 pytestmark = pytest.mark.slow
 # 267 characters: 139 windows of 129 tokens, 4 batches of 32 and one of 11 per epoch; 14 steps cross two epochs

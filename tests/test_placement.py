@@ -6,7 +6,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from runner.config import build_experiment
-from runner.launch.sweep import probe
+from runner.launch.sweep import assigned_device, task_options
 
 pytestmark = pytest.mark.slow
 
@@ -30,5 +30,7 @@ def fake_cluster():
     ({"train": {"device": "mps"}}, "mps"),
 ])
 def test_placement_on_fake_cluster(fake_cluster, experiment, expected):
-    device, threads, _ = probe(build_experiment({"name": "x", **experiment}))
+    """A task placed with a run's options finds the device and the CPUs the run would train on."""
+    options = task_options(build_experiment({"name": "x", **experiment}), ray.cluster_resources())
+    device, threads = ray.get(ray.remote(assigned_device).options(**options).remote())
     assert (device, threads) == (expected, 1)

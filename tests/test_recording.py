@@ -1,7 +1,9 @@
 """The recording is scientific data: its layout, its conventions and its exact values."""
 
 import json
+import platform
 import re
+import sys
 import warnings
 
 import pytest
@@ -9,13 +11,14 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from runner.analysis.compare import PARAMETER_FINGERPRINTS
 from runner.data.corpus import load_corpus
+from runner.launch.train import run
 from runner.model import kernels
 from runner.model.gpt2 import parameters_sha256
-from runner.recording.verify import adam_violations, load_recording, read_metadata
-from runner.runs.rundir import RECORDING
-from runner.training.loop import run
+from runner.recording.format import PARAMETER_FINGERPRINTS, RECORDING
+from runner.recording.verify import adam_violations, read_metadata
+
+from conftest import load_recording
 
 NAMES = ("W", "grads", "momentum", "variance", "logits", "loss")
 
@@ -111,7 +114,7 @@ def test_row_zero_is_initialisation(runs):
 
 @pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed", "fp32", "bf16-true-hf", "bf16-mixed-hf", "fp32-hf"])
 def test_equals_reference_loop_bitwise(runs, precision):
-    """Bit for bit. Known exception (README, "Reproducibility"): in bf16-mixed, some processes train
+    """Bit for bit. Known exception (docs/reproducibility.md): in bf16-mixed, some processes train
     with last-bit differences from the first update on, depending on what ran earlier in the process
     (cause not found yet); there the recording must still match to 1 % (relative norm), and the
     test warns."""
@@ -174,15 +177,22 @@ def test_metadata_describes_the_run(runs):
     assert manifest["status"] == "complete" and manifest["n_params"] == 116_480
     assert manifest["environment"]["cpu"] == meta["cpu"] and manifest["environment"]["gpu"] is None
     assert json.loads(meta["implementation"]) == manifest["implementation"]
-    assert manifest["implementation"] == {**kernels.choose("bf16-true", torch.device("cpu")).as_dict(),
-                                          "host_allocator": manifest["implementation"]["host_allocator"]}
+    # bf16-true on the CPU: transformers' GELU and eager attention, torch's single-tensor Adam
+    # (docs/training.md), and glibc's allocator with fixed thresholds (training/host.py)
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert manifest["implementation"] == {"activation_function": "gelu_pytorch_tanh", "attention": "eager",
+                                          "gelu": "transformers", "adam": "single-tensor",
+                                          "host_allocator": "glibc: trim 256 MiB, mmap 32 MiB" if glibc else "default"}
     assert set(manifest["samples"]) == {"In my younger", "Gatsby", "The green light"}
     assert all(text.startswith(prompt) for prompt, text in manifest["samples"].items())
     assert manifest["dead_token_summary"]["dead_tokens"] == manifest["corpus"]["token_counts"].count(0)
     log = (run_dir / "train.log").read_text()
     logged = [(int(m[1]), float(m[2])) for m in re.finditer(r" step (\d+)/24 loss ([\d.]+) [\d.]+ steps/s\n", log)]
-    assert [step for step, _ in logged] == list(range(1, 25))  # 24 steps: a line each (20 lines at most per run)
+    assert [step for step, _ in logged] == list(range(2, 25, 2))  # 24 steps: at most 20 lines, every 2nd step
     assert all(loss == pytest.approx(rec["loss"][step].item(), abs=1e-4) for step, loss in logged)
+    progress = json.loads((run_dir / "progress.json").read_text())  # the last update, for a sweep's driver
+    assert (progress["step"], progress["steps"]) == (24, 24) and progress["steps_per_s"] > 0
+    assert progress["loss"] == pytest.approx(rec["loss"][24].item(), abs=1e-6)
     assert f"run {exp.run_id} complete: final loss {rec['loss'][-1].item():.4f}" in log
     assert not list(run_dir.glob("*.partial"))
 

@@ -16,12 +16,11 @@ import torch
 
 import runner.data.corpus
 import runner.recording.writer
-from runner.analysis.compare import PARAMETER_FINGERPRINTS
-from runner.recording.verify import load_recording, read_metadata
-from runner.runs.rundir import RECORDING
-from runner.training.loop import run
+from runner.launch.train import run
+from runner.recording.format import PARAMETER_FINGERPRINTS, RECORDING
+from runner.recording.verify import read_metadata
 
-from conftest import REPO
+from conftest import REPO, load_recording
 
 pytestmark = pytest.mark.slow
 STEPS, EVERY = 200, 7  # a checkpoint every 7 steps, so kills land between, on and just after them

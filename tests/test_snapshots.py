@@ -4,10 +4,11 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast, pipeline
 
-from runner.recording.verify import load_recording
-from runner.runs.rundir import RECORDING
-from runner.training.loop import run
+from runner.launch.train import run
+from runner.recording.format import RECORDING
 from runner.training.snapshots import snapshot_dir, snapshot_steps
+
+from conftest import load_recording
 
 PYTHIA_12 = ["step-0", "step-1", "step-2", "step-4", "step-8", "step-12"]
 

@@ -14,10 +14,9 @@ from runner.cli import main
 from runner.config import build_experiment
 from runner.launch import sweep
 from runner.launch.sweep import task_options
-from runner.recording.verify import load_recording
 from runner.runs.index import load_index
 
-from conftest import REPO
+from conftest import REPO, load_recording
 
 pytestmark = pytest.mark.slow
 SMOKE_SWEEP = REPO / "experiments" / "smoke_sweep.yaml"

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from runner.cli import main
+from runner.launch.train import run
+from runner.recording.format import RECORDING
 from runner.recording.verify import verify
 from runner.recording.writer import DiskSpaceError
 from runner.runs.index import rebuild_index
-from runner.runs.rundir import RECORDING, RunLocked, is_complete, run_lock
-from runner.training.loop import run
+from runner.runs.rundir import RunLocked, is_complete, run_lock
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from runner.config import RECORDED_TENSORS
+from runner.recording.format import PARAMETER_FINGERPRINTS, RECORDING
 from runner.recording.rows import RowReader, as_fp32
 from runner.runs.index import flatten_config
-from runner.runs.rundir import RECORDING
 
 CHUNK_ROWS = 64
 # Metadata: SHA-256 of every parameter as training held it (full precision), before the first
 # update and after the last; recordings made before they were written have neither.
-PARAMETER_FINGERPRINTS = {"initial": "parameters_initial_sha256", "final": "parameters_final_sha256"}
 
 
 @dataclass

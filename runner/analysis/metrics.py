@@ -3,7 +3,7 @@
 `compute_metrics` streams a recording in chunks of rows (`rows.RowReader`: plain reads, numpy, no
 torch; bounded memory whatever the step count) into one table row per recorded step;
 `load_metrics(run_dir)` returns it as a pandas DataFrame, cached in `metrics.csv` beside the
-recording and recomputed when the recording changes. The columns are documented in the README ("Analysing a sweep").
+recording and recomputed when the recording changes. The columns are documented in docs/analysis.md.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import pandas as pd
 
 from runner.config import build_experiment
 from runner.files import write_atomic
-from runner.recording.rows import RowReader, recorded_steps
-from runner.runs.rundir import RECORDING
+from runner.recording.format import RECORDING, recorded_steps
+from runner.recording.rows import RowReader
 
 log = logging.getLogger(__name__)
 METRICS, METRICS_SOURCE = "metrics.csv", "metrics.source.json"

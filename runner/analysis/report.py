@@ -19,8 +19,9 @@ from matplotlib.figure import Figure
 
 from runner.analysis.metrics import dead_row_norms, load_metrics
 from runner.errors import UserError
+from runner.recording.format import RECORDING
 from runner.runs.index import rebuild_index
-from runner.runs.rundir import MANIFEST, RECORDING
+from runner.runs.rundir import MANIFEST
 
 log = logging.getLogger(__name__)
 SEED = "train.seed"

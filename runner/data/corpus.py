@@ -54,6 +54,13 @@ class Corpus:
         counts = Counter(self.text.encode("ascii"))
         return [counts.get(i, 0) for i in range(128)]
 
+    def summary(self) -> dict:
+        """What run.json says of the corpus a run trained on."""
+        counts = self.token_counts
+        return {"source": self.source, "ascii": self.mode, "length": len(self.text), "sha256": self.sha256,
+                "dropped": self.dropped, "replaced": self.replaced, "token_counts": counts,
+                "dead_tokens": [i for i, c in enumerate(counts) if c == 0]}
+
 
 def strip_gutenberg(raw: str, source: str) -> str:
     """The text between the START and END marker lines; the whole text if they are missing."""

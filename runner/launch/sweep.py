@@ -1,6 +1,6 @@
 """Sweeps on Ray: one task per run, placed on a GPU, an Apple MPS worker or CPUs.
 
-The only module that imports Ray. Each task calls `runner.training.loop.run`, which writes the run
+The only module that imports Ray. Each task calls `runner.launch.train.run`, which writes the run
 directory under the runs root; that root must be storage every worker can reach (local disk for
 the embedded local instance, a shared volume in a cluster).
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import socket
 import time
 from pathlib import Path
@@ -22,14 +21,15 @@ from tqdm import tqdm
 from runner.config import Experiment, Run, build_experiment, load_runs
 from runner.data.corpus import ENV_VAR, load_corpus, resolve_path
 from runner.errors import ConfigError
-from runner.recording.writer import recording_size
+from runner.recording.format import recording_size
 from runner.runs.index import rebuild_index
-from runner.runs.rundir import RunLocked, is_complete, read_manifest, write_manifest
+from runner.runs.rundir import RunLocked, is_complete, new_manifest, read_manifest, write_manifest
+from runner.training.progress import read_progress
 
 log = logging.getLogger(__name__)
 STATUS_EVERY_S = 30.0
+WORKER_SETUP_HOOK = "runner.launch.train.prepare_worker"  # named, so that the driver does not import it
 CONNECT_TIMEOUT_S, CONNECT_RETRY_S = 60.0, 2.0
-_PROGRESS_RE = re.compile(r"step (\d+)/(\d+) loss ([\d.]+)")
 
 
 def task_options(exp: Experiment, cluster: dict[str, float]) -> dict:
@@ -68,13 +68,8 @@ def assigned_device() -> tuple[str, int]:
 
 
 @ray.remote
-def _probe_task() -> tuple[str, int, str]:
-    return (*assigned_device(), socket.gethostname())
-
-
-@ray.remote
 def _train_task(config: dict, overrides: dict, run_dir: str, restart: bool, force: bool) -> dict:
-    from runner.training.loop import run  # the model stack is imported by workers only (see _init_ray)
+    from runner.launch.train import run  # the model stack is imported by workers only (see _init_ray)
 
     exp = build_experiment(config)
     device, threads = assigned_device()
@@ -90,9 +85,7 @@ def _train_task(config: dict, overrides: dict, run_dir: str, restart: bool, forc
 
 def _init_ray(address: str | None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
-    # Each worker imports the training stack (torch, transformers: ~3 s) and sets up its allocator
-    # as it starts, while the driver is still starting Ray, rather than when its first run arrives.
-    env: dict = {"worker_process_setup_hook": "runner.training.loop.keep_freed_memory_mapped"}
+    env: dict = {"worker_process_setup_hook": WORKER_SETUP_HOOK}
     if os.environ.get(ENV_VAR):
         env["env_vars"] = {ENV_VAR: os.environ[ENV_VAR]}
     common: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING,
@@ -161,20 +154,15 @@ def _resolve_corpora(todo: list[Run]) -> list[Run]:
 def _status_line(running: list[Run], exp_dir: Path) -> str:
     parts = []
     for r in running:
-        try:
-            lines = (exp_dir / r.run_id / "train.log").read_text().splitlines()
-        except OSError:
-            continue
-        match = next((m for line in reversed(lines) if (m := _PROGRESS_RE.search(line))), None)
-        if match:
-            parts.append(f"{r.run_id} {match[1]}/{match[2]} loss {match[3]}")
+        current = read_progress(exp_dir / r.run_id)
+        if current:
+            parts.append(f"{r.run_id} {current['step']}/{current['steps']} loss {current['loss']:.4f}")
     return "running: " + ("; ".join(parts) or "starting")
 
 
 def _mark(run_dir: Path, r: Run, status: str, error: str) -> None:
     """Record in run.json what the driver saw (a task that died before or without writing it)."""
-    manifest = read_manifest(run_dir) or {"run_id": r.run_id, "name": r.experiment.name,
-                                          "overrides": r.overrides, "config": r.experiment.to_dict()}
+    manifest = read_manifest(run_dir) or new_manifest(r.experiment, r.overrides)
     if manifest.get("status") in ("complete", "failed"):
         return
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -259,9 +247,3 @@ def _collect(pending: dict, exp_dir: Path, already_done: int, progress: bool) ->
           + (f", {len(busy)} being trained by another process: {' '.join(busy)}" if busy else "")
           + f"; index: {exp_dir / 'index.jsonl'}")
     return 1 if failed or busy else 0
-
-
-def probe(exp: Experiment) -> tuple[str, int, str]:
-    """Where a run of `exp` would be placed on the connected cluster: (device, threads, host)."""
-    return ray.get(_probe_task.options(**task_options(exp, ray.cluster_resources())).remote())
-

@@ -68,11 +68,11 @@ def batch_loss(model: GPT2LMHeadModel, inputs: torch.Tensor, targets: torch.Tens
     return out.logits, F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten())
 
 
-def mean_last_logits(logits: torch.Tensor, kernels: str) -> torch.Tensor:
+def mean_last_logits(logits: torch.Tensor, choice: str) -> torch.Tensor:
     """The recorded logits: the batch mean at the last position, in fp32 (the notebook reduced in
-    the model's dtype, then cast)."""
+    the model's dtype, then cast: `choice`, the config's `train.kernels`, is "notebook")."""
     last = logits[:, -1]
-    return last.mean(0).float() if kernels == "notebook" else last.float().mean(0)
+    return last.mean(0).float() if choice == "notebook" else last.float().mean(0)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

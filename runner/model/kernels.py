@@ -4,7 +4,7 @@ sigmoid, and torch's fused Adam. A kernel changes rounding only, never the funct
 (tests/test_kernels.py bounds the difference over 200 training steps); the choice is recorded in
 run.json and in the recording's metadata, because it changes the bits.
 
-Why these are faster on the CPU (README, "Speed"): HF's eager attention makes separate passes for
+Why these are faster on the CPU (docs/speed.md): HF's eager attention makes separate passes for
 the scale, the mask and the softmax over the 128 x 128 scores of every head, forward and backward;
 here the scale and the mask ride along the QK^T product (`baddbmm`) and the backward is written out.
 torch's tanh is slow on the CPU, and sigmoid fast: tanh-GELU is x * sigmoid(2u) for GPT-2's
@@ -40,19 +40,19 @@ class Kernels:
 HF_DEFAULTS = Kernels("gelu_new", "sdpa", "transformers", "single-tensor")  # what GPT2LMHeadModel and Adam do
 
 
-def choose(precision: str, device: torch.device, kernels: str = "fast") -> Kernels:
-    """The kernels for `train.kernels`. `notebook`: HF's defaults, as 1.12a ran (gelu_new, SDPA).
+def choose(precision: str, device: torch.device, choice: str = "fast") -> Kernels:
+    """The kernels for `choice`, the config's `train.kernels`. `notebook`: HF's defaults, as 1.12a ran (gelu_new, SDPA).
     `hf`: transformers' own fastest for the precision (eager attention in bf16 on the CPU, where
     SDPA's backward is slow, SDPA otherwise) and torch's default single-tensor Adam: the bits of
-    recordings made before the fast kernels. `fast`: the fastest measured (README, "Speed"): ours
+    recordings made before the fast kernels. `fast`: the fastest measured (docs/speed.md): ours
     on the CPU and SDPA elsewhere, with the fused Adam where Adam's state is fp32. bf16-true keeps
     `hf`'s: its Adam state is bf16, where the fused update (one rounding instead of one per op)
     measurably changes the training (lower loss, larger live rows after 10,000 steps), and our
     attention is no faster there."""
-    if kernels == "notebook":
+    if choice == "notebook":
         return HF_DEFAULTS
     cpu = device.type == "cpu"
-    if kernels == "hf" or precision == "bf16-true":
+    if choice == "hf" or precision == "bf16-true":
         bf16_on_cpu = precision in ("bf16-true", "bf16-mixed") and cpu
         return Kernels("gelu_pytorch_tanh", "eager" if bf16_on_cpu else "sdpa", "transformers", "single-tensor")
     if cpu:  # the sigmoid-form GELU computes in fp32: with bf16 activations its casts cost what it saves

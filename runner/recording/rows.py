@@ -8,7 +8,6 @@ widened to fp32 exactly: a bf16 number is the upper half of the fp32 with the sa
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 from pathlib import Path
@@ -16,14 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from runner.errors import UserError
+from runner.recording.format import ITEM_BYTES, read_header
 
-ITEM_BYTES = {"BF16": 2, "F32": 4}
 BITS: dict[str, np.dtype] = {"BF16": np.dtype("<u2"), "F32": np.dtype("<u4")}
-
-
-def recorded_steps(steps: int, every: int) -> range:
-    """Row r of every per-step tensor holds step r * every."""
-    return range(0, steps + 1, every)
 
 
 def as_fp32(bits: np.ndarray) -> np.ndarray:
@@ -43,8 +37,7 @@ class RowReader:
         except OSError as e:
             raise UserError(f"{self.path}: cannot open: {e.strerror}") from None
         try:
-            (size,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
-            header = json.loads(os.pread(self.fd, min(size, 100 << 20), 8))
+            size, header = read_header(self.fd)
             self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
             self.tensors: dict[str, dict] = header
             self.data_start = 8 + size

@@ -13,8 +13,7 @@ import torch
 from safetensors import safe_open
 
 from runner.config import build_experiment
-from runner.recording.writer import DTYPE_NAMES, FORMAT_VERSION, expected_layout
-from runner.runs.rundir import RECORDING
+from runner.recording.format import FORMAT_VERSION, RECORDING, expected_layout
 
 
 def layout_problems(path: Path, expected: dict) -> list[str]:
@@ -31,8 +30,8 @@ def layout_problems(path: Path, expected: dict) -> list[str]:
     for name, (dtype, shape) in expected.items():
         if name in found:
             got = (found[name].get_dtype(), tuple(found[name].get_shape()))
-            if got != (DTYPE_NAMES[dtype], shape):
-                problems.append(f"{path}: {name}: {got[0]}{list(got[1])}, expected {DTYPE_NAMES[dtype]}{list(shape)}")
+            if got != (dtype, shape):
+                problems.append(f"{path}: {name}: {got[0]}{list(got[1])}, expected {dtype}{list(shape)}")
     return problems
 
 
@@ -105,11 +104,3 @@ def verify(path: Path, full: bool = True) -> list[str]:
 def read_metadata(path: Path) -> dict[str, str]:
     with safe_open(str(path), framework="pt") as f:
         return f.metadata() or {}
-
-
-def load_recording(path: Path, names: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
-    """Tensors of a recording (memory-mapped by safetensors; nothing is executed)."""
-    with safe_open(str(path), framework="pt") as f:
-        return {name: f.get_tensor(name) for name in (names or f.keys())}
-
-

@@ -12,7 +12,6 @@ complete, then is renamed: a file with the final name is always complete. Readin
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import struct
@@ -24,31 +23,21 @@ import torch
 from runner.config import Experiment
 from runner.errors import UserError
 from runner.files import publish
-from runner.recording.rows import recorded_steps
+from runner.recording.format import (
+    FORMAT_VERSION,
+    HEADER_SLACK,
+    expected_layout,
+    partial_path,
+    read_header,
+    recording_size,
+    tensor_bytes,
+)
 
-FORMAT_VERSION = "1"
-HEADER_SLACK = 4096  # bytes reserved for metadata only known at the end (final loss, timings)
-DTYPE_NAMES = {torch.bfloat16: "BF16", torch.float32: "F32"}
-
-
-def row_specs(vocab: int, dim: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """Dtype and shape of one row of each per-step tensor (the notebook's)."""
-    return {"W": (torch.bfloat16, (vocab, dim)), "grads": (torch.bfloat16, (vocab, dim)),
-            "momentum": (torch.float32, (vocab, dim)), "variance": (torch.float32, (vocab, dim)),
-            "logits": (torch.float32, (vocab,)), "loss": (torch.float32, ())}
-
-
-def final_specs(vocab: int, dim: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    rows = row_specs(vocab, dim)
-    return {"W_final": rows["W"], "momentum_final": rows["momentum"], "variance_final": rows["variance"]}
+TORCH_DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32}
 
 
 class DiskSpaceError(UserError):
     """Not enough free space for a recording; refused before training starts."""
-
-
-def partial_path(path: Path) -> Path:
-    return path.with_name(path.name + ".partial")
 
 
 def check_free_space(path: Path, exp: Experiment) -> None:
@@ -60,24 +49,6 @@ def check_free_space(path: Path, exp: Experiment) -> None:
     if needed > free:
         raise DiskSpaceError(f"{path}: the recording needs {needed / 2**20:,.1f} MiB but only "
                              f"{free / 2**20:,.1f} MiB are free on that disk")
-
-
-def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
-    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-
-
-def expected_layout(exp: Experiment) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """Name -> (dtype, full shape) of every tensor a recording of `exp` holds."""
-    rows = len(recorded_steps(exp.train.steps, exp.record.every))
-    specs = row_specs(exp.model.vocab_size, exp.model.hidden_dim)
-    layout = {name: (specs[name][0], (rows, *specs[name][1])) for name in exp.record.tensors}
-    layout.update(final_specs(exp.model.vocab_size, exp.model.hidden_dim))
-    return layout
-
-
-def recording_size(exp: Experiment) -> int:
-    """Bytes of tensor data in a recording of `exp` (the header adds a few KiB)."""
-    return sum(_nbytes(dtype, shape) for dtype, shape in expected_layout(exp).values())
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -103,11 +74,11 @@ class RecordingWriter:
         end = 0
         for name, (dtype, shape) in self.layout.items():
             self.offsets[name] = end
-            end += _nbytes(dtype, shape)
+            end += tensor_bytes(dtype, shape)
         self.metadata = {"format_version": FORMAT_VERSION, **metadata}
         if first_row:
             self.fd = os.open(self.partial, os.O_RDWR)
-            (self.header_size,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
+            self.header_size, _ = read_header(self.fd)
         else:
             self.header_size = (len(self._header_bytes()) + HEADER_SLACK + 7) // 8 * 8
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,7 +91,8 @@ class RecordingWriter:
                 raise
         self.data_start = 8 + self.header_size
         rows = min(chunk_rows, self.layout[self.names[0]][1][0]) if self.names else 1
-        self._buffers = [{n: torch.empty((rows, *self.layout[n][1][1:]), dtype=self.layout[n][0], device=device)
+        self._buffers = [{n: torch.empty((rows, *self.layout[n][1][1:]), dtype=TORCH_DTYPES[self.layout[n][0]],
+                                      device=device)
                           for n in self.names} for _ in range(2)]
         # On CUDA each buffer set has a pinned host mirror: a chunk is copied asynchronously and the
         # writer thread waits for the copy, so the training thread never synchronises with the GPU.
@@ -134,8 +106,8 @@ class RecordingWriter:
         entries: dict = {"__metadata__": self.metadata}
         for name, (dtype, shape) in self.layout.items():
             start = self.offsets[name]
-            entries[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape),
-                             "data_offsets": [start, start + _nbytes(dtype, shape)]}
+            entries[name] = {"dtype": dtype, "shape": list(shape),
+                             "data_offsets": [start, start + tensor_bytes(dtype, shape)]}
         return json.dumps(entries, separators=(",", ":")).encode()
 
     def _write_header(self) -> None:
@@ -147,7 +119,7 @@ class RecordingWriter:
     def record(self, step: int, values: dict[str, torch.Tensor | None]) -> None:
         """Record training step `step` (after backward, before the update) if the stride wants it.
         At step 1, unless row 0 is written, it first records row 0 from step 1's values: the initial
-        W, and logits and loss on step 1's batch (see README, "Recording format")."""
+        W, and logits and loss on step 1's batch (see docs/recording.md)."""
         if step == 1 and self._chunk_start + self._filled == 0:
             self.record_initial(values)
         if step % self.every == 0:
@@ -191,7 +163,7 @@ class RecordingWriter:
             copied.synchronize()  # the chunk's device->host copy has landed
         for name, tensor in rows.items():
             dtype, shape = self.layout[name]
-            row_bytes = _nbytes(dtype, shape) // shape[0]
+            row_bytes = tensor_bytes(dtype, shape) // shape[0]
             _pwrite_all(self.fd, _as_bytes(tensor), self.data_start + self.offsets[name] + first_row * row_bytes)
 
     def flush(self) -> None:
@@ -212,7 +184,7 @@ class RecordingWriter:
         self._executor.shutdown()
         for name, tensor in finals.items():
             dtype, shape = self.layout[name]
-            _pwrite_all(self.fd, _as_bytes(tensor.detach().to("cpu", dtype).reshape(shape)),
+            _pwrite_all(self.fd, _as_bytes(tensor.detach().to("cpu", TORCH_DTYPES[dtype]).reshape(shape)),
                         self.data_start + self.offsets[name])
         self.metadata.update(metadata)
         self._write_header()

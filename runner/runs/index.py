@@ -14,7 +14,8 @@ from pathlib import Path
 import pandas as pd
 
 from runner.files import write_atomic
-from runner.runs.rundir import MANIFEST, RECORDING, read_manifest, recording_ok
+from runner.recording.format import RECORDING
+from runner.runs.rundir import MANIFEST, read_manifest, recording_ok
 
 INDEX_JSONL, INDEX_CSV = "index.jsonl", "index.csv"
 # Leading columns of the index, in order; the flattened config (dotted keys) follows them.

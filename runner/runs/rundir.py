@@ -1,5 +1,6 @@
 """Run directories: their manifest (run.json, the source of truth), their lock and their
-completeness. A sweep's driver uses this module and `index` only (no model code)."""
+completeness. Training, the sweep's driver, the index and the CLI use it; it imports no model code
+(checking a recording imports torch, when it is first needed)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,14 @@ from pathlib import Path
 from runner.config import Experiment
 from runner.errors import UserError
 from runner.files import write_atomic
+from runner.recording.format import RECORDING
 
 MANIFEST = "run.json"
-RECORDING = "recording.safetensors"
+
+
+def new_manifest(exp: Experiment, overrides: dict | None) -> dict:
+    """The manifest of a run before it has trained: what it is (id, name, config, overrides)."""
+    return {"run_id": exp.run_id, "name": exp.name, "overrides": overrides or {}, "config": exp.to_dict()}
 
 
 def write_manifest(run_dir: Path, manifest: dict) -> None:

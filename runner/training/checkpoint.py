@@ -37,13 +37,13 @@ class Checkpoint:
 class Checkpointer:
     """Saves the run's checkpoint every `train.checkpoint_every` steps, but not after the last step
     (the run is complete then). `before_save` makes the recording's rows so far durable first;
-    `train_s` tells the training seconds so far (over all attempts)."""
+    `clock()` tells the training seconds so far (over all attempts)."""
 
     def __init__(self, run_dir: Path, exp: Experiment, *, before_save: Callable[[], None],
-                 train_s: Callable[[], float]):
+                 clock: Callable[[], float]):
         self.run_dir, self.run_id = run_dir, exp.run_id
         self.every, self.steps = exp.train.checkpoint_every, exp.train.steps
-        self.before_save, self.train_s = before_save, train_s
+        self.before_save, self.clock = before_save, clock
 
     def after_step(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                    losses: torch.Tensor) -> None:
@@ -51,7 +51,7 @@ class Checkpointer:
             return
         t_start = time.perf_counter()
         self.before_save()
-        save(self.run_dir, self.run_id, step, self.train_s(), model, optimizer, losses)
+        save(self.run_dir, self.run_id, step, self.clock(), model, optimizer, losses)
         progress_log.info("checkpoint at step %d (%.3f s)", step, time.perf_counter() - t_start)
 
 

@@ -23,8 +23,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def thread_count(configured: int | None, offered: int | None) -> int | None:
-    """torch's intra-op threads for a run, decided here only: `train.threads` when set, else the
-    CPUs the caller offers (a sweep: what Ray assigned), else None (torch's default, all cores)."""
+    """torch's intra-op threads for a new run: `train.threads` when set, else the CPUs the caller
+    offers (a sweep: what Ray assigned), else None (torch's default, all cores). A resumed run keeps
+    the count it started with instead (`training.loop`)."""
     return configured or offered
 
 
@@ -35,7 +36,7 @@ def keep_freed_memory_mapped() -> str:
     """Stop glibc from handing each step's freed activations back to the OS. Its default thresholds
     adapt at run time and let it trim the heap after most steps, so the next step page-faults
     ~2 MiB back in (~460 faults per step); fixed thresholds keep the memory (3-5 % faster on the
-    reference config, peak RSS unchanged; see README, "Speed"). Returns the setting for the run's
+    reference config, peak RSS unchanged; see docs/speed.md). Returns the setting for the run's
     metadata; a no-op off glibc."""
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return "default"

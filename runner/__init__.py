@@ -1,0 +1,20 @@
+"""Lil Gatsby: train a tiny GPT-2 on The Great Gatsby and record every step, one run or a sweep.
+
+The two entry points of analysis are importable from here: `from runner import load_index,
+load_metrics` (pandas is imported when one is first used, not by every `import runner`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_PUBLIC = {"load_index": "runner.runs.index", "load_metrics": "runner.analysis.metrics"}
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        import importlib
+
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'runner' has no attribute {name!r}")

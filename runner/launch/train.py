@@ -1,0 +1,114 @@
+"""One run end to end: check the input, lock the run directory, keep its manifest (run.json) and
+log (train.log), train, then analyse the recording (per-step metrics, dead-token summary) and
+sample text. `lilgatsby train` calls `run()`, and a sweep calls it inside each Ray task."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from runner.analysis.metrics import dead_token_summary, write_metrics
+from runner.config import Experiment
+from runner.data.corpus import Corpus, load_corpus
+from runner.recording.format import RECORDING, partial_path
+from runner.recording.writer import check_free_space
+from runner.runs.rundir import is_complete, new_manifest, read_manifest, run_lock, write_manifest
+from runner.training.host import keep_freed_memory_mapped, resolve_device, thread_count
+from runner.training.loop import train
+from runner.training.provenance import environment
+from runner.training.sampling import sample_text
+
+log = logging.getLogger(__name__)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@contextlib.contextmanager
+def _log_to(path: Path):
+    """Everything the `runner` loggers say at INFO and above also goes to `path`, whatever the console shows."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger("runner")
+    level = root.level
+    root.setLevel(min(level or logging.WARNING, logging.INFO))
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
+
+
+def prepare_worker() -> None:
+    """A Ray worker's setup hook: importing this module imports the training stack (torch,
+    transformers: ~3 s) while the driver is still starting Ray, rather than when the first run
+    arrives; and the allocator is set up as a run's would be."""
+    keep_freed_memory_mapped()
+
+
+def run(exp: Experiment, run_dir: Path, *, overrides: dict | None = None, device: str | None = None,
+        threads: int | None = None, progress: bool = True, restart: bool = False, force: bool = False) -> dict:
+    """Train `exp` into `run_dir` (recording, run.json, train.log); returns the manifest. An
+    interrupted run continues from its last checkpoint unless `restart`. A run found complete once
+    its lock is held (another process may have finished it) is not trained again unless `force`.
+
+    `device` overrides the config's; `threads` is the CPUs the caller offers (a sweep passes what
+    Ray assigned; see `host.thread_count`). Bad input (corpus, device, disk space) raises before
+    anything is written; a failure during training is written to run.json with its traceback and re-raised."""
+    torch_device = resolve_device(device or exp.train.device)
+    corpus = load_corpus(exp.corpus.path, exp.corpus.ascii)
+    check_free_space(run_dir / RECORDING, exp)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(run_dir):
+        if not force and is_complete(run_dir, exp):
+            return read_manifest(run_dir) or {}
+        if restart:
+            partial_path(run_dir / RECORDING).unlink(missing_ok=True)
+        return _run_locked(exp, run_dir, corpus, torch_device, overrides, thread_count(exp.train.threads, threads),
+                           progress, restart)
+
+
+def _run_locked(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.device, overrides: dict | None,
+                threads: int | None, progress: bool, restart: bool) -> dict:
+    manifest: dict[str, Any] = {**new_manifest(exp, overrides), "status": "running", "started_at": _now(),
+                                "environment": environment(torch_device)}
+    write_manifest(run_dir, manifest)
+    with _log_to(run_dir / "train.log"):
+        try:
+            result, model = train(exp, run_dir, corpus, torch_device, threads, progress, restart,
+                                  manifest["environment"], manifest["started_at"])
+            manifest.update(result, corpus=corpus.summary(), **_after_training(exp, run_dir, corpus, model))
+            manifest["status"] = "complete"
+            metrics = manifest["metrics"]
+            log.info("run %s complete: final loss %.4f, %.1f steps/s, %s", exp.run_id, metrics["final_loss"],
+                     metrics["steps_per_s"], run_dir / RECORDING)
+        except BaseException as e:
+            manifest.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+            log.error("run %s failed: %s", exp.run_id, manifest["error"])
+            raise
+        finally:
+            manifest["ended_at"] = _now()
+            write_manifest(run_dir, manifest)
+    return manifest
+
+
+def _after_training(exp: Experiment, run_dir: Path, corpus: Corpus, model) -> dict:
+    """The end-of-run analysis, before the run is marked complete: the per-step metrics table, the
+    dead-token summary of the final matrix, and text samples."""
+    write_metrics(run_dir)
+    W = model.lm_head.weight
+    summary = dead_token_summary(W.detach().float().cpu().numpy(), corpus.token_counts)
+    samples = sample_text(model.float(), seed=exp.train.seed, device=W.device)
+    for prompt, text in samples.items():
+        log.info("sample %r -> %r", prompt, text)
+    return {"samples": samples, "dead_token_summary": summary}

@@ -1,0 +1,88 @@
+"""The recording's format: its file name, the tensors it holds (names, dtypes, shapes) and its header.
+
+A recording is a safetensors file: 8 bytes of little-endian header length, a JSON header (each
+tensor's dtype, shape and byte range, and `__metadata__`: string keys and values), then the raw
+tensor bytes. docs/recording.md documents every tensor and metadata key. This module imports
+neither torch nor numpy, so the sweep driver and the index can use it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from pathlib import Path
+
+from runner.config import Experiment
+
+RECORDING = "recording.safetensors"
+FORMAT_VERSION = "1"
+HEADER_SLACK = 4096  # bytes reserved for metadata only known at the end (final loss, timings)
+ITEM_BYTES = {"BF16": 2, "F32": 4}
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
+# Metadata keys of the full-precision parameter fingerprints (before the first update, after the last)
+PARAMETER_FINGERPRINTS = {"initial": "parameters_initial_sha256", "final": "parameters_final_sha256"}
+
+Layout = dict[str, tuple[str, tuple[int, ...]]]  # tensor name -> (safetensors dtype, shape)
+
+
+def partial_path(path: Path) -> Path:
+    """Where a recording lives until it is complete (a file with the final name always is)."""
+    return path.with_name(path.name + ".partial")
+
+
+def recorded_steps(steps: int, every: int) -> range:
+    """Row r of every per-step tensor holds step r * every."""
+    return range(0, steps + 1, every)
+
+
+def row_specs(vocab: int, dim: int) -> Layout:
+    """Dtype and shape of one row of each per-step tensor (the notebook's)."""
+    return {"W": ("BF16", (vocab, dim)), "grads": ("BF16", (vocab, dim)), "momentum": ("F32", (vocab, dim)),
+            "variance": ("F32", (vocab, dim)), "logits": ("F32", (vocab,)), "loss": ("F32", ())}
+
+
+def final_specs(vocab: int, dim: int) -> Layout:
+    rows = row_specs(vocab, dim)
+    return {"W_final": rows["W"], "momentum_final": rows["momentum"], "variance_final": rows["variance"]}
+
+
+def expected_layout(exp: Experiment) -> Layout:
+    """Name -> (dtype, full shape) of every tensor a recording of `exp` holds, in file order."""
+    rows = len(recorded_steps(exp.train.steps, exp.record.every))
+    specs = row_specs(exp.model.vocab_size, exp.model.hidden_dim)
+    layout = {name: (specs[name][0], (rows, *specs[name][1])) for name in exp.record.tensors}
+    layout.update(final_specs(exp.model.vocab_size, exp.model.hidden_dim))
+    return layout
+
+
+def tensor_bytes(dtype: str, shape: tuple[int, ...]) -> int:
+    return math.prod(shape) * ITEM_BYTES[dtype]
+
+
+def recording_size(exp: Experiment) -> int:
+    """Bytes of tensor data in a recording of `exp` (the header adds a few KiB)."""
+    return sum(tensor_bytes(dtype, shape) for dtype, shape in expected_layout(exp).values())
+
+
+def read_header(fd: int) -> tuple[int, dict]:
+    """The header's length and its parsed JSON (tensors and `__metadata__`) of an open safetensors
+    file. Raises struct.error or ValueError for a file that is not one."""
+    (size,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+    if size > MAX_HEADER_BYTES:
+        raise ValueError(f"header of {size:,} bytes")
+    return size, json.loads(os.pread(fd, size, 8))
+
+
+def header_metadata(exp: Experiment, corpus_sha256: str, corpus_length: int, corpus_ascii: str,
+                    token_counts: list[int], env: dict, started_at: str, n_params: int,
+                    device: str) -> dict[str, str]:
+    """The metadata known when a run starts (safetensors allows only strings; structured values are JSON)."""
+    return {"run_id": exp.run_id, "config": json.dumps(exp.to_dict(), sort_keys=True),
+            "seed": str(exp.train.seed), "precision": exp.train.precision, "device": device,
+            "steps": str(exp.train.steps), "record_every": str(exp.record.every), "n_params": str(n_params),
+            "packages": json.dumps(env["packages"], sort_keys=True), "python": env["python"],
+            "git_commit": env["git_commit"], "corpus_sha256": corpus_sha256, "corpus_length": str(corpus_length),
+            "corpus_ascii": corpus_ascii, "token_counts": json.dumps(token_counts), "started_at": started_at,
+            "cpu": env["cpu"], "cpu_capability": env["cpu_capability"], **({"gpu": env["gpu"]} if env["gpu"] else {})}
