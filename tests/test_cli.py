@@ -16,7 +16,8 @@ def test_smoke_experiment_end_to_end(tmp_path, small_book, capsys):
     assert main(args) == 0
     (run_dir,) = [d for d in (runs / "smoke").iterdir() if d.is_dir()]
     assert {p.name for p in run_dir.iterdir()} == {"recording.safetensors", "run.json", "train.log", "tokenizer",
-                                                   ".lock", "metrics.csv", "metrics.source.json", "models", "progress.json"}
+                                                   ".lock", "metrics.csv", "metrics.source.json", "models",
+                                                   "progress.json"}
     manifest = json.loads((run_dir / "run.json").read_text())
     assert manifest["status"] == "complete" and manifest["run_id"] == run_dir.name
     assert "final loss" in capsys.readouterr().out

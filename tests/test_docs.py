@@ -1,4 +1,5 @@
-"""The README documents every config key (with its default) and every `lilgatsby` subcommand."""
+"""The README and docs/ document every config key (with its default), every `lilgatsby` subcommand
+and every module, and their relative links resolve."""
 
 import argparse
 import dataclasses
@@ -13,7 +14,8 @@ from runner.runs.index import flatten_config
 
 from conftest import REPO
 
-README = (REPO / "README.md").read_text(encoding="utf-8")
+PAGES = {p: p.read_text(encoding="utf-8") for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]}
+README = PAGES[REPO / "README.md"]
 
 
 def config_keys(cls: type, prefix: str = "") -> dict[str, object]:
@@ -30,7 +32,8 @@ def config_keys(cls: type, prefix: str = "") -> dict[str, object]:
 
 
 def test_every_config_key_is_in_the_experiment_file_block_with_its_default():
-    section = README[README.index("### Experiment files"):]
+    page = PAGES[REPO / "docs" / "experiments.md"]
+    section = page[page.index("## Experiment files"):]
     block = re.search(r"```yaml\n(.*?)```", section, re.S)[1]
     documented = flatten_config(yaml.safe_load(block))
     documented.pop("include")
@@ -41,14 +44,39 @@ def test_every_config_key_is_in_the_experiment_file_block_with_its_default():
             assert documented[key] == default, key
 
 
-def test_every_subcommand_is_documented():
+def table_rows(text: str, heading: str) -> list[str]:
+    """The first cells of the table under `heading`."""
+    section = text[text.index(heading):]
+    section = section.split("\n## ", 1)[0]
+    return [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ")][1:]
+
+
+def test_every_subcommand_has_a_row_in_the_command_table():
     subparsers = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
-    assert len(subparsers.choices) >= 4
-    for command in subparsers.choices:
-        assert re.search(rf"lilgatsby {command}\b", README), command
+    rows = {cell.strip("`").split()[1] for cell in table_rows(README, "## Commands")}
+    assert rows == set(subparsers.choices)
 
 
-def test_every_module_is_in_the_module_map():
-    section = README[README.index("## Module map"):]
-    for path in sorted((REPO / "runner").glob("*.py")):
-        assert f"`{path.stem}`" in section.split("\n## ")[0], path.name
+def test_every_module_has_a_row_in_the_module_map():
+    rows = {cell.strip("`") for cell in table_rows(PAGES[REPO / "docs" / "development.md"], "## Module map")}
+    modules = {str(p.relative_to(REPO)) for p in (REPO / "runner").rglob("*.py")  # packages: their docstring
+               if p.name != "__init__.py" or p.parent == REPO / "runner"}
+    assert rows == modules
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_relative_link_resolves():
+    for page, text in PAGES.items():
+        for target in re.findall(r"\]\(([^)]+)\)", text):
+            if re.match(r"[a-z]+://", target):
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            assert linked.exists(), f"{page.name}: {target}"
+            if anchor and linked.suffix == ".md":
+                headings = re.findall(r"^#+ (.+)$", linked.read_text(encoding="utf-8"), re.M)
+                assert anchor in {slug(h) for h in headings}, f"{page.name}: {target}"
