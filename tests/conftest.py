@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,12 @@ def load_recording(path: Path, names: tuple[str, ...] | None = None) -> dict:
     """Tensors of a recording, all or `names`, through the safetensors library (not our readers)."""
     with safe_open(str(path), framework="pt") as f:
         return {name: f.get_tensor(name) for name in (names or f.keys())}
+
+
+def wait_until(condition, what: str, timeout_s: float = 120.0, poll_s: float = 0.01) -> None:
+    """Poll `condition()` until it holds; fail the test, naming `what`, when `timeout_s` passes first."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(poll_s)

@@ -20,7 +20,7 @@ from runner.launch.train import run
 from runner.recording.format import PARAMETER_FINGERPRINTS, RECORDING
 from runner.recording.verify import read_metadata
 
-from conftest import REPO, load_recording
+from conftest import REPO, load_recording, wait_until
 
 pytestmark = pytest.mark.slow
 STEPS, EVERY = 200, 7  # a checkpoint every 7 steps, so kills land between, on and just after them
@@ -76,9 +76,8 @@ def test_sigkill_at_a_random_step_then_resume(experiment_file, uninterrupted, tm
     target = rng.randrange(20, STEPS - 20)
     out = tmp_path / "run"
     proc = subprocess.Popen(train_cmd(experiment_file, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while last_logged_step(out / "train.log") < target and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: last_logged_step(out / "train.log") >= target or proc.poll() is not None,
+               f"the run to log step {target}")
     time.sleep(rng.random() * 0.1)  # a few more steps, so the kill is not always right after a log line
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -145,14 +144,18 @@ def test_write_error_mid_run_fails_then_resumes(experiment_file, uninterrupted, 
 def test_restart_ignores_the_checkpoint(experiment_file, uninterrupted, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(train_cmd(experiment_file, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while last_logged_step(out / "train.log") < 50 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: last_logged_step(out / "train.log") >= 50 or proc.poll() is not None,
+               "the run to log step 50")
     proc.kill()
     proc.wait()
-    assert 50 <= last_logged_step(out / "train.log") < STEPS
+    assert 50 <= last_logged_step(out / "train.log") < STEPS and (out / "checkpoint.safetensors").exists()
     assert subprocess.run(train_cmd(experiment_file, out) + ["--restart"], capture_output=True).returncode == 0
     assert "resumed_from_step" not in json.loads((out / "run.json").read_text())
+    # the restart trained from step 1: its first progress line is logged a second time (a resume
+    # would have started after its checkpoint, past step 49, and said so)
+    log = (out / "train.log").read_text()
+    first = re.search(r" step (\d+)/", log)[1]
+    assert log.count(f" step {first}/{STEPS} ") == 2 and "resuming after step" not in log
     assert_identical(out, uninterrupted)
 
 

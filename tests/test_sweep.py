@@ -16,7 +16,7 @@ from runner.launch import sweep
 from runner.launch.sweep import task_options
 from runner.runs.index import load_index
 
-from conftest import REPO, load_recording
+from conftest import REPO, load_recording, wait_until
 
 pytestmark = pytest.mark.slow
 SMOKE_SWEEP = REPO / "experiments" / "smoke_sweep.yaml"
@@ -145,9 +145,8 @@ def test_ctrl_c_cancels_cleanly_and_the_sweep_resumes(long_sweep, tmp_path):
     runs = tmp_path / "runs"
     sweep = subprocess.Popen(_sweep_cmd(long_sweep, runs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              preexec_fn=_sigint_as_in_a_terminal)
-    deadline = time.monotonic() + 120
-    while not list(runs.glob("long/*/checkpoint.safetensors")) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: bool(list(runs.glob("long/*/checkpoint.safetensors"))), "a run's first checkpoint",
+               poll_s=0.05)
     sweep.send_signal(signal.SIGINT)
     out, _ = sweep.communicate(timeout=120)
     assert sweep.returncode == 130, out
