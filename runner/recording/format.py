@@ -15,6 +15,7 @@ import struct
 from pathlib import Path
 
 from runner.config import Experiment
+from runner.data.corpus import Corpus
 
 RECORDING = "recording.safetensors"
 FORMAT_VERSION = "1"
@@ -75,14 +76,13 @@ def read_header(fd: int) -> tuple[int, dict]:
     return size, json.loads(os.pread(fd, size, 8))
 
 
-def header_metadata(exp: Experiment, corpus_sha256: str, corpus_length: int, corpus_ascii: str,
-                    token_counts: list[int], env: dict, started_at: str, n_params: int,
+def header_metadata(exp: Experiment, corpus: Corpus, env: dict, started_at: str, n_params: int,
                     device: str) -> dict[str, str]:
     """The metadata known when a run starts (safetensors allows only strings; structured values are JSON)."""
     return {"run_id": exp.run_id, "config": json.dumps(exp.to_dict(), sort_keys=True),
             "seed": str(exp.train.seed), "precision": exp.train.precision, "device": device,
             "steps": str(exp.train.steps), "record_every": str(exp.record.every), "n_params": str(n_params),
             "packages": json.dumps(env["packages"], sort_keys=True), "python": env["python"],
-            "git_commit": env["git_commit"], "corpus_sha256": corpus_sha256, "corpus_length": str(corpus_length),
-            "corpus_ascii": corpus_ascii, "token_counts": json.dumps(token_counts), "started_at": started_at,
+            "git_commit": env["git_commit"], "corpus_sha256": corpus.sha256, "corpus_length": str(len(corpus.text)),
+            "corpus_ascii": corpus.mode, "token_counts": json.dumps(corpus.token_counts), "started_at": started_at,
             "cpu": env["cpu"], "cpu_capability": env["cpu_capability"], **({"gpu": env["gpu"]} if env["gpu"] else {})}

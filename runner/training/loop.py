@@ -105,8 +105,7 @@ def train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.de
     save_tokenizer(run_dir / "tokenizer")
     model, optimizer, impl = build_model_and_optimizer(exp, torch_device)
     n_params = count_parameters(model)
-    header = {**header_metadata(exp, corpus.sha256, len(corpus.text), corpus.mode, corpus.token_counts, env,
-                                started_at, n_params, str(torch_device)),
+    header = {**header_metadata(exp, corpus, env, started_at, n_params, str(torch_device)),
               "implementation": json.dumps(impl, sort_keys=True),
               PARAMETER_FINGERPRINTS["initial"]: parameters_sha256(model)}  # before a checkpoint is loaded
     writer, ckpt = _open_recording(exp, run_dir, model, optimizer, restart, header, torch_device)
