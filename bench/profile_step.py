@@ -1,5 +1,7 @@
 """`make bench-profile`: where a training step's time goes, `train.kernels: hf` (transformers' own
-kernels, the runner before round 2) against `fast`, side by side in one process (torch.profiler).
+kernels, the runner before round 2) against `fast`, and in bf16 `fast` with its products on the
+bf16 GEMM path this CPU does not take (forced: bf16_via_fp32), side by side in one process
+(torch.profiler).
 
 The reference config (batch 32 x 128 tokens), one precision per call. Each op's self time is put
 in a category ("other ops": the rest); the optimizer's is its whole step. Also the step's wall time
@@ -10,6 +12,7 @@ of milliseconds per step.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections import defaultdict
@@ -20,9 +23,11 @@ from torch.profiler import profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from runner.config import load_runs  # noqa: E402
+from runner.model.bf16_via_fp32 import FORCE_ENV, cpu_has_native_bf16_gemm  # noqa: E402
 from runner.model.gpt2 import batch_loss, causal_mask  # noqa: E402
 from runner.training.host import keep_freed_memory_mapped  # noqa: E402
 from runner.training.loop import build_model_and_optimizer  # noqa: E402
+from runner.training.provenance import describe_cpu  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CATEGORIES = {
@@ -84,10 +89,15 @@ def _in_optimizer(event) -> bool:
     return False
 
 
-def breakdown(precision: str, kernels: str) -> dict[str, float]:
+def breakdown(precision: str, kernels: str, bf16_gemm: str | None = None) -> dict[str, float]:
     """Milliseconds per step: each category's op time as the profiler measures it (it slows ops a
     little), the step's wall time without the profiler, and the fixed cost of a step: the same
-    step on a batch of one window of 8 tokens (Python, dispatch, autograd, optimizer overhead)."""
+    step on a batch of one window of 8 tokens (Python, dispatch, autograd, optimizer overhead).
+    `bf16_gemm` forces that path (else the CPU decides)."""
+    if bf16_gemm:
+        os.environ[FORCE_ENV] = bf16_gemm
+    else:
+        os.environ.pop(FORCE_ENV, None)
     step = make_step(precision, kernels)
     out: dict[str, float] = defaultdict(float)
     out["step, wall time (no profiler)"] = wall_ms(step)
@@ -112,12 +122,17 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     keep_freed_memory_mapped()
-    results = {kernels: breakdown(args.precision, kernels) for kernels in ("hf", "fast")}
+    columns = {"kernels: hf": breakdown(args.precision, "hf"), "kernels: fast": breakdown(args.precision, "fast")}
+    if args.precision != "fp32":
+        other = "fp32" if cpu_has_native_bf16_gemm() else "native"
+        columns[f"fast, {FORCE_ENV}={other}"] = breakdown(args.precision, "fast", other)
     rows = [*CATEGORIES, OPTIMIZER, "other ops", "all ops (profiled)", "step, wall time (no profiler)",
             "fixed cost: the same step on 1 window of 8 tokens"]
-    print(f"{args.precision}, {args.threads} threads, ms per step | kernels: hf | kernels: fast\n|---|---|---|")
+    print(describe_cpu())
+    print(f"| {args.precision}, {args.threads} threads, ms per step | {' | '.join(columns)} |\n"
+          f"|---{'|---' * len(columns)}|")
     for row in rows:
-        print(f"| {row} | {results['hf'].get(row, 0):.2f} | {results['fast'].get(row, 0):.2f} |")
+        print(f"| {row} | {' | '.join(f'{column.get(row, 0):.2f}' for column in columns.values())} |")
 
 
 if __name__ == "__main__":

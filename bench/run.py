@@ -2,13 +2,15 @@
 
 Each measurement is a separate process (so peak RSS is its own, from the OS via wait4), and the
 baseline and the runner alternate. Modes:
-  default        --steps 300 (after a warm-up run of each): bf16-true, bf16-mixed and fp32, the
-                 runner with `train.kernels: hf` and `fast`, plus the runner with recording off to
-                 measure the recording overhead
+  default        --steps 300, or 60 on a CPU without a native bf16 GEMM, where torch's bf16 runs
+                 ~10x slower (after a warm-up run of each): bf16-true, bf16-mixed and fp32, the
+                 runner with `train.kernels: hf` and `fast`, `fast` with its bf16 products on the
+                 path this CPU does not take (LILGATSBY_BF16_GEMM forced: bf16_via_fp32), plus the
+                 runner with recording off to measure the recording overhead
   --steps 10000  the full reference run, baseline vs runner (bf16)
   --sweep        an 8-seed sweep (--sweep-steps each) through `lilgatsby sweep` vs the baseline run
                  8 times one after another
-Prints a table and writes the results as JSON (bench/results/<mode>.json by default).
+Prints the CPU and a table, and writes the results as JSON (bench/results/<mode>.json by default).
 """
 
 from __future__ import annotations
@@ -22,11 +24,18 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from runner.model.bf16_via_fp32 import FORCE_ENV, cpu_has_native_bf16_gemm  # noqa: E402
+from runner.training.provenance import describe_cpu  # noqa: E402
+
 LILGATSBY = [sys.executable, "-m", "runner.cli"]
+# the bf16 GEMM path this CPU does not take by default, measured beside the one it does
+OTHER_BF16_GEMM = "fp32" if cpu_has_native_bf16_gemm() else "native"
 
 
-def run_measured(cmd: list[str], cwd: Path) -> dict:
-    """Run `cmd` in `cwd`; its wall seconds, its own peak RSS (MiB, from wait4) and its stdout."""
+def run_measured(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> dict:
+    """Run `cmd` in `cwd` (with `env` added to the environment); its wall seconds, its own peak
+    RSS (MiB, from wait4) and its stdout."""
     t0 = time.perf_counter()
     pid = os.fork()
     if pid == 0:  # child: exec the command with stdout to a file
@@ -34,7 +43,7 @@ def run_measured(cmd: list[str], cwd: Path) -> dict:
         os.dup2(out.fileno(), 1)
         os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
         os.chdir(cwd)
-        os.execvp(cmd[0], cmd)
+        os.execvpe(cmd[0], cmd, {**os.environ, **(env or {})})
     _, status, usage = os.wait4(pid, 0)
     if os.waitstatus_to_exitcode(status):
         sys.exit(f"bench: {' '.join(cmd)} exited with {os.waitstatus_to_exitcode(status)}")
@@ -49,14 +58,15 @@ def baseline(steps: int, precision: str, work: Path, seed: int = 42) -> dict:
     return {**json.loads(result["stdout"].splitlines()[-1]), "rss_mib": result["rss_mib"], "wall_s": result["wall_s"]}
 
 
-def runner(steps: int, precision: str, work: Path, record: bool = True, kernels: str = "fast") -> dict:
-    out = work / f"run-{precision}-{record}-{kernels}"
+def runner(steps: int, precision: str, work: Path, record: bool = True, kernels: str = "fast",
+           bf16_gemm: str | None = None) -> dict:
+    out = work / f"run-{precision}-{record}-{kernels}-{bf16_gemm}"
     cmd = [*LILGATSBY, "train", str(REPO / "experiments" / "lil_gatsby.yaml"), "--out", str(out), "--force",
            "--quiet", "--set", f"train.steps={steps}", "--set", f"train.precision={precision}",
            "--set", f"train.kernels={kernels}"]
     if not record:
         cmd += ["--set", "record.tensors=[]"]
-    result = run_measured(cmd, work)
+    result = run_measured(cmd, work, {FORCE_ENV: bf16_gemm} if bf16_gemm else None)
     metrics = json.loads((out / "run.json").read_text())["metrics"]
     return {"steps": steps, "steps_per_s": metrics["steps_per_s"], "train_s": metrics["train_s"],
             "rss_mib": result["rss_mib"], "wall_s": result["wall_s"]}
@@ -70,7 +80,8 @@ def best(results: list[dict]) -> dict:
 def steps_mode(steps: int, rounds: int, work: Path) -> dict:
     """Per runner precision: the notebook's loop in the matching precision (bf16 for both bf16
     modes), the runner with `train.kernels: hf` (transformers' own kernels: the runner before its
-    fast CPU kernels) and with the default `fast`, alternating."""
+    fast CPU kernels), with the default `fast`, and in bf16 with `fast` on the other bf16 GEMM
+    path, alternating."""
     rows = {}
     precisions = ("bf16-true",) if steps >= 5000 else ("bf16-true", "bf16-mixed", "fp32")
     for precision in precisions:
@@ -78,11 +89,14 @@ def steps_mode(steps: int, rounds: int, work: Path) -> dict:
         if steps < 5000:  # warm-up: page cache, lazy imports
             baseline(20, notebook_precision, work)
             runner(20, precision, work)
+        forced = f"runner_bf16_gemm_{OTHER_BF16_GEMM}"
         measured: dict[str, list] = {"baseline": [], "runner_hf_kernels": [], "runner": []}
         for _ in range(rounds):
             measured["baseline"].append(baseline(steps, notebook_precision, work))
             measured["runner_hf_kernels"].append(runner(steps, precision, work, kernels="hf"))
             measured["runner"].append(runner(steps, precision, work))
+            if precision != "fp32" and steps < 5000:
+                measured.setdefault(forced, []).append(runner(steps, precision, work, bf16_gemm=OTHER_BF16_GEMM))
         rows[precision] = {name: best(results) for name, results in measured.items()}
     if steps < 5000:
         rows["bf16-true"]["runner_no_recording"] = best([runner(steps, "bf16-true", work, record=False)
@@ -131,6 +145,10 @@ def table(mode: str, results: dict) -> str:
         for name, r in rows.items():
             lines.append(f"| {precision} | {name} | {r['steps']} | {r['steps_per_s']:.1f} | "
                          f"{r['steps_per_s'] / base:.2f}x | {r['rss_mib']:.0f} | {r['wall_s']:.1f} |")
+    if "fp32" in results:
+        fp32 = results["fp32"]["runner"]["steps_per_s"]
+        lines.append("\nbf16 against fp32, both the runner's default (`fast`): " + ", ".join(
+            f"{p} {results[p]['runner']['steps_per_s'] / fp32:.2f}x" for p in results if p != "fp32"))
     bf16 = results.get("bf16-true", {})
     if "runner_no_recording" in bf16:
         on, off = bf16["runner"]["steps_per_s"], bf16["runner_no_recording"]["steps_per_s"]
@@ -143,7 +161,7 @@ def table(mode: str, results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=300 if cpu_has_native_bf16_gemm() else 60)
     parser.add_argument("--rounds", type=int, default=2, help="alternating measurements of each (best is kept)")
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--sweep-steps", type=int, default=1000)
@@ -163,7 +181,9 @@ def main() -> None:
             results = steps_mode(args.steps, args.rounds, work)
     out = args.json or REPO / "bench" / "results" / f"{mode}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"mode": mode, "host_cpus": os.cpu_count(), "results": results}, indent=2) + "\n")
+    out.write_text(json.dumps({"mode": mode, "host_cpus": os.cpu_count(), "cpu": describe_cpu(), "results": results},
+                              indent=2) + "\n")
+    print(describe_cpu())
     print(table("sweep" if args.sweep else "steps", results))
     print(f"\nresults: {out}")
 

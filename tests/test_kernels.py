@@ -1,6 +1,8 @@
 """The fast CPU kernels compute GPT-2's functions: each against transformers' own, then whole
 training runs against transformers' eager kernels within the tolerances docs/training.md states."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +10,7 @@ from transformers.models.gpt2.modeling_gpt2 import eager_attention_forward
 
 from runner.config import ModelConfig
 from runner.launch.train import run
-from runner.model import kernels
+from runner.model import bf16_via_fp32, kernels
 from runner.model.gpt2 import build_model
 from runner.recording.format import RECORDING
 
@@ -18,8 +20,10 @@ CPU = torch.device("cpu")
 # fast vs transformers' eager kernels over 200 steps (docs/training.md): the largest per-step loss
 # difference, its mean, and W's largest relative difference (Frobenius, per step). Measured on this
 # suite's small book: bf16-mixed 0.0098 / 0.0012 / 0.5 %, fp32 6.6e-7 / 9.7e-8 / 0.010 %.
+BF16_TOLERANCE = (0.05, 0.015, 0.05)
 TOLERANCE = {
-    "bf16-mixed": (0.05, 0.015, 0.05),
+    "bf16-mixed": BF16_TOLERANCE,
+    "bf16-true": BF16_TOLERANCE,  # its fp32-GEMM path (bf16_via_fp32); elsewhere bf16-true's `fast` is eager
     "fp32": (1e-5, 1e-6, 1e-3),
 }
 HF_EAGER = kernels.Kernels("gelu_pytorch_tanh", "eager", "transformers", "single-tensor")
@@ -88,36 +92,47 @@ def test_tanh_gelu_is_gpt2s(dtype):
 
 
 def test_choice_per_precision_and_device():
+    """On CPUs with a native bf16 GEMM (test_bf16_via_fp32 covers those without)."""
+    def choose(precision, device=CPU, choice="fast"):
+        return kernels.choose(precision, device, choice, native_bf16_gemm=True)
+
     for precision in ("bf16-mixed", "fp32"):
         gelu = "sigmoid-form" if precision == "fp32" else "transformers"
-        assert kernels.choose(precision, CPU) == kernels.Kernels("gelu_pytorch_tanh", kernels.CAUSAL_ATTENTION,
-                                                                  gelu, "fused")
-        assert kernels.choose(precision, torch.device("cuda")) == kernels.Kernels("gelu_pytorch_tanh", "sdpa",
-                                                                                   "transformers", "fused")
+        assert choose(precision) == kernels.Kernels("gelu_pytorch_tanh", kernels.CAUSAL_ATTENTION, gelu, "fused")
+        assert choose(precision, torch.device("cuda")) == kernels.Kernels("gelu_pytorch_tanh", "sdpa",
+                                                                          "transformers", "fused")
     for precision in ("bf16-true", "bf16-mixed", "fp32"):
-        assert kernels.choose(precision, CPU, "notebook") == kernels.HF_DEFAULTS
+        assert choose(precision, CPU, "notebook") == kernels.HF_DEFAULTS
     # bf16-true keeps transformers' kernels and torch's default Adam on bf16 state (docs/training.md)
-    assert kernels.choose("bf16-true", CPU) == kernels.choose("bf16-true", CPU, "hf") == HF_EAGER
-    assert kernels.choose("bf16-true", torch.device("cuda")).adam == "single-tensor"
-    assert kernels.choose("fp32", CPU, "hf").attention == "sdpa"
-    assert kernels.choose("fp32", torch.device("mps")).adam == "single-tensor"
-    model = build_model(ModelConfig(), 1, kernels.choose("fp32", CPU))
+    assert choose("bf16-true") == choose("bf16-true", CPU, "hf") == HF_EAGER
+    assert choose("bf16-true", torch.device("cuda")).adam == "single-tensor"
+    assert choose("fp32", CPU, "hf").attention == "sdpa"
+    assert choose("fp32", torch.device("mps")).adam == "single-tensor"
+    model = build_model(ModelConfig(), 1, choose("fp32"))
     assert all(isinstance(block.mlp.act, kernels.TanhGelu) for block in model.transformer.h)
     assert model.config.activation_function == "gelu_pytorch_tanh"  # what snapshots' config.json names
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", list(TOLERANCE))
-def test_fast_kernels_train_like_transformers_eager_ones(make_experiment, tmp_path, monkeypatch, precision):
+@pytest.mark.parametrize("precision, bf16_gemm", [("bf16-mixed", None), ("bf16-true", "fp32"), ("fp32", None)])
+def test_fast_kernels_train_like_transformers_eager_ones(make_experiment, tmp_path, monkeypatch, precision,
+                                                         bf16_gemm):
     """200 steps with the `fast` kernels and with transformers' eager ones (eager attention, its
-    tanh-GELU, torch's default Adam): the same training up to rounding, within the stated
-    tolerances on the loss curve and on W at every step (bf16-true's `fast` is the eager one)."""
+    tanh-GELU, torch's default Adam, torch's bf16 GEMM): the same training up to rounding, within
+    the stated tolerances on the loss curve and on W at every step. bf16-mixed takes this CPU's
+    bf16 GEMM path, bf16-true the fp32 path (forced: bf16_via_fp32) on every CPU, as its `fast` is
+    the eager one where the GEMM is native. (Forcing torch's bf16 GEMM where it is slow, or the
+    fp32 path twice, would add minutes: test_bf16_via_fp32 covers the paths' products.)"""
     import runner.training.loop
 
     max_loss, mean_loss, w_rel = TOLERANCE[precision]
+    if bf16_gemm:
+        monkeypatch.setenv(bf16_via_fp32.FORCE_ENV, bf16_gemm)
     exp = make_experiment(train={"steps": 200, "batch_size": 8, "precision": precision},
                           record={"tensors": ["W", "loss"], "model_steps": "none"})
     run(exp, tmp_path / "fast", progress=False)
+    if bf16_gemm:
+        assert json.loads((tmp_path / "fast" / "run.json").read_text())["implementation"]["bf16_gemm"] == bf16_gemm
     monkeypatch.setattr(runner.training.loop, "choose", lambda *args: HF_EAGER)
     run(exp, tmp_path / "eager", progress=False)
     fast, eager = (load_recording(tmp_path / name / RECORDING) for name in ("fast", "eager"))

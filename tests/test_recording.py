@@ -13,7 +13,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from runner.data.corpus import load_corpus
 from runner.launch.train import run
-from runner.model import kernels
+from runner.model import bf16_via_fp32, kernels
 from runner.model.gpt2 import parameters_sha256
 from runner.recording.format import PARAMETER_FINGERPRINTS, RECORDING
 from runner.recording.verify import adam_violations, read_metadata
@@ -43,7 +43,7 @@ def reference_loop(exp):
     """A plain re-statement of the notebook's loop: HF model, torch Adam, snapshots after backward
     and before the step; batches from a seeded permutation of all windows. The kernels are the
     run's, as `kernels.choose` names them: transformers' attention (eager, SDPA) or ours, their
-    tanh-GELU or ours, torch's default or fused Adam."""
+    tanh-GELU or ours, torch's default or fused Adam, torch's bf16 GEMM or fp32 ones."""
     cfg = exp.train
     tokens = torch.tensor(list(load_corpus(exp.corpus.path, "drop").text.encode("ascii")))
     torch.manual_seed(cfg.seed)
@@ -53,6 +53,8 @@ def reference_loop(exp):
     chosen = kernels.choose(cfg.precision, torch.device("cpu"), cfg.kernels)
     config._attn_implementation = chosen.attention
     model = GPT2LMHeadModel(config)
+    if chosen.bf16_gemm == "fp32":  # CPUs without a native bf16 GEMM: the products through fp32 ones
+        bf16_via_fp32.compute_in_fp32(model)
     if chosen.gelu == "sigmoid-form":
         for block in model.transformer.h:
             block.mlp.act = kernels.TanhGelu()
@@ -178,11 +180,18 @@ def test_metadata_describes_the_run(runs):
     assert manifest["environment"]["cpu"] == meta["cpu"] and manifest["environment"]["gpu"] is None
     assert json.loads(meta["implementation"]) == manifest["implementation"]
     # bf16-true on the CPU: transformers' GELU and eager attention, torch's single-tensor Adam
-    # (docs/training.md), and glibc's allocator with fixed thresholds (training/host.py)
+    # (docs/training.md), and glibc's allocator with fixed thresholds (training/host.py); without
+    # a native bf16 GEMM, our attention and GELU with every product through fp32 GEMMs
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
-    assert manifest["implementation"] == {"activation_function": "gelu_pytorch_tanh", "attention": "eager",
-                                          "gelu": "transformers", "adam": "single-tensor",
-                                          "host_allocator": "glibc: trim 256 MiB, mmap 32 MiB" if glibc else "default"}
+    allocator = {"host_allocator": "glibc: trim 256 MiB, mmap 32 MiB" if glibc else "default"}
+    if bf16_via_fp32.native_bf16_gemm(torch.device("cpu")):
+        assert manifest["implementation"] == {"activation_function": "gelu_pytorch_tanh", "attention": "eager",
+                                              "gelu": "transformers", "adam": "single-tensor", **allocator}
+    else:
+        assert manifest["implementation"] == {"activation_function": "gelu_pytorch_tanh",
+                                              "attention": "lilgatsby_causal_fp32", "gelu": "sigmoid-form",
+                                              "adam": "single-tensor", "bf16_gemm": "fp32", **allocator}
+    assert manifest["environment"]["cpu_native_bf16_gemm"] is bf16_via_fp32.cpu_has_native_bf16_gemm()
     assert set(manifest["samples"]) == {"In my younger", "Gatsby", "The green light"}
     assert all(text.startswith(prompt) for prompt, text in manifest["samples"].items())
     assert manifest["dead_token_summary"]["dead_tokens"] == manifest["corpus"]["token_counts"].count(0)

@@ -17,6 +17,7 @@ import torch
 import runner.data.corpus
 import runner.recording.writer
 from runner.launch.train import run
+from runner.model.bf16_via_fp32 import FORCE_ENV
 from runner.recording.format import PARAMETER_FINGERPRINTS, RECORDING
 from runner.recording.verify import read_metadata
 
@@ -70,11 +71,9 @@ def last_logged_step(log: Path) -> int:
     return steps[-1] if steps else 0
 
 
-@pytest.mark.parametrize("trial", range(2))
-def test_sigkill_at_a_random_step_then_resume(experiment_file, uninterrupted, tmp_path, trial):
-    rng = random.Random(1000 + trial)  # seeded: a failure names a step that can be tried again
+def kill_then_resume(experiment_file: Path, out: Path, rng: random.Random) -> None:
+    """Train in a fresh process, SIGKILL it at a random step, then resume it in another."""
     target = rng.randrange(20, STEPS - 20)
-    out = tmp_path / "run"
     proc = subprocess.Popen(train_cmd(experiment_file, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_until(lambda: last_logged_step(out / "train.log") >= target or proc.poll() is not None,
                f"the run to log step {target}")
@@ -89,7 +88,23 @@ def test_sigkill_at_a_random_step_then_resume(experiment_file, uninterrupted, tm
     assert subprocess.run(train_cmd(experiment_file, out), capture_output=True).returncode == 0
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["status"] == "complete" and manifest["resumed_from_step"] >= killed_at - EVERY - 10
-    assert_identical(out, uninterrupted)
+
+
+@pytest.mark.parametrize("trial", range(2))
+def test_sigkill_at_a_random_step_then_resume(experiment_file, uninterrupted, tmp_path, trial):
+    kill_then_resume(experiment_file, tmp_path / "run", random.Random(1000 + trial))  # seeded: a failure can be retried
+    assert_identical(tmp_path / "run", uninterrupted)
+
+
+def test_sigkill_then_resume_with_bf16_products_through_fp32(experiment_file, tmp_path, monkeypatch):
+    """The same on the fp32-GEMM path (bf16_via_fp32), forced on any CPU: the processes inherit it."""
+    from runner.config import load_runs
+    monkeypatch.setenv(FORCE_ENV, "fp32")
+    (spec,) = load_runs(experiment_file)
+    run(spec.experiment, tmp_path / "uninterrupted", progress=False)
+    kill_then_resume(experiment_file, tmp_path / "run", random.Random(2000))
+    assert_identical(tmp_path / "run", tmp_path / "uninterrupted")
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["implementation"]["bf16_gemm"] == "fp32"
 
 
 def test_sigkill_during_a_checkpoint_write(experiment_file, uninterrupted, tmp_path):

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from runner.model.bf16_via_fp32 import cpu_has_native_bf16_gemm
+
 
 def environment(device: torch.device) -> dict:
     """Versions, host, processor and code revision, so a recording says what produced it. The
@@ -25,6 +27,7 @@ def environment(device: torch.device) -> dict:
             "platform": platform.platform(), "git_commit": git_commit(),
             "image": os.environ.get("LILGATSBY_IMAGE"), "cpu": cpu_model(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_native_bf16_gemm": cpu_has_native_bf16_gemm(),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
 
 
@@ -35,6 +38,13 @@ def cpu_model() -> str:
             if line.startswith("model name"):
                 return line.partition(":")[2].strip()
     return platform.processor() or platform.machine()
+
+
+def describe_cpu() -> str:
+    """The processor as speed figures need it named: model, torch's kernels for it, bf16 GEMM."""
+    native = "yes" if cpu_has_native_bf16_gemm() else "no (bf16 products through fp32 GEMMs)"
+    return (f"CPU: {cpu_model()}, {os.cpu_count()} cores, torch CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()}, native bf16 GEMM: {native}")
 
 
 def git_commit() -> str:
