@@ -71,8 +71,6 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from runner.launch.train import run
-    from runner.runs.index import rebuild_index
     from runner.runs.rundir import is_complete
 
     runs = load_runs(args.experiment, _overrides(args))
@@ -83,6 +81,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.force and is_complete(run_dir, spec.experiment):
         log.info("%s is already complete (use --force to train again)", run_dir)
         return 0
+    # the training stack (torch, transformers: seconds to import) only once the input is valid
+    from runner.launch.train import run
+    from runner.runs.index import rebuild_index
+
     manifest = run(spec.experiment, run_dir, overrides=spec.overrides, progress=not args.quiet, restart=args.restart,
                    force=args.force)
     if args.out is None:
