@@ -17,7 +17,7 @@ import torch
 import runner.data.corpus
 import runner.recording.writer
 from runner.launch.train import run
-from runner.model.bf16_via_fp32 import FORCE_ENV
+from runner.model.bf16_via_fp32 import FORCE_ENV, native_bf16_gemm
 from runner.recording.format import PARAMETER_FINGERPRINTS, RECORDING
 from runner.recording.verify import read_metadata
 
@@ -99,6 +99,8 @@ def test_sigkill_at_a_random_step_then_resume(experiment_file, uninterrupted, tm
 def test_sigkill_then_resume_with_bf16_products_through_fp32(experiment_file, tmp_path, monkeypatch):
     """The same on the fp32-GEMM path (bf16_via_fp32), forced on any CPU: the processes inherit it."""
     from runner.config import load_runs
+    if not native_bf16_gemm(torch.device("cpu")):
+        pytest.skip("this CPU takes the fp32-GEMM path by default: the SIGKILL tests above cover it")
     monkeypatch.setenv(FORCE_ENV, "fp32")
     (spec,) = load_runs(experiment_file)
     run(spec.experiment, tmp_path / "uninterrupted", progress=False)
