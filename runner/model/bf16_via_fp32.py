@@ -140,7 +140,8 @@ class Fp32Linear(torch.nn.Linear):
 class Fp32Mlp(GPT2MLP):
     """GPT2MLP computed in fp32 (`_Mlp`); its modules and parameters stay GPT2MLP's."""
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    # (transformers annotates GPT2MLP's argument as a tuple; GPT2Block passes a tensor)
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         c_fc, c_proj = self.c_fc, self.c_proj
         out = _Mlp.apply(_rows(hidden_states), c_fc.weight, c_fc.bias, c_proj.weight, c_proj.bias)
         return self.dropout(out.view(*hidden_states.shape[:-1], c_proj.nf))

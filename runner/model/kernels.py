@@ -139,8 +139,8 @@ def causal_attention(module, query, key, value, attention_mask, scaling=None, dr
     return _CausalAttention.apply(query, key, value, scale, in_fp32).transpose(1, 2), None
 
 
-def causal_attention_in_fp32(*args, **kwargs):
-    return causal_attention(*args, in_fp32=True, **kwargs)
+def causal_attention_in_fp32(module, query, key, value, attention_mask, **kwargs):
+    return causal_attention(module, query, key, value, attention_mask, in_fp32=True, **kwargs)
 
 
 for _name, _attention in ((CAUSAL_ATTENTION, causal_attention), (CAUSAL_ATTENTION_FP32, causal_attention_in_fp32)):
