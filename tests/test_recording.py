@@ -53,11 +53,7 @@ def reference_loop(exp):
     chosen = kernels.choose(cfg.precision, torch.device("cpu"), cfg.kernels)
     config._attn_implementation = chosen.attention
     model = GPT2LMHeadModel(config)
-    if chosen.bf16_gemm == "fp32":  # CPUs without a native bf16 GEMM: the products through fp32 ones
-        bf16_via_fp32.compute_in_fp32(model)
-    if chosen.gelu == "sigmoid-form":
-        for block in model.transformer.h:
-            block.mlp.act = kernels.TanhGelu()
+    kernels.use_kernels(model, chosen)  # our GELU, and on CPUs without a native bf16 GEMM the fp32 products
     if cfg.precision == "bf16-true":
         model.to(torch.bfloat16)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,

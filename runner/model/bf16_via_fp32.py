@@ -60,10 +60,6 @@ def tanh_gelu(xf: torch.Tensor) -> torch.Tensor:
     return inner.mul_(xf).sigmoid_().mul_(xf)
 
 
-def _affine(x32: torch.Tensor, w32: torch.Tensor, b32: torch.Tensor | None) -> torch.Tensor:
-    return torch.mm(x32, w32) if b32 is None else torch.addmm(b32, x32, w32)
-
-
 def _dtypes(*tensors: torch.Tensor | None) -> tuple:
     return tuple(None if t is None else t.dtype for t in tensors)
 
@@ -84,7 +80,8 @@ class _Linear(torch.autograd.Function):
         x32, w32 = x.float(), weight.float()
         ctx.save_for_backward(x32, w32)
         ctx.dtypes = _dtypes(x, weight, bias)
-        return _affine(x32, w32, None if bias is None else bias.float()).to(x.dtype)
+        product = torch.mm(x32, w32) if bias is None else torch.addmm(bias.float(), x32, w32)
+        return product.to(x.dtype)
 
     @staticmethod
     @custom_bwd(device_type="cpu")

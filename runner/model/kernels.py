@@ -71,8 +71,7 @@ def choose(precision: str, device: torch.device, choice: str = "fast", native_bf
         adam = "single-tensor" if precision == "bf16-true" else "fused"
         return Kernels("gelu_pytorch_tanh", CAUSAL_ATTENTION_FP32, "sigmoid-form", adam, "fp32")
     if choice == "hf" or precision == "bf16-true":
-        bf16_on_cpu = precision in ("bf16-true", "bf16-mixed") and cpu
-        return Kernels("gelu_pytorch_tanh", "eager" if bf16_on_cpu else "sdpa", "transformers", "single-tensor")
+        return Kernels("gelu_pytorch_tanh", "eager" if bf16 and cpu else "sdpa", "transformers", "single-tensor")
     if cpu:  # the sigmoid-form GELU computes in fp32: with bf16 activations its casts cost what it saves
         return Kernels("gelu_pytorch_tanh", CAUSAL_ATTENTION, "sigmoid-form" if precision == "fp32" else "transformers",
                        "fused")
