@@ -68,7 +68,8 @@ def fake_sweep(run_dir: Path, root: Path, seeds: int = 8) -> Path:
             config = json.loads(json.dumps(manifest["config"]))
             config["train"].update(seed=seed, precision=precision)
             write_manifest(d, {**manifest, "run_id": run_id, "config": config,
-                               "overrides": {"train.seed": seed, "train.precision": precision}})
+                               "overrides": {"train.seed": seed, "train.precision": precision},
+                               "grid_point": {"train.seed": seed, "train.precision": precision}})
     return exp_dir
 
 

@@ -12,14 +12,45 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from runner.config import load_runs
 from runner.errors import ConfigError, UserError
+from runner.recording.format import RECORDING
+from runner.text import plural
 
 log = logging.getLogger("runner.cli")
-EXIT_BAD_INPUT = 2
+EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130  # 130: Ctrl-C (128 + SIGINT), as shells report it
+EXAMPLES = {
+    "train": """
+  lilgatsby train experiments/smoke.yaml                      # runs/smoke/<run id>/
+  lilgatsby train experiments/smoke.yaml --set train.lr=3e-4 --set train.precision=fp32
+  lilgatsby train experiments/smoke.yaml --out /tmp/smoke     # any run directory
+  (Ctrl-C marks the run cancelled, exits 130; the same command resumes it from its last checkpoint)""",
+    "sweep": """
+  lilgatsby sweep experiments/smoke_sweep.yaml --dry-run      # the runs, their disk and time
+  lilgatsby sweep experiments/smoke_sweep.yaml
+  lilgatsby sweep experiments/seed_sweep.yaml --set 'train.seed={range: [0, 4]}'   # replace an axis
+  lilgatsby sweep experiments/seed_sweep.yaml --address 127.0.0.1:6379             # join a cluster""",
+    "verify": """
+  lilgatsby verify runs/smoke/30509a8442aa                   # one run directory (or its recording)
+  lilgatsby verify runs/smoke_sweep                          # every run of an experiment""",
+    "index": """
+  lilgatsby index runs                                        # every experiment under runs/
+  lilgatsby index runs/smoke_sweep""",
+    "compare": """
+  lilgatsby compare runs/smoke/30509a8442aa /tmp/smoke        # exit 0: bit-identical""",
+    "report": """
+  lilgatsby report runs/smoke_sweep                           # -> runs/smoke_sweep/report/report.html
+  lilgatsby report experiments/smoke_sweep.yaml --out /tmp/report
+  lilgatsby report runs/smoke/30509a8442aa                    # one run""",
+}
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lilgatsby", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, description=help, epilog="examples:" + EXAMPLES[name],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def experiment_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("experiment", type=Path, help="experiment YAML file")
@@ -31,38 +62,49 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--restart", action="store_true",
                        help="start interrupted runs over instead of resuming them from their last checkpoint")
 
-    train = sub.add_parser("train", help="run one experiment locally, without Ray")
+    train = command("train", "run one experiment locally, without Ray")
     experiment_args(train)
     train.add_argument("--out", type=Path, help="run directory (default: <runs>/<name>/<run id>/)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    sweep = sub.add_parser("sweep", help="run every point of an experiment's grid on Ray")
+    sweep = command("sweep", "run every point of an experiment's grid on Ray")
     experiment_args(sweep)
-    sweep.add_argument("--dry-run", action="store_true", help="list the runs and the disk they need; run nothing")
+    sweep.add_argument("--dry-run", action="store_true",
+                       help="list the runs, the disk and the time they need; run nothing")
     sweep.add_argument("--address", help="join a Ray cluster (auto or HOST:PORT; default: $RAY_ADDRESS, "
                                          "else start a local instance)")
     sweep.add_argument("--max-retries", type=int, default=2, help="retries of a run lost with its worker")
     sweep.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    verify = sub.add_parser("verify", help="check recordings: header, layout, metadata, NaN/Inf, Adam relation")
-    verify.add_argument("paths", type=Path, nargs="+", help="recordings or run directories")
+    verify = command("verify", "check recordings: header, layout, metadata, NaN/Inf, Adam relation")
+    verify.add_argument("paths", type=Path, nargs="+", help="recordings, run directories or experiment directories")
 
-    index = sub.add_parser("index", help="rebuild index.jsonl/index.csv from the run manifests")
+    index = command("index", "rebuild index.jsonl/index.csv from the run manifests")
     index.add_argument("runs_dir", type=Path, help="a runs root or one experiment's directory")
 
-    compare = sub.add_parser("compare", help="how two recordings differ, tensor by tensor (exit 0: identical)")
+    compare = command("compare", "how two recordings differ, tensor by tensor (exit 0: identical)")
     compare.add_argument("a", type=Path, help="a recording or run directory")
     compare.add_argument("b", type=Path, help="another")
 
-    report = sub.add_parser("report", help="figures and an offline HTML page of an experiment's runs")
+    report = command("report", "figures and an offline HTML page of an experiment's runs (or of one run)")
     report.add_argument("experiment", type=Path,
-                        help="an experiment's directory (runs/<name>/) or its experiment YAML file")
+                        help="an experiment's directory (runs/<name>/), its experiment YAML file, or one run directory")
     report.add_argument("--runs", type=Path, default=Path("runs"),
                         help="runs root, for an experiment file (default: runs/)")
-    report.add_argument("--out", type=Path, help="where to write it (default: <experiment dir>/report/)")
+    report.add_argument("--out", type=Path, help="where to write it (default: report/ in the directory reported)")
     report.add_argument("--run", dest="run_id", metavar="RUN_ID",
-                        help="the run whose dead-token trajectories are drawn (default: the first complete)")
+                        help="the run (id or directory name) whose dead tokens are drawn one by one "
+                             "(default: the first complete run in group order)")
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lilgatsby")
+    except PackageNotFoundError:  # run from a checkout that was not installed
+        return "unknown"
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -75,7 +117,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     runs = load_runs(args.experiment, _overrides(args))
     if len(runs) != 1:
-        raise ConfigError(f"{args.experiment}: grid: has {len(runs)} runs; use `lilgatsby sweep` for grids")
+        raise ConfigError(f"{args.experiment}: grid: has {plural(len(runs), 'run')}; use `lilgatsby sweep` for grids")
     (spec,) = runs
     run_dir = args.out or args.runs / spec.experiment.name / spec.run_id
     if not args.force and is_complete(run_dir, spec.experiment):
@@ -85,12 +127,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from runner.launch.train import run
     from runner.runs.index import rebuild_index
 
-    manifest = run(spec.experiment, run_dir, overrides=spec.overrides, progress=not args.quiet, restart=args.restart,
-                   force=args.force)
+    manifest = run(spec.experiment, run_dir, overrides=spec.overrides, grid_point=spec.point, progress=not args.quiet,
+                   restart=args.restart, force=args.force)
     if args.out is None:
         rebuild_index(run_dir.parent)
-    for prompt, text in manifest["samples"].items():
-        print(f"{prompt!r} -> {text!r}")
+    for prompt, text in manifest["samples"].items():  # (train.log has them too)
+        print(f"sample {prompt!r} -> {text!r}")
     metrics = manifest["metrics"]
     print(f"{run_dir}: final loss {metrics['final_loss']:.4f}, {metrics['steps_per_s']:.1f} steps/s, "
           f"{manifest['recording']['bytes'] / 2**20:.1f} MiB recording, {manifest['n_params']:,} parameters")
@@ -108,7 +150,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from runner.recording.verify import verify
 
     failed = 0
-    for path in args.paths:
+    for path in [run for given in args.paths for run in _recordings_below(given)]:
         problems = verify(path)
         for problem in problems:
             print(problem)
@@ -116,6 +158,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(f"{path}: ok")
         failed += bool(problems)
     return 1 if failed else 0
+
+
+def _recordings_below(path: Path) -> list[Path]:
+    """A recording or run directory as it is; an experiment directory (or runs root) as its run
+    directories (those whose run is not complete yet are said so and skipped)."""
+    from runner.runs.index import experiment_dirs
+    from runner.runs.rundir import MANIFEST, read_manifest
+
+    if not path.is_dir() or (path / MANIFEST).exists() or (path / RECORDING).exists():
+        return [path]
+    runs = [d for exp_dir in experiment_dirs(path) for d in sorted(exp_dir.iterdir()) if (d / MANIFEST).exists()]
+    if not runs:
+        raise UserError(f"{path}: no recording, run directory or experiment directory")
+    unfinished = {d: status for d in runs if (status := (read_manifest(d) or {}).get("status")) != "complete"}
+    for d, status in unfinished.items():
+        print(f"{d}: {status or 'no readable run.json'}, not verified")
+    return [d for d in runs if d not in unfinished]
 
 
 def cmd_index(args: argparse.Namespace) -> int:
@@ -128,7 +187,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.runs_dir}: no run directories (with run.json) found")
     for d in dirs:
         rows = rebuild_index(d)
-        print(f"{d}: {len(rows)} runs indexed")
+        print(f"{d}: {plural(len(rows), 'run')} indexed")
     return 0
 
 
@@ -166,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("lilgatsby: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

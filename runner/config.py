@@ -139,16 +139,47 @@ class Experiment:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def non_identity_keys(cls: Any = Experiment, prefix: str = "") -> set[str]:
+    """The dotted keys that never change what a run computes (marked NOT_IDENTITY, or in a section
+    that is), e.g. corpus.path, resources.cpus_per_run."""
+    keys: set[str] = set()
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        inner = hints[f.name]
+        if not f.metadata.get("identity", True):
+            names = [g.name for g in fields(inner)] if is_dataclass(inner) else None
+            keys |= {f"{prefix}{f.name}.{n}" for n in names} if names else {f"{prefix}{f.name}"}
+        elif is_dataclass(inner):
+            keys |= non_identity_keys(inner, f"{prefix}{f.name}.")
+    return keys
+
+
 @dataclass(frozen=True)
 class Run:
-    """One point of an experiment's grid: the resolved config and the grid values that made it."""
+    """One point of an experiment's grid: the resolved config, the grid values that made it and the
+    `--set` values applied to every point."""
 
     experiment: Experiment
-    overrides: dict[str, Any]
+    point: dict[str, Any]
+    settings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def run_id(self) -> str:
         return self.experiment.run_id
+
+    @property
+    def label(self) -> str:
+        """The grid point as people read it: `train.seed=1 train.precision=fp32`."""
+        return point_label(self.point) or "(base config)"
+
+    @property
+    def overrides(self) -> dict[str, Any]:
+        """Every key this run sets on top of its experiment file: `--set` values, then the grid point."""
+        return {**self.settings, **self.point}
+
+
+def point_label(point: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in point.items())
 
 
 # --- value checks beyond types: (dotted key, predicate(value, experiment), requirement) ---
@@ -261,6 +292,21 @@ def build_experiment(data: dict) -> Experiment:
 
 # --- files, includes, overrides and grids ---
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 as PyYAML reads it, except that floats may be written as people write them: `3e-4`
+    and `1E3` are numbers (YAML 1.2's rule), not strings."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
+
+
 def _read_yaml(path: Path) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
@@ -269,7 +315,7 @@ def _read_yaml(path: Path) -> dict:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read: {e}") from None
     try:
-        data = yaml.safe_load(text)
+        data = parse_yaml(text)
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""
@@ -321,7 +367,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w.]*", key):
         raise ConfigError(f"--set {text!r}: expected key=value with a dotted key, e.g. train.steps=40")
     try:
-        return key, yaml.safe_load(raw)
+        return key, parse_yaml(raw)
     except yaml.YAMLError:
         raise ConfigError(f"--set {text!r}: value is not valid YAML") from None
 
@@ -342,24 +388,63 @@ def _grid_values(key: str, spec: Any) -> list:
     return spec
 
 
+def _field_type(dotted: str) -> Any:
+    """The annotation of a dotted key of `Experiment`; a one-line error for a key it does not have."""
+    cls: Any = Experiment
+    for depth, part in enumerate(parts := dotted.split(".")):
+        hints = typing.get_type_hints(cls) if is_dataclass(cls) else {}
+        if part not in hints:
+            where = ".".join(parts[:depth + 1])
+            known = f" (known: {', '.join(hints)})" if hints else ""
+            raise ConfigError(f"{where}: unknown key{known}")
+        cls = hints[part]
+    return cls
+
+
+def _is_axis(dotted: str, value: Any) -> bool:
+    """Whether a `--set` value is a grid axis: `{range: [...]}`, or a list where the key takes a
+    single value (for a key that takes a list, such as train.betas, a list of lists)."""
+    if isinstance(value, dict) and set(value) == {"range"}:
+        return True
+    if not isinstance(value, list):
+        return False
+    tp = _field_type(dotted)
+    takes_list = any(typing.get_origin(t) is tuple for t in (tp, *typing.get_args(tp)))
+    return not takes_list or all(isinstance(v, list) for v in value)
+
+
 def load_runs(path: str | Path, overrides: typing.Iterable[str] = ()) -> list[Run]:
-    """Read an experiment file (with includes, `--set` overrides and grid) into validated runs."""
+    """Read an experiment file (with includes, `--set` overrides and grid) into validated runs.
+
+    A `--set` value replaces the file's value of its key, or the grid's axis of that key; a list or
+    `{range: ...}` (see `_is_axis`) makes the key an axis. Errors about a key given with `--set`
+    are blamed on `--set`, the others on the file."""
     path = Path(path)
     data = _load_with_includes(path)
+    settings: dict[str, Any] = {}
+    axes: dict[str, Any] = {}
+    for text in overrides:
+        key, value = parse_override(text)
+        try:
+            _field_type(key)
+            (axes if _is_axis(key, value) else settings)[key] = value
+        except ConfigError as e:
+            raise ConfigError(f"--set {text}: {e}") from None
     try:
-        return _expand(data, overrides)
+        return _expand(data, settings, axes)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        blamed_on_set = next((k for k in (*settings, *axes) if str(e).startswith(f"{k}:")), None)
+        raise ConfigError(f"--set {e}" if blamed_on_set else f"{path}: {e}") from None
 
 
-def _expand(data: dict, overrides: typing.Iterable[str]) -> list[Run]:
+def _expand(data: dict, settings: dict[str, Any], set_axes: dict[str, Any]) -> list[Run]:
     grid = data.pop("grid", None) or {}
     if not isinstance(grid, dict):
         raise ConfigError(f"grid: must be a mapping of dotted keys to lists (got {grid!r})")
-    for text in overrides:
-        key, value = parse_override(text)
+    for key, value in settings.items():
         grid.pop(key, None)  # an explicit --set wins over the grid
         _set_dotted(data, key, value)
+    grid.update(set_axes)
     axes = {key: _grid_values(key, spec) for key, spec in grid.items()}
     count = math.prod(len(v) for v in axes.values())
     if count == 0:
@@ -374,10 +459,10 @@ def _expand(data: dict, overrides: typing.Iterable[str]) -> list[Run]:
         try:
             for key, value in point.items():
                 _set_dotted(config, key, value)
-            run = Run(build_experiment(config), point)
+            run = Run(build_experiment(config), point, settings)
         except ConfigError as e:
             raise ConfigError(f"{e}{where}") from None
         if run.run_id in runs:
-            raise ConfigError(f"grid: points {runs[run.run_id].overrides} and {point} give the same run")
+            raise ConfigError(f"grid: points {runs[run.run_id].point} and {point} give the same run")
         runs[run.run_id] = run
     return list(runs.values())

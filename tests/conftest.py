@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -84,6 +85,12 @@ def load_recording(path: Path, names: tuple[str, ...] | None = None) -> dict:
     """Tensors of a recording, all or `names`, through the safetensors library (not our readers)."""
     with safe_open(str(path), framework="pt") as f:
         return {name: f.get_tensor(name) for name in (names or f.keys())}
+
+
+def sigint_as_in_a_terminal() -> None:
+    """A shell starts background jobs with SIGINT ignored, and children inherit that: a suite run
+    in the background would see a child ignore Ctrl-C. The child gets the default action back."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_until(condition, what: str, timeout_s: float = 120.0, poll_s: float = 0.01) -> None:

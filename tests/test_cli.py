@@ -1,12 +1,15 @@
 import json
+import re
+import signal
 import subprocess
 import sys
 
 import pytest
 
 from runner.cli import main
+from runner.runs.rundir import CANCELLED
 
-from conftest import REPO
+from conftest import REPO, sigint_as_in_a_terminal, wait_until
 
 
 def test_smoke_experiment_end_to_end(tmp_path, small_book, capsys):
@@ -53,12 +56,65 @@ def test_index_command_rebuilds_from_manifests(tmp_path, small_book, capsys):
 def test_out_and_set(tmp_path, small_book):
     out = tmp_path / "here"
     assert main(["train", str(REPO / "experiments" / "smoke.yaml"), "--out", str(out), "--quiet",
-                 "--set", f"corpus.path={small_book}", "--set", "train.steps=3"]) == 0
-    assert json.loads((out / "run.json").read_text())["config"]["train"]["steps"] == 3
+                 "--set", f"corpus.path={small_book}", "--set", "train.steps=3", "--set", "train.lr=3e-4"]) == 0
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["config"]["train"]["steps"] == 3 and manifest["config"]["train"]["lr"] == 0.0003
+    assert manifest["overrides"] == {"corpus.path": str(small_book), "train.steps": 3, "train.lr": 0.0003}
+    assert manifest["grid_point"] == {}
+
+
+def test_verify_an_experiment_directory_verifies_its_runs(tmp_path, small_book, capsys):
+    runs = tmp_path / "runs"
+    for seed in (1, 2):
+        assert main(["train", str(REPO / "experiments" / "smoke.yaml"), "--runs", str(runs), "--corpus",
+                     str(small_book), "--set", f"train.seed={seed}", "--set", "train.steps=3", "--quiet"]) == 0
+    (runs / "smoke" / "unfinished").mkdir()
+    (runs / "smoke" / "unfinished" / "run.json").write_text(json.dumps({"status": "running"}))
+    capsys.readouterr()
+    assert main(["verify", str(runs / "smoke")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"{runs / 'smoke' / 'unfinished'}: running, not verified"
+    assert len(lines) == 3 and all(line.endswith(": ok") for line in lines[1:])
+    recording = next((runs / "smoke").glob("*/recording.safetensors"))
+    with open(recording, "r+b") as f:  # a corrupt run among them fails the command
+        f.truncate(recording.stat().st_size - 100)
+    assert main(["verify", str(runs)]) == 1
+    assert main(["verify", str(tmp_path)]) == 2 and "no recording, run directory" in capsys.readouterr().err
+
+
+def test_version_and_examples_in_every_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert re.fullmatch(r"lilgatsby \d+\.\d+\.\d+\n", capsys.readouterr().out)
+    for command in ("train", "sweep", "verify", "index", "compare", "report"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        examples = capsys.readouterr().out.split("examples:")[1]
+        assert f"lilgatsby {command} " in examples, command
+
+
+def test_ctrl_c_cancels_the_run_like_a_sweep_and_the_same_command_resumes_it(tmp_path, small_book):
+    """Ctrl-C: exit code 130, the run `cancelled` and resumable (as in a sweep); the samples are printed once."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "runner.cli", "train", str(REPO / "experiments" / "smoke.yaml"), "--out", str(out),
+               "--corpus", str(small_book), "--set", "train.steps=400", "--set", "train.checkpoint_every=20"]
+    train = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             preexec_fn=sigint_as_in_a_terminal)
+    wait_until(lambda: (out / "checkpoint.safetensors").exists(), "the run's first checkpoint", poll_s=0.05)
+    train.send_signal(signal.SIGINT)
+    output, _ = train.communicate(timeout=120)
+    assert train.returncode == 130, output
+    manifest = json.loads((out / "run.json").read_text())
+    assert (manifest["status"], manifest["error"]) == CANCELLED, output
+    resumed = subprocess.run(command + ["--quiet"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "run.json").read_text())["resumed_from_step"] >= 20
+    assert resumed.stdout.count("sample 'Gatsby' -> ") == 1 and "sample" not in resumed.stderr
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--set", "train.steps=0"], "smoke.yaml: train.steps: must be between 1"),
+    (["--set", "train.steps=0"], "--set train.steps: must be between 1"),
+    (["--set", "train.step=3"], "--set train.step=3: train.step: unknown key (known: steps,"),
     (["--set", "model.context_length=256"], "model.context_length: must be between 1 and model.n_positions"),
     (["--set", "train.device=tpu"], "train.device: must be one of"),
     (["--corpus", "/no/such/book.txt"], "/no/such/book.txt: corpus file not found"),

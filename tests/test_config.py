@@ -28,7 +28,7 @@ def test_shipped_experiments_validate(path):
     assert len(runs) == math.prod(sizes) and len({r.run_id for r in runs}) == len(runs)
     for r in runs:
         assert build_experiment(r.experiment.to_dict()) == r.experiment
-        assert set(r.overrides) == set(grid)
+        assert set(r.point) == set(grid) and r.overrides == r.point
 
 
 # Golden run ids: runs trained before a change are still found complete after it. A change here
@@ -78,10 +78,55 @@ def test_overrides_are_typed_and_validated(tmp_path):
     path = write(tmp_path, "name: x\n")
     (run,) = load_runs(path, ["train.steps=40", "train.betas=[0.8, 0.9]", "train.threads=null"])
     assert run.experiment.train.steps == 40 and run.experiment.train.betas == (0.8, 0.9)
-    with pytest.raises(ConfigError, match=r"exp.yaml: train.steps: must be between 1"):
+    with pytest.raises(ConfigError, match=r"^--set train.steps: must be between 1"):
         load_runs(path, ["train.steps=0"])
     with pytest.raises(ConfigError, match=r"--set 'steps': expected key=value"):
         load_runs(path, ["steps"])
+
+
+@pytest.mark.parametrize("bad_set, message", [
+    ("train.step=3", "--set train.step=3: train.step: unknown key (known: steps, batch_size,"),
+    ("trian.steps=3", "--set trian.steps=3: trian: unknown key (known: name, corpus,"),
+    ("train.step=[1, 2]", "--set train.step=[1, 2]: train.step: unknown key"),
+    ("train.lr=fast", "--set train.lr: must be a finite number (got 'fast')"),
+])
+def test_a_bad_set_is_blamed_on_set_not_on_the_file(tmp_path, bad_set, message):
+    path = write(tmp_path, "name: x\ngrid: {train.seed: [1, 2]}\n")
+    with pytest.raises(ConfigError) as e:
+        load_runs(path, [bad_set])
+    assert str(e.value).startswith(message) and str(path) not in str(e.value)
+
+
+def test_floats_as_people_write_them(tmp_path):
+    """YAML 1.1 reads 3e-4 as a string; experiment files and --set read it as a number."""
+    path = write(tmp_path, "name: x\ntrain: {lr: 3e-4, eps: 1E-8}\ngrid: {train.betas: [[0.9, 0.999], [0.9, 1e-1]]}\n")
+    runs = load_runs(path)
+    assert [(r.experiment.train.lr, r.experiment.train.eps, r.experiment.train.betas) for r in runs] == [
+        (3e-4, 1e-8, (0.9, 0.999)), (3e-4, 1e-8, (0.9, 0.1))]
+    (run,) = load_runs(write(tmp_path, "name: x\n"), ["train.lr=2.5e-3"])
+    assert run.experiment.train.lr == 0.0025
+    lrs = [r.experiment.train.lr for r in load_runs(write(tmp_path, "name: x\ngrid: {train.lr: [1e-3, 3e-3]}\n"))]
+    assert lrs == [0.001, 0.003]
+    with pytest.raises(ConfigError, match=r"train.steps: must be an integer \(got 1000.0\)"):
+        load_runs(path, ["train.steps=1e3"])
+
+
+def test_set_replaces_or_adds_a_grid_axis(tmp_path):
+    path = write(tmp_path, "name: g\ngrid: {train.seed: [5, 6], train.precision: [bf16-true, fp32]}\n")
+    seeds = lambda runs: sorted({r.experiment.train.seed for r in runs})  # noqa: E731
+    assert seeds(load_runs(path, ["train.seed=[0,1,2]"])) == [0, 1, 2]
+    assert seeds(load_runs(path, ["train.seed={range: [0, 3]}"])) == [0, 1, 2]
+    runs = load_runs(path, ["train.seed=7"])  # a single value fixes the key: no axis
+    assert seeds(runs) == [7] and [r.point for r in runs] == [{"train.precision": "bf16-true"},
+                                                              {"train.precision": "fp32"}]
+    assert runs[0].overrides == {"train.seed": 7, "train.precision": "bf16-true"} and runs[0].settings == {
+        "train.seed": 7}
+    runs = load_runs(path, ["train.lr=[0.1, 0.2]"])  # a key not on the grid becomes an axis, in grid order
+    assert len(runs) == 8 and list(runs[0].point) == ["train.seed", "train.precision", "train.lr"]
+    # a key whose value is a list: a list is its value, a list of lists an axis
+    assert {r.experiment.train.betas for r in load_runs(path, ["train.betas=[0.8, 0.9]"])} == {(0.8, 0.9)}
+    runs = load_runs(path, ["train.betas=[[0.8, 0.9], [0.9, 0.95]]"])
+    assert {r.experiment.train.betas for r in runs} == {(0.8, 0.9), (0.9, 0.95)} and len(runs) == 8
 
 
 @pytest.mark.parametrize("yaml_text, message", [
@@ -150,7 +195,8 @@ def test_grid_is_the_cartesian_product(tmp_path):
     runs = load_runs(path)
     assert [(r.experiment.train.seed, r.experiment.train.precision) for r in runs] == [
         (s, p) for s in range(3) for p in ("bf16-true", "fp32")]
-    assert runs[1].overrides == {"train.seed": 0, "train.precision": "fp32"}
+    assert runs[1].point == {"train.seed": 0, "train.precision": "fp32"} and runs[1].label == (
+        "train.seed=0 train.precision=fp32")
     assert len({r.run_id for r in runs}) == 6
     assert [r.run_id for r in runs] == [r.run_id for r in load_runs(path)]  # stable across loads
 
@@ -158,7 +204,7 @@ def test_grid_is_the_cartesian_product(tmp_path):
 def test_range_with_step_and_set_overrides_a_grid_key(tmp_path):
     path = write(tmp_path, "name: g\ngrid: {train.seed: {range: [0, 10, 5]}, train.lr: [0.1, 0.2]}\n")
     assert [r.experiment.train.seed for r in load_runs(path)] == [0, 0, 5, 5]
-    assert [r.overrides for r in load_runs(path, ["train.seed=7"])] == [{"train.lr": 0.1}, {"train.lr": 0.2}]
+    assert [r.point for r in load_runs(path, ["train.seed=7"])] == [{"train.lr": 0.1}, {"train.lr": 0.2}]
 
 
 def test_include_is_a_base_deep_merged(tmp_path):

@@ -1,4 +1,5 @@
-"""`lilgatsby report`: every figure of the smoke sweep, and a page that renders in a real browser."""
+"""`lilgatsby report`: every figure of the smoke sweep, a page that renders in a real browser, and
+runs grouped so that no band mixes configs: `--set` runs, moved-in runs, one run, running runs."""
 
 import json
 import os
@@ -8,13 +9,15 @@ import subprocess
 
 import pytest
 
-from runner.analysis.report import CURVES, TRAJECTORIES
+from runner.analysis.figures import CURVES, TRAJECTORIES
 from runner.cli import main
+from runner.recording.format import RECORDING, partial_path
 
 from conftest import REPO
 
 pytestmark = pytest.mark.slow
-FIGURES = [name for name, *_ in CURVES] + [TRAJECTORIES]
+STEMS = [c.stem for c in CURVES] + [TRAJECTORIES]
+FIGURES = [f"{stem}.{ext}" for stem in STEMS for ext in ("svg", "png")]
 # Injected into a copy of the page: records every image's natural width and every error or console.error.
 PROBE = """<script>
 window.__errors = [];
@@ -39,13 +42,16 @@ def test_report_of_the_smoke_sweep_has_every_figure(smoke_sweep, tmp_path, capsy
     assert main(["report", str(smoke_sweep), "--out", str(out)]) == 0
     assert capsys.readouterr().out.strip() == str(out / "report.html")
     page = (out / "report.html").read_text()
-    for name in FIGURES:
-        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
-        assert f'src="{name}"' in page
-    assert "http" not in page  # nothing to fetch: it opens offline
+    for stem in STEMS:
+        assert (out / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", stem
+        assert (out / f"{stem}.svg").read_text().startswith("<?xml") and f'src="{stem}.svg"' in page
+    assert "http" not in page.replace("http://www.w3.org", "")  # nothing to fetch: it opens offline
     run_ids = [d.name for d in smoke_sweep.iterdir() if (d / "run.json").exists()]
     assert len(run_ids) == 4 and all(run_id in page for run_id in run_ids)
-    assert "train.precision" in page and "bf16-true" in page and "fp32" in page
+    assert "grouped by train.precision" in page
+    loss = (out / "loss.svg").read_text()  # every figure says what its band is, and which seeds made it
+    assert "band: min–max over seeds" in loss and loss.count("2 seeds: 1, 2") == 2
+    assert "precision=bf16-true" in loss and "precision=fp32" in loss
 
 
 def test_report_renders_in_chromium(smoke_sweep, tmp_path):
@@ -64,33 +70,84 @@ def test_report_renders_in_chromium(smoke_sweep, tmp_path):
     match = re.search(r'data-probe="([^"]*)"', result.stdout)
     assert match, result.stderr[-2000:]
     state = json.loads(match[1].replace("&quot;", '"'))
-    assert len(state["widths"]) == len(FIGURES) and all(w > 0 for w in state["widths"]), state
+    assert len(state["widths"]) == len(STEMS) and all(w > 0 for w in state["widths"]), state
     assert state["errors"] == []
 
 
-def test_single_run_report_and_run_choice(tmp_path, small_book):
-    runs = tmp_path / "runs"
-    assert main(["train", str(REPO / "experiments" / "smoke.yaml"), "--runs", str(runs), "--corpus",
-                 str(small_book), "--set", "train.steps=5", "--quiet"]) == 0
-    # an experiment file names its directory under --runs
-    assert main(["report", str(REPO / "experiments" / "smoke.yaml"), "--runs", str(runs)]) == 0
-    (run_dir,) = [d for d in (runs / "smoke").iterdir() if (d / "run.json").exists()]
-    assert {p.name for p in (runs / "smoke" / "report").iterdir()} == {*FIGURES, "report.html"}
-    # a failed run, sorted first, is listed in the table and not plotted
-    (runs / "smoke" / "000failed000").mkdir()
-    (runs / "smoke" / "000failed000" / "run.json").write_text(json.dumps(
+@pytest.fixture(scope="module")
+def two_configs(tmp_path_factory, small_book):
+    """The issue's case: smoke.yaml, then the same file with --set train.steps=20 --set
+    train.precision=fp32, both seed 42, in one experiment directory."""
+    runs = tmp_path_factory.mktemp("runs")
+    common = [str(REPO / "experiments" / "smoke.yaml"), "--runs", str(runs), "--corpus", str(small_book), "--quiet"]
+    assert main(["train", *common]) == 0
+    assert main(["train", *common, "--set", "train.steps=20", "--set", "train.precision=fp32"]) == 0
+    return runs / "smoke"
+
+
+def test_runs_of_two_configs_are_never_averaged(two_configs, tmp_path):
+    out = tmp_path / "report"
+    assert main(["report", str(two_configs), "--out", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    assert "grouped by train.steps, train.precision" in page
+    loss = (out / "loss.svg").read_text()
+    for label in ("steps=20, precision=fp32 (seed 42: one run, no band)",
+                  "steps=30, precision=bf16-true (seed 42: one run, no band)"):
+        assert label in loss and label.split(" (")[0] in page
+    assert "seeds" not in loss.replace("over seeds", "")  # no line claims to average seeds
+    shared = page.split("Shared by every run plotted")[1].split("What differs")[0]
+    assert "batch_size: 8" in shared and "\n  steps:" not in shared and "precision:" not in shared
+
+
+def test_one_run_a_moved_in_run_and_a_running_run(two_configs, tmp_path, small_book):
+    run_a, run_b = sorted(d for d in two_configs.iterdir() if (d / "run.json").exists())
+    # one run directory, e.g. from the README's --out example
+    out = tmp_path / "one"
+    assert main(["report", str(run_a), "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} == {*FIGURES, "report.html"}
+    assert "1 run: 1 complete" in (out / "report.html").read_text()
+    # an experiment directory whose runs are not named by their run id, and a running run
+    exp = tmp_path / "exp"
+    shutil.copytree(run_a, exp / "moved-in")
+    running = exp / "still-training"
+    shutil.copytree(run_b, running)
+    manifest = json.loads((running / "run.json").read_text())
+    (running / "run.json").write_text(json.dumps({**manifest, "status": "running"}))
+    (running / RECORDING).rename(partial_path(running / RECORDING))
+    (running / "progress.json").write_text(json.dumps({"step": 12, "steps": 20, "loss": 3.0, "rows_written": 9}))
+    assert main(["report", str(exp), "--out", str(exp / "report")]) == 0
+    page = (exp / "report" / "report.html").read_text()
+    assert f"{run_a.name} (in moved-in/)" in page and "running, step 12/20" in page
+    assert "2 runs: 1 complete, 1 running" in page
+    loss = (exp / "report" / "loss.svg").read_text()
+    assert "seed 42: running, step 12/20" in loss and "seed 42: one run, no band" in loss
+
+
+def test_run_choice_and_failed_runs(two_configs, tmp_path):
+    exp = tmp_path / "exp"
+    shutil.copytree(two_configs, exp, ignore=shutil.ignore_patterns("report"))
+    run_dir = sorted(d for d in exp.iterdir() if (d / "run.json").exists())[0]
+    # a failed run is listed in the table and not plotted
+    (exp / "000failed000").mkdir()
+    (exp / "000failed000" / "run.json").write_text(json.dumps(
         {"run_id": "000failed000", "name": "smoke", "status": "failed", "error": "RuntimeError: boom"}))
-    assert main(["report", str(runs / "smoke")]) == 0
-    page = (runs / "smoke" / "report" / "report.html").read_text()
-    assert "000failed000" in page and "2 runs, 1 complete" in page
-    assert main(["report", str(runs / "smoke"), "--run", run_dir.name, "--out", str(tmp_path / "r")]) == 0
-    assert main(["report", str(runs / "smoke"), "--run", "nope", "--out", str(tmp_path / "r")]) == 2
+    assert main(["report", str(exp)]) == 0
+    page = (exp / "report" / "report.html").read_text()
+    assert "000failed000" in page and "3 runs: 2 complete, 1 failed" in page and "RuntimeError: boom" in page
+    assert main(["report", str(exp), "--run", run_dir.name, "--out", str(tmp_path / "r")]) == 0
+    assert f"run {run_dir.name}" in (tmp_path / "r" / "report.html").read_text()
+    assert main(["report", str(exp), "--run", "nope", "--out", str(tmp_path / "r")]) == 2
+
+
+def test_an_experiment_file_names_its_directory(two_configs, capsys):
+    assert main(["report", str(REPO / "experiments" / "smoke.yaml"), "--runs", str(two_configs.parent)]) == 0
+    assert capsys.readouterr().out.strip() == str(two_configs / "report" / "report.html")
 
 
 @pytest.mark.parametrize("setup, args, message", [
     (None, ["{tmp}/nowhere"], "not an experiment directory"),
     ("empty", ["{tmp}/exp"], "no run directories"),
-    ("failed", ["{tmp}/exp"], "no complete run to report"),
+    ("failed", ["{tmp}/exp"], "no complete or running run to report (1 run, none complete)"),
 ])
 def test_bad_input_exits_2(tmp_path, capsys, setup, args, message):
     if setup:

@@ -45,6 +45,9 @@ def test_snapshots_load_generate_and_match_the_recording(pythia_run):
     generate = pipeline("text-generation", model=final, tokenizer=tokenizer, device="cpu")
     text = generate("Gatsby", max_new_tokens=10, do_sample=False)[0]["generated_text"]
     assert text.startswith("Gatsby") and len(text) == len("Gatsby") + 10
+    # without a length: as many tokens as the model has positions (the prompt's 6 characters included)
+    text = generate("Gatsby", do_sample=False)[0]["generated_text"]
+    assert text.startswith("Gatsby") and len(text) == exp.model.n_positions
 
 
 def test_default_is_the_final_snapshot_only(make_experiment, tmp_path):

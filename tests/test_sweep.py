@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from runner.launch import sweep
 from runner.launch.sweep import task_options
 from runner.runs.index import load_index
 
-from conftest import REPO, load_recording, wait_until
+from conftest import REPO, load_recording, sigint_as_in_a_terminal, wait_until
 
 pytestmark = pytest.mark.slow
 SMOKE_SWEEP = REPO / "experiments" / "smoke_sweep.yaml"
@@ -32,11 +33,15 @@ def test_smoke_sweep_then_resume(tmp_path, small_book, capsys):
     runs = tmp_path / "runs"
     args = ["sweep", str(SMOKE_SWEEP), "--runs", str(runs), "--corpus", str(small_book), "--quiet"]
     assert main(args) == 0
+    out = capsys.readouterr().out
+    for label in ("train.seed=1 train.precision=bf16-true", "train.seed=2 train.precision=fp32"):
+        assert re.search(rf"^{label} \([0-9a-f]{{12}}\) complete on cpu: final loss", out, re.M), out
     exp_dir = runs / "smoke_sweep"
     rows = index_records(exp_dir)
     assert len(rows) == 4 and {r["status"] for r in rows} == {"complete"}
-    assert {(r["train.seed"], r["train.precision"]) for r in rows} == {
-        (1, "bf16-true"), (1, "fp32"), (2, "bf16-true"), (2, "fp32")}
+    assert [(r["train.seed"], r["train.precision"]) for r in rows] == [  # in grid order
+        (1, "bf16-true"), (1, "fp32"), (2, "bf16-true"), (2, "fp32")]
+    assert rows[1]["grid_point"] == "train.seed=1 train.precision=fp32"
     for row in rows:
         assert row["swept"] == "train.seed,train.precision" and row["device"] == "cpu"
         assert row["final_loss"] > 0 and row["steps_per_s"] > 0 and row["dead_tokens"] > 0
@@ -45,12 +50,18 @@ def test_smoke_sweep_then_resume(tmp_path, small_book, capsys):
         manifest = json.loads((exp_dir / row["run_id"] / "run.json").read_text())
         assert manifest["threads"] == 1  # torch threads = the one CPU Ray assigned
     csv_lines = (exp_dir / "index.csv").read_text().splitlines()
-    assert len(csv_lines) == 5 and csv_lines[0].startswith("run_id,name,status,swept,seed")
+    assert len(csv_lines) == 5 and csv_lines[0].startswith("run_id,name,status,grid_point,swept,seed")
     mtimes = {p: p.stat().st_mtime_ns for p in exp_dir.glob("*/recording.safetensors")}
     capsys.readouterr()
     assert main(args) == 0  # a finished sweep trains nothing (and does not even start Ray)
     assert "all 4 runs complete" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in exp_dir.glob("*/recording.safetensors")} == mtimes
+    # the time of new runs of the same shape is estimated from the speed these runs measured
+    assert main([*args, "--set", "train.steps=60", "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert all(re.search(r"  todo  .*  ~\d+ s$", line) for line in out[:4]), out
+    assert re.fullmatch(r"time: ~(\d+ min )?\d+ s of training one run at a time on this machine "
+                        r"\(speed of 2 runs of the same shape measured here\)", out[5]), out
 
 
 def test_failed_run_does_not_stop_the_others(tmp_path, small_book):
@@ -69,7 +80,8 @@ def test_failed_run_does_not_stop_the_others(tmp_path, small_book):
 def test_dry_run_lists_runs_and_disk(tmp_path, capsys):
     assert main(["sweep", str(REPO / "experiments" / "seed_sweep.yaml"), "--runs", str(tmp_path), "--dry-run"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert len(out) == 17 and out[-1] == "16 runs, 16 to train, 14.73 GiB of recordings to write"
+    assert len(out) == 18 and out[-2] == "16 runs, 16 to train, 14.73 GiB of recordings to write"
+    assert out[-1].startswith("time: unknown for 16 runs: no run of their shape")
     assert not any(tmp_path.iterdir())
 
 
@@ -136,21 +148,16 @@ def test_two_sweeps_on_one_runs_dir_never_train_a_run_twice(long_sweep, tmp_path
         assert log.count(" complete: final loss") == 1, log
 
 
-def _sigint_as_in_a_terminal() -> None:
-    """A shell starts background jobs with SIGINT ignored, and children inherit that: a suite run
-    in the background would see the sweep ignore Ctrl-C. The sweep gets the default action back."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def test_ctrl_c_cancels_cleanly_and_the_sweep_resumes(long_sweep, tmp_path):
     runs = tmp_path / "runs"
     sweep = subprocess.Popen(_sweep_cmd(long_sweep, runs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             preexec_fn=_sigint_as_in_a_terminal)
+                             preexec_fn=sigint_as_in_a_terminal)
     wait_until(lambda: bool(list(runs.glob("long/*/checkpoint.safetensors"))), "a run's first checkpoint",
                poll_s=0.05)
     sweep.send_signal(signal.SIGINT)
     out, _ = sweep.communicate(timeout=120)
     assert sweep.returncode == 130, out
+    assert "Token authentication" not in out  # Ray's token mode is on, chosen explicitly: no warning
     statuses = {json.loads(p.read_text())["status"] for p in runs.glob("long/*/run.json")}
     assert statuses <= {"complete", "cancelled"} and "cancelled" in statuses, out
     assert subprocess.run(_sweep_cmd(long_sweep, runs), capture_output=True).returncode == 0

@@ -74,14 +74,14 @@ def _columns(W: np.ndarray, dead: np.ndarray) -> dict[str, np.ndarray]:
                                  if dead.any() and live.any() else np.full(W.shape[0], np.nan, dtype=np.float32))}
 
 
-def compute_metrics(path: str | Path, chunk_rows: int = CHUNK_ROWS) -> pd.DataFrame:
+def compute_metrics(path: str | Path, chunk_rows: int = CHUNK_ROWS, rows: int | None = None) -> pd.DataFrame:
     """One row per recorded step of a recording (see the module docstring); metrics whose tensors
-    were not recorded are absent."""
+    were not recorded are absent. `rows`: only the first rows (of a recording still being written)."""
     chunks = []
     with RowReader(path) as f:
         exp = build_experiment(json.loads(f.metadata["config"]))
         dead = np.array(json.loads(f.metadata["token_counts"])) == 0
-        steps = recorded_steps(exp.train.steps, exp.record.every)
+        steps = recorded_steps(exp.train.steps, exp.record.every)[:rows]
         (b1, b2), eps = exp.train.betas, exp.train.eps
         names = set(f.tensors)
         W0 = f.rows("W", 0, 1) if "W" in names else None

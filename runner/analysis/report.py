@@ -1,164 +1,166 @@
-"""`lilgatsby report`: an experiment's runs as figures and one HTML page that opens offline.
+"""`lilgatsby report`: an experiment's runs (or one run) as figures and one HTML page that opens offline.
 
-Curves against the step (logarithmic: the early steps are where the dead rows move most), one
-line per value of each swept key other than the seed, the mean across seeds with a min-max band;
-each dead token's row norm in one run; the run table and the experiment's config. Figures are
-drawn with matplotlib's `Figure` (no pyplot, no display needed) and saved as PNG beside the page.
+Runs are grouped so that a band only ever averages seeds of one config (`runner.analysis.groups`);
+the figures are `runner.analysis.figures`'. The page says what was grouped and why: the config
+every run shares, what sets each group apart, and every run with its status. Running runs are
+drawn as far as their recording is written.
 """
 
 from __future__ import annotations
 
 import html
-import json
 import logging
 from pathlib import Path
 
 import pandas as pd
 import yaml
-from matplotlib.figure import Figure
 
-from runner.analysis.metrics import dead_row_norms, load_metrics
+from runner.analysis import figures
+from runner.analysis.groups import SEED, Group, RunEntry, full_config, group_runs, shared_config, varying_keys
+from runner.analysis.metrics import compute_metrics, dead_row_norms, load_metrics
 from runner.errors import UserError
-from runner.recording.format import RECORDING
-from runner.runs.index import rebuild_index
-from runner.runs.rundir import MANIFEST
+from runner.recording.format import RECORDING, partial_path
+from runner.runs.index import index_row, read_runs, write_index
+from runner.runs.rundir import MANIFEST, read_manifest
+from runner.text import plural
+from runner.training.progress import read_progress
 
 log = logging.getLogger(__name__)
-SEED = "train.seed"
-# file, title, y label, [(metrics column, line label)], y axis scale
-CURVES = [
-    ("loss.png", "Training loss", "cross-entropy (nats)", [("loss", "loss")], "linear"),
-    ("row_norms.png", "Row norm of W: dead vs live tokens", "mean L2 norm of a row",
-     [("dead_norm", "dead"), ("live_norm", "live")], "linear"),
-    ("dead_cosine.png", "How alike the dead rows become", "mean pairwise cosine of dead rows",
-     [("dead_cosine", "dead")], "linear"),
-    ("adam_update.png", "Adam's update direction per row: dead vs live", "mean row norm of m̂/(√v̂+ε)",
-     [("dead_update", "dead"), ("live_update", "live")], "log"),
-    ("logits.png", "Mean logit at the last position: dead vs live tokens", "mean logit",
-     [("dead_logit", "dead"), ("live_logit", "live")], "linear"),
-]
-TRAJECTORIES = "dead_token_trajectories.png"
-TABLE_COLUMNS = ["run_id", "status", "final_loss", "dead_tokens", "dead_row_norm", "live_row_norm", "dead_cosine"]
+TABLE_COLUMNS = ["final_loss", "dead_tokens", "dead_row_norm", "live_row_norm", "dead_cosine"]
 
 
-def _groups(rows: list[dict]) -> dict[str, list[dict]]:
-    """Complete runs grouped by the values of the swept keys other than the seed."""
-    swept = sorted({k for r in rows for k in (r["swept"] or "").split(",") if k and k != SEED})
-    groups: dict[str, list[dict]] = {}
-    for r in rows:
-        label = ", ".join(f"{k}={r.get(k)}" for k in swept) or r["name"]
-        groups.setdefault(label, []).append(r)
-    return groups
-
-
-def _band(tables: list[pd.DataFrame], column: str) -> pd.DataFrame:
-    """Mean, min and max across runs of one column, by step."""
-    return pd.concat([t[["step", column]] for t in tables]).groupby("step")[column].agg(["mean", "min", "max"])
-
-
-def _curve_figure(title: str, ylabel: str, series: list[tuple[str, str]], yscale: str,
-                  groups: dict[str, list[pd.DataFrame]]) -> Figure | None:
-    fig = Figure(figsize=(7.5, 4.2), layout="constrained")
-    ax = fig.add_subplot()
-    styles, drawn = ["-", "--", ":"], False
-    for color, (label, tables) in enumerate(groups.items()):
-        for (column, kind), style in zip(series, styles, strict=False):
-            if not all(column in t for t in tables):
-                continue  # not recorded (record.tensors): absent, not an error
-            band = _band(tables, column)
-            name = f"{label} ({kind})" if len(series) > 1 else label
-            if len(tables) > 1:
-                name += f", mean of {len(tables)} seeds"
-                ax.fill_between(band.index, band["min"], band["max"], color=f"C{color}", alpha=0.2, linewidth=0)
-            ax.plot(band.index, band["mean"], style, color=f"C{color}", label=name, linewidth=1.2)
-            drawn = True
-    if not drawn:
-        return None
-    ax.set(title=title, xlabel="step", ylabel=ylabel, yscale=yscale)
-    ax.set_xscale("symlog", linthresh=1)  # step 0 stays on the axis
-    ax.set_xlim(left=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return fig
-
-
-def _trajectory_figure(run_dir: Path, run_id: str) -> Figure:
-    norms = dead_row_norms(run_dir / RECORDING)
-    fig = Figure(figsize=(9, 5), layout="constrained")
-    ax = fig.add_subplot()
-    for i, token in enumerate(norms.columns[1:]):
-        ax.plot(norms["step"], norms[token], linewidth=0.8, color=f"C{i % 10}", label=token)
-    ax.set(title=f"Each dead token's row norm, run {run_id}", xlabel="step", ylabel="L2 norm of the row of W")
-    ax.set_xscale("symlog", linthresh=1)
-    ax.set_xlim(left=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=3, loc="upper left", bbox_to_anchor=(1.01, 1), title="token", title_fontsize=7)
-    return fig
-
-
-def resolve_experiment_dir(path: Path) -> Path:
+def read_entries(path: Path) -> tuple[list[RunEntry], bool]:
+    """The runs of an experiment directory, or the one run of a run directory (True)."""
     if not path.is_dir():
-        raise UserError(f"{path}: not an experiment directory (runs/<name>/)")
-    if not any((d / MANIFEST).exists() for d in path.iterdir() if d.is_dir()):
+        raise UserError(f"{path}: not an experiment directory (runs/<name>/) or run directory")
+    if (path / MANIFEST).exists():
+        manifest = read_manifest(path)
+        if manifest is None:
+            raise UserError(f"{path / MANIFEST}: unreadable")
+        return [RunEntry(path, index_row(path, manifest), full_config(path))], True
+    runs = read_runs(path)
+    if not runs:
         raise UserError(f"{path}: no run directories (with {MANIFEST}) found")
-    return path
+    write_index(path, [row for _, row in runs])
+    return [RunEntry(d, row, full_config(d)) for d, row in runs], False
 
 
-def report(experiment_dir: Path, out: Path | None = None, run_id: str | None = None) -> Path:
-    """Write the report of `experiment_dir` into `out` (default: `<experiment_dir>/report/`);
-    returns the path of report.html."""
-    experiment_dir = resolve_experiment_dir(experiment_dir)
-    rows = rebuild_index(experiment_dir)
-    complete = [r for r in rows if r["status"] == "complete"]
-    if not complete:
-        raise UserError(f"{experiment_dir}: no complete run to report ({len(rows)} runs, none complete)")
-    chosen = next((r for r in complete if r["run_id"] == run_id), None) if run_id else complete[0]
-    if chosen is None:
-        raise UserError(f"--run {run_id}: not a complete run of {experiment_dir} "
-                        f"(complete: {', '.join(r['run_id'] for r in complete)})")
-    out = out or experiment_dir / "report"
+def _running_so_far(entry: RunEntry) -> tuple[pd.DataFrame, str] | None:
+    """A running run's metrics over the rows its recording has so far, and its progress note."""
+    progress = read_progress(entry.run_dir)
+    if not progress or not progress.get("rows_written") or not partial_path(entry.run_dir / RECORDING).exists():
+        return None
+    try:
+        table = compute_metrics(partial_path(entry.run_dir / RECORDING), rows=progress["rows_written"])
+    except (UserError, OSError, ValueError, KeyError):
+        return None  # it finished or restarted meanwhile: reported as it is next time
+    return table, f"running, step {progress['step']}/{progress['steps']}"
+
+
+def report(path: Path, out: Path | None = None, run_id: str | None = None) -> Path:
+    """Write the report of an experiment directory or one run directory into `out` (default:
+    `<path>/report/`); returns the path of report.html."""
+    entries, single = read_entries(path)
+    complete = [e for e in entries if e.status == "complete"]
+    running = {e.row["run_id"]: so_far for e in entries if e.status == "running" and (so_far := _running_so_far(e))}
+    if not complete and not running:
+        raise UserError(f"{path}: no complete or running run to report ({plural(len(entries), 'run')}, "
+                        f"none complete)")
+    shown = [e for e in entries if e.status == "complete" or e.row["run_id"] in running]
+    groups, keys = group_runs(shown, entries[0].row.get("name") or path.name)
+    chosen = _chosen_run(complete, groups, run_id, path)
+    out = out or path / "report"
     out.mkdir(parents=True, exist_ok=True)
-    metrics = {r["run_id"]: load_metrics(experiment_dir / r["run_id"]) for r in complete}
-    groups = {label: [metrics[r["run_id"]] for r in runs] for label, runs in _groups(complete).items()}
-    figures = []
-    for name, title, ylabel, series, yscale in CURVES:
-        fig = _curve_figure(title, ylabel, series, yscale, groups)
+    metrics = {e.row["run_id"]: load_metrics(e.run_dir) for e in complete}
+    partial = {rid: table for rid, (table, _) in running.items()}
+    notes = {rid: note for rid, (_, note) in running.items()}
+    styles = figures.group_styles(groups, keys)
+    drawn = []
+    for spec in figures.CURVES:
+        fig = figures.curve_figure(spec, groups, styles, metrics, partial, notes)
         if fig is not None:
-            fig.savefig(out / name, dpi=110)
-            figures.append((name, title))
-    if "W" in chosen["record.tensors"]:  # the index row holds the run's config, flattened
-        _trajectory_figure(experiment_dir / chosen["run_id"], chosen["run_id"]).savefig(out / TRAJECTORIES, dpi=110)
-        figures.append((TRAJECTORIES, f"Each dead token's row norm (run {chosen['run_id']})"))
+            figures.save(fig, out, spec.stem)
+            drawn.append((spec.stem, spec.title))
+    if chosen is not None and "W" in chosen.config.get("record.tensors", ()):
+        title = f"Each dead token's row norm: run {chosen.row['run_id']} ({_describe(chosen, groups)})"
+        figures.save(figures.trajectory_figure(dead_row_norms(chosen.run_dir / RECORDING), title), out,
+                     figures.TRAJECTORIES)
+        drawn.append((figures.TRAJECTORIES, title))
     page = out / "report.html"
-    page.write_text(_html(experiment_dir, rows, chosen, figures), encoding="utf-8")
-    log.info("%s: %d figures, %d runs (%d complete)", page, len(figures), len(rows), len(complete))
+    page.write_text(_html(path, entries, shown, groups, keys, running, drawn, single), encoding="utf-8")
+    log.info("%s: %s, %s (%d complete, %d running)", page, plural(len(drawn), "figure"),
+             plural(len(entries), "run"), len(complete), len(running))
     return page
 
 
-def _html(experiment_dir: Path, rows: list[dict], shown: dict, figures: list[tuple[str, str]]) -> str:
-    """The page: figures, every run (failed and incomplete ones too) and the config of `shown`."""
-    swept = sorted({k for r in rows for k in (r["swept"] or "").split(",") if k})
-    table = pd.DataFrame([{c: r.get(c) for c in TABLE_COLUMNS[:1] + swept + TABLE_COLUMNS[1:]} for r in rows])
-    config = json.loads((experiment_dir / shown["run_id"] / MANIFEST).read_text())["config"]
-    for key in swept:  # the swept keys vary by run: they are in the table, not the config
-        section, _, name = key.partition(".")
-        config.get(section, {}).pop(name, None)
-    title = html.escape(f"Lil Gatsby report: {experiment_dir.name}")
-    images = "\n".join(f'<figure><img src="{html.escape(name)}" alt="{html.escape(caption)}">'
-                       f"<figcaption>{html.escape(caption)}</figcaption></figure>" for name, caption in figures)
+def _chosen_run(complete: list[RunEntry], groups: list[Group], run_id: str | None, path: Path) -> RunEntry | None:
+    """The run whose dead tokens are drawn one by one: `--run` (a run id or directory name), else
+    the first complete run in group order."""
+    in_order = [e for g in groups for e in g.runs if e.status == "complete"]
+    if run_id is None:
+        return in_order[0] if in_order else None
+    chosen = next((e for e in complete if run_id in (e.row["run_id"], e.run_dir.name)), None)
+    if chosen is None:
+        raise UserError(f"--run {run_id}: not a complete run of {path} "
+                        f"(complete: {', '.join(e.row['run_id'] for e in in_order) or 'none'})")
+    return chosen
+
+
+def _describe(entry: RunEntry, groups: list[Group]) -> str:
+    group = next(g for g in groups if entry in g.runs)
+    return f"{group.label}, seed {entry.config.get(SEED)}"
+
+
+def _group_of(entry: RunEntry, groups: list[Group]) -> str:
+    return next((g.label for g in groups if entry in g.runs), "")
+
+
+def _html(path: Path, entries: list[RunEntry], shown: list[RunEntry], groups: list[Group], keys: list[str],
+          running: dict[str, tuple[pd.DataFrame, str]], drawn: list[tuple[str, str]], single: bool) -> str:
+    """The page: figures, the groups, every run (failed and incomplete ones too) and the config of
+    the runs shown (complete and running)."""
+    counts = {"complete": 0, "running": 0}
+    for e in entries:
+        counts[e.status] = counts.get(e.status, 0) + 1
+    status_text = ", ".join(f"{n} {status}" for status, n in counts.items() if n)
+    name = entries[0].row.get("name") or path.name
+    title = html.escape(f"Lil Gatsby report: {name}" + (f", run {entries[0].row['run_id']}" if single else ""))
+    images = "\n".join(
+        f'<figure><img src="{html.escape(stem)}.svg" alt="{html.escape(caption)}"><figcaption>'
+        f'{html.escape(caption)} (<a href="{html.escape(stem)}.svg">SVG</a>, <a href="{html.escape(stem)}.png">PNG</a>)'
+        f"</figcaption></figure>" for stem, caption in drawn)
+    group_table = pd.DataFrame([{"group": g.label, **g.values, "seeds": ", ".join(str(s) for s in g.seeds),
+                                 "runs plotted": len(g.runs)} for g in groups])
+    run_table = pd.DataFrame([{
+        "run": e.row["run_id"] + ("" if e.run_dir.name == e.row["run_id"] else f" (in {e.run_dir.name}/)"),
+        "group": _group_of(e, groups), "seed": e.config.get(SEED),
+        "status": running[e.row["run_id"]][1] if e.row["run_id"] in running else e.status,
+        **{c: e.row.get(c) for c in TABLE_COLUMNS}, "error": e.row.get("error") or ""} for e in entries])
+    _, passive = varying_keys(shown)
+    passive_text = (f"<p>Differ between runs without changing what they compute: {html.escape(', '.join(passive))}.</p>"
+                    if passive else "")
+    grouping = (f"grouped by {html.escape(', '.join(keys))} (the keys whose values differ among the runs); "
+                if keys else "every run shares one config except the seed; ")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}}
 img{{max-width:100%}}table{{border-collapse:collapse;font-size:.85em}}td,th{{border:1px solid #ccc;padding:2px 6px}}
-pre{{background:#f6f6f6;padding:1em}}</style></head>
+pre{{background:#f6f6f6;padding:1em}}figcaption{{font-size:.85em;color:#444}}</style></head>
 <body><h1>{title}</h1>
-<p>{len(rows)} runs, {sum(r["status"] == "complete" for r in rows)} complete (plotted); swept:
-{html.escape(", ".join(swept) or "nothing")}. Bands: min to max across seeds; lines: their mean.</p>
+<p>{plural(len(entries), "run")}: {html.escape(status_text)}. Runs are {grouping}each line is the mean
+over a group's seeds, its band the min–max over them (one run: no band); running runs are dotted,
+drawn as far as they have trained. Steps on a logarithmic axis.</p>
 <h2>Figures</h2>
 {images}
+<h2>Groups</h2>
+{group_table.to_html(index=False, na_rep="")}
 <h2>Runs</h2>
-{table.to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}")}
-<h2>Config (the keys every run shares)</h2>
-<pre>{html.escape(yaml.safe_dump(config, sort_keys=False))}</pre>
+{run_table.to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}")}
+<h2>Config</h2>
+<h3>Shared by every run plotted</h3>
+<pre>{html.escape(yaml.safe_dump(shared_config(shown), sort_keys=False))}</pre>
+<h3>What differs</h3>
+<p>{html.escape(", ".join(keys) or "Nothing but the seed")}{": see Groups." if keys else "."}</p>
+{passive_text}
 </body></html>
 """

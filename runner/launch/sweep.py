@@ -22,8 +22,10 @@ from runner.config import Experiment, Run, build_experiment, load_runs
 from runner.data.corpus import ENV_VAR, load_corpus, resolve_path
 from runner.errors import ConfigError
 from runner.recording.format import recording_size
+from runner.runs.estimate import estimate_seconds, measured_speeds
 from runner.runs.index import rebuild_index
-from runner.runs.rundir import RunLocked, is_complete, new_manifest, read_manifest, write_manifest
+from runner.runs.rundir import CANCELLED, RunLocked, is_complete, new_manifest, read_manifest, write_manifest
+from runner.text import format_duration, plural
 from runner.training.progress import read_progress
 
 log = logging.getLogger(__name__)
@@ -68,7 +70,7 @@ def assigned_device() -> tuple[str, int]:
 
 
 @ray.remote
-def _train_task(config: dict, overrides: dict, run_dir: str, restart: bool, force: bool) -> dict:
+def _train_task(config: dict, overrides: dict, grid_point: dict, run_dir: str, restart: bool, force: bool) -> dict:
     from runner.launch.train import run  # the model stack is imported by workers only (see _init_ray)
 
     exp = build_experiment(config)
@@ -78,7 +80,7 @@ def _train_task(config: dict, overrides: dict, run_dir: str, restart: bool, forc
     except OSError as e:
         raise RuntimeError(f"worker {socket.gethostname()} cannot write the run directory {run_dir} "
                            f"({e.strerror}): the runs root must be storage every worker can reach") from None
-    manifest = run(exp, Path(run_dir), overrides=overrides, device=device, threads=threads,
+    manifest = run(exp, Path(run_dir), overrides=overrides, grid_point=grid_point, device=device, threads=threads,
                    progress=False, restart=restart, force=force)
     return {"run_id": manifest["run_id"], "device": manifest["device"], **manifest["metrics"]}
 
@@ -93,9 +95,22 @@ def _init_ray(address: str | None) -> None:
     if address:
         _connect(address, common)
     else:  # a new embedded instance sized to this machine (never another one found running); a Mac
-        # offers its GPU as `mps`
+        # offers its GPU as `mps`.
+        _local_token_auth()
         mps: dict[str, float] | None = {"mps": 1} if torch.backends.mps.is_available() else None
         ray.init(address="local", num_cpus=os.cpu_count(), resources=mps, **common)
+
+
+def _local_token_auth() -> None:
+    """Token authentication on for the embedded instance, as Ray's default for a local instance is,
+    but chosen explicitly, so that Ray does not warn about its default on every sweep. (Ray reads
+    RAY_AUTH_MODE into its config when imported; re-reading it is what Ray itself does when it turns
+    the mode on.) An explicit RAY_AUTH_MODE is left as it is."""
+    if "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        from ray._raylet import Config  # type: ignore[attr-defined]
+
+        Config.initialize("")
 
 
 def _connect(address: str, options: dict) -> None:
@@ -124,13 +139,26 @@ def plan(path: Path, overrides: list[str], runs_root: Path, force: bool) -> tupl
     return runs, todo, exp_dir
 
 
-def describe(runs: list[Run], todo: list[Run]) -> str:
-    """The dry-run listing: one line per run, the count and the disk the recordings need."""
+def describe(runs: list[Run], todo: list[Run], runs_root: Path) -> str:
+    """The dry-run listing: one line per run, the count, the disk the recordings need and the time
+    their training takes on this machine, where runs of the same shape were measured here."""
     pending = {r.run_id for r in todo}
-    lines = [f"{r.run_id}  {'todo' if r.run_id in pending else 'done'}  "
-             + (" ".join(f"{k}={v}" for k, v in r.overrides.items()) or "(base config)") for r in runs]
+    measured = measured_speeds(runs_root)
+    estimates = {r.run_id: estimate_seconds(r.experiment, measured) for r in todo}
+    lines = []
+    for r in runs:
+        estimate = estimates.get(r.run_id)
+        time_text = f"  ~{format_duration(estimate[0])}" if estimate else ""
+        lines.append(f"{r.run_id}  {'todo' if r.run_id in pending else 'done'}  {r.label}{time_text}")
     need = sum(recording_size(r.experiment) for r in todo)
-    lines.append(f"{len(runs)} runs, {len(todo)} to train, {need / 2**30:.2f} GiB of recordings to write")
+    lines.append(f"{plural(len(runs), 'run')}, {len(todo)} to train, {need / 2**30:.2f} GiB of recordings to write")
+    known = [e for e in estimates.values() if e]
+    if known:
+        lines.append(f"time: ~{format_duration(sum(s for s, _ in known))} of training one run at a time on this "
+                     f"machine (speed of {plural(max(n for _, n in known), 'run')} of the same shape measured here)")
+    if len(known) < len(todo):
+        lines.append(f"time: unknown for {plural(len(todo) - len(known), 'run')}: no run of their shape (model, "
+                     f"batch, precision, kernels, device, threads) has been trained on this machine yet")
     return "\n".join(lines)
 
 
@@ -147,7 +175,7 @@ def _resolve_corpora(todo: list[Run]) -> list[Run]:
             load_corpus(checked[key], corpus.ascii)
         config = r.experiment.to_dict()
         config["corpus"]["path"] = checked[key]
-        resolved.append(Run(build_experiment(config), r.overrides))
+        resolved.append(Run(build_experiment(config), r.point, r.settings))
     return resolved
 
 
@@ -156,13 +184,13 @@ def _status_line(running: list[Run], exp_dir: Path) -> str:
     for r in running:
         current = read_progress(exp_dir / r.run_id)
         if current:
-            parts.append(f"{r.run_id} {current['step']}/{current['steps']} loss {current['loss']:.4f}")
+            parts.append(f"{r.label} {current['step']}/{current['steps']} loss {current['loss']:.4f}")
     return "running: " + ("; ".join(parts) or "starting")
 
 
 def _mark(run_dir: Path, r: Run, status: str, error: str) -> None:
     """Record in run.json what the driver saw (a task that died before or without writing it)."""
-    manifest = read_manifest(run_dir) or new_manifest(r.experiment, r.overrides)
+    manifest = read_manifest(run_dir) or new_manifest(r.experiment, r.overrides, r.point)
     if manifest.get("status") in ("complete", "failed"):
         return
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -175,11 +203,12 @@ def sweep(path: Path, overrides: list[str], runs_root: Path, *, address: str | N
     (0: every run complete, 1: some failed or are being trained by another process)."""
     runs, todo, exp_dir = plan(path, overrides, runs_root, force)
     if dry_run:
-        print(describe(runs, todo))
+        print(describe(runs, todo, runs_root))
         return 0
     if not todo:
         rebuild_index(exp_dir)
-        print(f"{exp_dir}: all {len(runs)} runs complete; nothing to train (--force trains them again)")
+        print(f"{exp_dir}: {'the run is' if len(runs) == 1 else f'all {len(runs)} runs'} complete; nothing to train "
+              f"(--force trains {'it' if len(runs) == 1 else 'them'} again)")
         return 0
     todo = _resolve_corpora(todo)
     try:
@@ -195,7 +224,7 @@ def sweep(path: Path, overrides: list[str], runs_root: Path, *, address: str | N
             options = task_options(r.experiment, cluster)
             ref = _train_task.options(**options, max_retries=max_retries, retry_exceptions=False,
                                       name=f"{r.experiment.name}/{r.run_id}").remote(
-                r.experiment.to_dict(), r.overrides, str(exp_dir / r.run_id), restart, force)
+                r.experiment.to_dict(), r.overrides, r.point, str(exp_dir / r.run_id), restart, force)
             pending[ref] = r
         return _collect(pending, exp_dir, len(runs) - len(todo), progress)
     finally:
@@ -218,17 +247,17 @@ def _collect(pending: dict, exp_dir: Path, already_done: int, progress: bool) ->
             r = pending.pop(ready[0])
             try:
                 result = ray.get(ready[0])
-                tqdm.write(f"{r.run_id} complete on {result['device']}: final loss {result['final_loss']:.4f}, "
-                           f"{result['steps_per_s']:.1f} steps/s")
+                tqdm.write(f"{r.label} ({r.run_id}) complete on {result['device']}: "
+                           f"final loss {result['final_loss']:.4f}, {result['steps_per_s']:.1f} steps/s")
             except ray.exceptions.RayError as e:
                 cause = getattr(e, "cause", None) or e
                 if isinstance(cause, RunLocked):  # another sweep is training it: leave its run.json alone
                     busy.append(r.run_id)
-                    tqdm.write(f"{r.run_id} skipped: {cause}")
+                    tqdm.write(f"{r.label} ({r.run_id}) skipped: {cause}")
                 else:
                     failed.append(r.run_id)
                     _mark(exp_dir / r.run_id, r, "failed", f"{type(cause).__name__}: {cause}".splitlines()[0])
-                    tqdm.write(f"{r.run_id} FAILED: {str(cause).splitlines()[0]} "
+                    tqdm.write(f"{r.label} ({r.run_id}) FAILED: {str(cause).splitlines()[0]} "
                                f"(see {exp_dir / r.run_id / 'run.json'})")
             rebuild_index(exp_dir)
             bar.set_postfix(done=bar.n + 1 - len(failed) - len(busy), failed=len(failed), refresh=False)
@@ -236,13 +265,13 @@ def _collect(pending: dict, exp_dir: Path, already_done: int, progress: bool) ->
     except KeyboardInterrupt:
         for ref, r in pending.items():
             ray.cancel(ref, force=True)
-            _mark(exp_dir / r.run_id, r, "cancelled", "cancelled by the user (Ctrl-C); resumable")
+            _mark(exp_dir / r.run_id, r, *CANCELLED)
         rebuild_index(exp_dir)
         raise
     finally:
         bar.close()
     total = bar.total + already_done
-    print(f"{exp_dir}: {total - len(failed) - len(busy)}/{total} runs complete"
+    print(f"{exp_dir}: {total - len(failed) - len(busy)}/{plural(total, 'run')} complete"
           + (f", {len(failed)} failed: {' '.join(failed)}" if failed else "")
           + (f", {len(busy)} being trained by another process: {' '.join(busy)}" if busy else "")
           + f"; index: {exp_dir / 'index.jsonl'}")

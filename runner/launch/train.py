@@ -18,13 +18,14 @@ from runner.config import Experiment
 from runner.data.corpus import Corpus, load_corpus
 from runner.recording.format import RECORDING, partial_path
 from runner.recording.writer import check_free_space
-from runner.runs.rundir import is_complete, new_manifest, read_manifest, run_lock, write_manifest
+from runner.runs.rundir import CANCELLED, is_complete, new_manifest, read_manifest, run_lock, write_manifest
 from runner.training.host import keep_freed_memory_mapped, resolve_device, thread_count
 from runner.training.loop import train
 from runner.training.provenance import environment
 from runner.training.sampling import sample_text
 
 log = logging.getLogger(__name__)
+file_log = logging.getLogger("runner.progress")  # train.log only (`lilgatsby train` prints the samples)
 
 
 def _now() -> str:
@@ -56,7 +57,8 @@ def prepare_worker() -> None:
     keep_freed_memory_mapped()
 
 
-def run(exp: Experiment, run_dir: Path, *, overrides: dict | None = None, device: str | None = None,
+def run(exp: Experiment, run_dir: Path, *, overrides: dict | None = None, grid_point: dict | None = None,
+        device: str | None = None,
         threads: int | None = None, progress: bool = True, restart: bool = False, force: bool = False) -> dict:
     """Train `exp` into `run_dir` (recording, run.json, train.log); returns the manifest. An
     interrupted run continues from its last checkpoint unless `restart`. A run found complete once
@@ -74,13 +76,14 @@ def run(exp: Experiment, run_dir: Path, *, overrides: dict | None = None, device
             return read_manifest(run_dir) or {}
         if restart:
             partial_path(run_dir / RECORDING).unlink(missing_ok=True)
-        return _run_locked(exp, run_dir, corpus, torch_device, overrides, thread_count(exp.train.threads, threads),
+        manifest = new_manifest(exp, overrides, grid_point)
+        return _run_locked(exp, run_dir, corpus, torch_device, manifest, thread_count(exp.train.threads, threads),
                            progress, restart)
 
 
-def _run_locked(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.device, overrides: dict | None,
+def _run_locked(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.device, manifest: dict[str, Any],
                 threads: int | None, progress: bool, restart: bool) -> dict:
-    manifest: dict[str, Any] = {**new_manifest(exp, overrides), "status": "running", "started_at": _now(),
+    manifest = {**manifest, "status": "running", "started_at": _now(),
                                 "environment": environment(torch_device)}
     write_manifest(run_dir, manifest)
     with _log_to(run_dir / "train.log"):
@@ -92,6 +95,10 @@ def _run_locked(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: to
             metrics = manifest["metrics"]
             log.info("run %s complete: final loss %.4f, %.1f steps/s, %s", exp.run_id, metrics["final_loss"],
                      metrics["steps_per_s"], run_dir / RECORDING)
+        except KeyboardInterrupt:
+            manifest["status"], manifest["error"] = CANCELLED
+            log.warning("run %s %s", exp.run_id, CANCELLED[1])
+            raise
         except BaseException as e:
             manifest.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
             log.error("run %s failed: %s", exp.run_id, manifest["error"])
@@ -110,5 +117,5 @@ def _after_training(exp: Experiment, run_dir: Path, corpus: Corpus, model) -> di
     summary = dead_token_summary(W.detach().float().cpu().numpy(), corpus.token_counts)
     samples = sample_text(model.float(), seed=exp.train.seed, device=W.device)
     for prompt, text in samples.items():
-        log.info("sample %r -> %r", prompt, text)
+        file_log.info("sample %r -> %r", prompt, text)
     return {"samples": samples, "dead_token_summary": summary}

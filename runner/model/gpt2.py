@@ -40,6 +40,9 @@ def build_model(cfg: ModelConfig, seed: int, kernels: Kernels = HF_DEFAULTS) -> 
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(gpt2_config(cfg, kernels))
     use_kernels(model, kernels)
+    # What a snapshot generates by default: at most the positions the model has (without a limit,
+    # text-generation pipelines ask for 256 new tokens and run off the position table).
+    model.generation_config.max_length = cfg.n_positions
     return model
 
 

@@ -101,6 +101,7 @@ class RecordingWriter:
         self._active, self._filled, self._chunk_start = 0, 0, first_row
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recording-writer")
         self._pending: Future | None = None
+        self._pending_first = first_row  # the first row of the chunk being written by _pending
 
     def _header_bytes(self) -> bytes:
         entries: dict = {"__metadata__": self.metadata}
@@ -156,6 +157,7 @@ class RecordingWriter:
             host = {n: b[:self._filled].cpu() for n, b in buffers.items()}
         self._wait()  # the other buffer set's write has finished, so it may be refilled
         self._pending = self._executor.submit(self._write_rows, self._chunk_start, host, copied)
+        self._pending_first = self._chunk_start
         self._active, self._chunk_start, self._filled = 1 - self._active, self._chunk_start + self._filled, 0
 
     def _write_rows(self, first_row: int, rows: dict[str, torch.Tensor], copied: torch.cuda.Event | None) -> None:
@@ -165,6 +167,12 @@ class RecordingWriter:
             dtype, shape = self.layout[name]
             row_bytes = tensor_bytes(dtype, shape) // shape[0]
             _pwrite_all(self.fd, _as_bytes(tensor), self.data_start + self.offsets[name] + first_row * row_bytes)
+
+    @property
+    def rows_written(self) -> int:
+        """Rows 0..rows_written-1 are in the file (readable, not necessarily durable): what a report
+        of a running run may read."""
+        return self._pending_first if self._pending is not None and not self._pending.done() else self._chunk_start
 
     def flush(self) -> None:
         """Write every buffered row and make it durable (before a checkpoint relies on it)."""

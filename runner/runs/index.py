@@ -10,16 +10,18 @@ import csv
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
+from runner.config import point_label
 from runner.files import write_atomic
 from runner.recording.format import RECORDING
 from runner.runs.rundir import MANIFEST, read_manifest, recording_ok
 
 INDEX_JSONL, INDEX_CSV = "index.jsonl", "index.csv"
 # Leading columns of the index, in order; the flattened config (dotted keys) follows them.
-COLUMNS = ("run_id", "name", "status", "swept", "seed", "device", "host", "started_at", "ended_at",
+COLUMNS = ("run_id", "name", "status", "grid_point", "swept", "seed", "device", "host", "started_at", "ended_at",
            "duration_s", "steps_per_s", "final_loss", "mean_loss_last_100", "dead_tokens", "dead_row_norm",
            "live_row_norm", "dead_cosine", "recording_path", "recording_bytes", "git_commit", "error")
 
@@ -41,11 +43,13 @@ def index_row(run_dir: Path, manifest: dict) -> dict:
     status = manifest.get("status")
     if status == "complete" and not recording_ok(run_dir / recording.get("path", RECORDING)):
         status = "invalid"  # the manifest says complete but the recording does not check out
+    point = manifest.get("grid_point", manifest.get("overrides", {}))  # before grid_point: the same
     row = {
         "run_id": manifest.get("run_id", run_dir.name),
         "name": manifest.get("name"),
         "status": status,
-        "swept": ",".join(manifest.get("overrides", {})),
+        "grid_point": point_label(point),
+        "swept": ",".join(point),
         "seed": manifest.get("config", {}).get("train", {}).get("seed"),
         "device": manifest.get("device"),
         "host": manifest.get("environment", {}).get("host"),
@@ -66,10 +70,33 @@ def index_row(run_dir: Path, manifest: dict) -> dict:
     return row
 
 
+def value_order(value: Any) -> tuple:
+    """A sort key for config values: numbers by value (0.001 < 0.003 < 0.01), the rest by their text."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, value, "")
+    return (1, 0, json.dumps(value))
+
+
+def grid_order(row: dict) -> tuple:
+    """Index rows in grid order: by experiment, then by the values of their grid keys in grid order."""
+    keys = [k for k in (row.get("swept") or "").split(",") if k]
+    return (row.get("name") or "", tuple(value_order(row.get(k)) for k in keys), row["run_id"])
+
+
+def read_runs(experiment_dir: Path) -> list[tuple[Path, dict]]:
+    """(run directory, index row) of every run directory below `experiment_dir`, in grid order."""
+    runs = [(d, index_row(d, m)) for d in experiment_dir.iterdir() if d.is_dir() and (m := read_manifest(d))]
+    return sorted(runs, key=lambda run: grid_order(run[1]))
+
+
 def rebuild_index(experiment_dir: Path) -> list[dict]:
     """Rewrite index.jsonl and index.csv (atomically) from the run manifests below `experiment_dir`."""
-    rows = [index_row(d, m) for d in sorted(p for p in experiment_dir.iterdir() if p.is_dir())
-            if (m := read_manifest(d)) is not None]
+    rows = [row for _, row in read_runs(experiment_dir)]
+    write_index(experiment_dir, rows)
+    return rows
+
+
+def write_index(experiment_dir: Path, rows: list[dict]) -> None:
     write_atomic(experiment_dir / INDEX_JSONL, "".join(json.dumps(r) + "\n" for r in rows))
     columns = list(COLUMNS) + sorted({k for r in rows for k in r} - set(COLUMNS))
     buffer = io.StringIO()
@@ -78,7 +105,6 @@ def rebuild_index(experiment_dir: Path) -> list[dict]:
     for row in rows:
         writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()})
     write_atomic(experiment_dir / INDEX_CSV, buffer.getvalue())
-    return rows
 
 
 def experiment_dirs(root: Path) -> list[Path]:

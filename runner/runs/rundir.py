@@ -15,11 +15,16 @@ from runner.files import write_atomic
 from runner.recording.format import RECORDING
 
 MANIFEST = "run.json"
+# The status and error of a run the user interrupted (train and sweep alike); it resumes from its
+# last checkpoint when trained again.
+CANCELLED = "cancelled", "cancelled by the user (Ctrl-C); resumable"
 
 
-def new_manifest(exp: Experiment, overrides: dict | None) -> dict:
-    """The manifest of a run before it has trained: what it is (id, name, config, overrides)."""
-    return {"run_id": exp.run_id, "name": exp.name, "overrides": overrides or {}, "config": exp.to_dict()}
+def new_manifest(exp: Experiment, overrides: dict | None, grid_point: dict | None) -> dict:
+    """The manifest of a run before it has trained: what it is (id, name, config), and what it set on
+    top of its experiment file (`overrides`: `--set` values and grid values; `grid_point`: the latter)."""
+    return {"run_id": exp.run_id, "name": exp.name, "overrides": overrides or {}, "grid_point": grid_point or {},
+            "config": exp.to_dict()}
 
 
 def write_manifest(run_dir: Path, manifest: dict) -> None:

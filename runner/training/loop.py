@@ -141,7 +141,7 @@ def train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.de
             losses[step - 1] = loss.detach()
             snapshots.after_step(step, model)
             checkpointer.after_step(step, model, optimizer, losses)
-            bar.update(step, losses)
+            bar.update(step, losses, writer.rows_written)
     except BaseException:
         writer.abort()
         raise

@@ -1,8 +1,10 @@
 """A run's progress while it trains: the console bar, a line in train.log, and `progress.json`.
 
 `progress.json` in the run directory is the channel a sweep's driver reads (docs/recording.md):
-`{"step": 500, "steps": 10000, "loss": 2.4312, "steps_per_s": 37.9}`, replaced whole at most 20
-times per run and at its last step. Each update costs one host sync (the loss), never one per step.
+`{"step": 500, "steps": 10000, "loss": 2.4312, "steps_per_s": 37.9, "rows_written": 448}`, replaced
+whole at most 20 times per run and at its last step (`rows_written`: the rows of the partial
+recording already in the file, which a report of the running run reads). Each update costs one
+host sync (the loss), never one per step.
 """
 
 from __future__ import annotations
@@ -35,11 +37,12 @@ class Progress:
                         disable=not enabled, mininterval=1.0, dynamic_ncols=True)
         self.t_start = time.perf_counter()
 
-    def update(self, step: int, losses: torch.Tensor) -> None:
+    def update(self, step: int, losses: torch.Tensor, rows_written: int) -> None:
         """After step `step`; `losses[step - 1]` is its loss."""
         if step % self.every == 0 or step == self.steps:
             current = {"step": step, "steps": self.steps, "loss": round(losses[step - 1].item(), 6),
-                       "steps_per_s": round((step - self.start + 1) / (time.perf_counter() - self.t_start), 3)}
+                       "steps_per_s": round((step - self.start + 1) / (time.perf_counter() - self.t_start), 3),
+                       "rows_written": rows_written}
             self.bar.set_postfix(loss=f"{current['loss']:.4f}", refresh=False)
             progress_log.info("step %d/%d loss %.4f %.1f steps/s", step, self.steps, current["loss"],
                               current["steps_per_s"])

@@ -21,8 +21,8 @@ def sample_text(model, *, seed: int, device: torch.device) -> dict[str, str]:
     samples = {}
     for prompt in PROMPTS:
         ids = encode(prompt)[None].to(device)
-        new_tokens = min(SAMPLE_TOKENS, model.config.n_positions - ids.shape[1])
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=True,
+        length = min(ids.shape[1] + SAMPLE_TOKENS, model.config.n_positions)  # prompt and new tokens
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_length=length, do_sample=True,
                              temperature=SAMPLE_TEMPERATURE, top_k=0, pad_token_id=tokenizer.pad_token_id)
         samples[prompt] = str(tokenizer.decode(out[0]))
     return samples
