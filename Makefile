@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 EXP    ?= experiments/lil_gatsby.yaml
 RUNS   ?= runs
 
-.PHONY: setup run test test-fast lint sweep index report bench bench-analysis bench-profile clean wheelhouse image docker-run docker-sweep cluster-up cluster-down test-container
+.PHONY: setup run test test-long test-fast lint sweep index report bench bench-analysis bench-profile clean wheelhouse image docker-run docker-sweep cluster-up cluster-down test-container
 
 # The venv is rebuilt when pyproject.toml changes. torch==2.13.0 is the CPU build on this project's
 # machines; for CUDA, install a CUDA build of torch 2.13.0 into .venv first (see README, "Getting lilgatsby on your PATH").
@@ -20,12 +20,17 @@ setup: $(BIN)/lilgatsby
 run: setup
 	$(BIN)/lilgatsby train $(EXP) --runs $(RUNS)
 
+# the default suite: everything but the tests marked long (under 8 minutes on 2 cores)
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not long"
 
-# the inner loop while changing code: the tests not marked slow (no Ray, no subprocess trainings)
+# the longest comparisons and fault injections (CI runs them after `make test`)
+test-long: setup
+	$(BIN)/python -m pytest -m long
+
+# the inner loop while changing code: no Ray, no subprocess trainings
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow and not long"
 
 lint: setup
 	$(BIN)/ruff check runner tests bench
@@ -61,7 +66,9 @@ BASE_IMAGE ?= python:3.11-slim
 WHEELHOUSE ?= 0
 WORKERS    ?= 2
 COMPOSE    ?= $(CONTAINER) compose
-COMPOSE_ENV = IMAGE=$(IMAGE) LILGATSBY_UID=$(shell id -u) LILGATSBY_GID=$(shell id -g)
+RAY_TOKEN_FILE ?= docker/cluster-token
+COMPOSE_ENV = IMAGE=$(IMAGE) LILGATSBY_UID=$(shell id -u) LILGATSBY_GID=$(shell id -g) \
+              LILGATSBY_RAY_TOKEN_FILE=$(abspath $(RAY_TOKEN_FILE))
 GIT_COMMIT := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 RUN_FLAGS  := --rm --network host --user $(shell id -u):$(shell id -g) -v $(CURDIR)/runs:/work/runs \
               -v $(CURDIR)/experiments:/work/experiments:ro \
@@ -84,8 +91,16 @@ docker-run:
 	mkdir -p runs data
 	$(CONTAINER) run $(RUN_FLAGS) $(IMAGE) train $(EXP)
 
+# One token per cluster: a random secret in a git-ignored file only this user can read, made on
+# the first cluster-up and kept by cluster-down; NEW_TOKEN=1 makes a new one. Nodes read it from a
+# read-only mount; clients present it with RAY_AUTH_TOKEN_PATH=$(RAY_TOKEN_FILE).
+$(RAY_TOKEN_FILE):
+	umask 077 && python3 -c "import secrets; print(secrets.token_hex(32), end='')" > $@
+
 # COMPOSE: `docker compose`, `podman compose` (podman >= 4.7) or podman-compose.
 cluster-up:
+	$(if $(NEW_TOKEN),rm -f $(RAY_TOKEN_FILE))
+	$(MAKE) --no-print-directory $(RAY_TOKEN_FILE)
 	mkdir -p runs data
 	$(COMPOSE_ENV) $(COMPOSE) -f docker/compose.yaml up -d --scale ray-worker=$(WORKERS)
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # make test-container: build the image on this machine (local Debian base, host wheelhouse), then in
 # containers run the smoke experiment (bitwise equal to the same run on the host), the smoke sweep
-# (local Ray inside), and the smoke sweep on a Ray cluster of a head and a worker container; check
-# every result on the host.
+# (local Ray inside), and the smoke sweep on a Ray cluster of a head and a worker container with
+# token authentication (clients without the token, or with a wrong one, refused by the GCS and by
+# the dashboard's Jobs API); then the compose cluster, whose ports must listen on loopback only.
+# Every result is checked on the host.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
@@ -58,15 +60,19 @@ PY
 }
 check_index "$work/runs/smoke_sweep/index.jsonl"
 
-step "smoke sweep on a Ray cluster: head + worker containers"
-ray_port=6391
+step "smoke sweep on a Ray cluster with token authentication: head + worker containers"
+ray_port=6391 dashboard_port=8291
+(umask 077 && python3 -c "import secrets; print(secrets.token_hex(32), end='')" > "$work/token")
 cluster_node() {  # name, ray start arguments...
     local name=$1; shift
     "$CONTAINER" run -d --name "$name" --network host --user "$(id -u):$(id -g)" -v "$work/runs:/work/runs" \
         -v "$corpus:/work/data/pg64317.txt:ro" -e LILGATSBY_CORPUS=/work/data/pg64317.txt \
+        -v "$work/token:/run/lilgatsby/ray-token:ro" -e RAY_AUTH_MODE=token \
+        -e RAY_AUTH_TOKEN_PATH=/run/lilgatsby/ray-token \
         --entrypoint ray "$IMAGE" start --block --num-cpus 1 --disable-usage-stats "$@" >/dev/null
 }
-cluster_node lg-test-head --head --port "$ray_port" --include-dashboard false
+cluster_node lg-test-head --head --port "$ray_port" --include-dashboard true --dashboard-host 127.0.0.1 \
+    --dashboard-port "$dashboard_port"
 cluster_node lg-test-worker --address "127.0.0.1:$ray_port"
 for _ in $(seq 60); do
     nodes=$("$CONTAINER" exec lg-test-head python3 -c \
@@ -78,6 +84,49 @@ done
 "$CONTAINER" exec lg-test-head lilgatsby sweep /opt/lilgatsby/experiments/smoke_sweep.yaml \
     --address "127.0.0.1:$ray_port" --runs /work/runs/cluster --quiet
 check_index "$work/runs/cluster/smoke_sweep/index.jsonl"
+
+step "clients without the token, with a wrong one, and with it (GCS, lilgatsby sweep, Jobs API)"
+mkdir -p "$work/stranger-home"
+stranger() {  # a client with no token anywhere (its own empty home), then the environment given
+    env -u RAY_AUTH_TOKEN -u RAY_AUTH_TOKEN_PATH -u RAY_AUTH_MODE HOME="$work/stranger-home" "$@"
+}
+# Ray drivers from the host: refused without the token and with a wrong one (the GCS says
+# "Unauthenticated"); with the token the GCS admits the host's client. (A full driver must run the
+# cluster's exact Python, so the admitted driver that runs a task runs inside the head container.)
+driver="import ray; ray.init(address='127.0.0.1:$ray_port'); print('admitted:', ray.get(ray.remote(lambda: 6 * 7).remote()))"
+for who in "no token" "wrong token"; do
+    if [ "$who" = "no token" ]; then
+        out=$(stranger timeout 120 "$py" -c "$driver" 2>&1 || true)
+    else
+        out=$(stranger RAY_AUTH_MODE=token RAY_AUTH_TOKEN=0123456789abcdef timeout 120 "$py" -c "$driver" 2>&1 || true)
+    fi
+    echo "GCS, $who: $(printf '%s\n' "$out" | grep -m1 -o 'Unauthenticated.*') / $(printf '%s\n' "$out" | tail -1)"
+    case "$out" in *admitted*) fail "the GCS admitted a driver with $who";; esac
+    case "$out" in *Unauthenticated*) ;; *) fail "the driver with $who was not refused for its token";; esac
+done
+out=$(RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$work/token" timeout 60 "$py" -c \
+    "from ray._raylet import GcsClient; GcsClient(address='127.0.0.1:$ray_port'); print('admitted')" 2>&1 | tail -1 || true)
+echo "GCS, the token, from the host: $out"
+[ "$out" = admitted ] || fail "the GCS refused the host's client with the cluster's token: $out"
+out=$("$CONTAINER" exec lg-test-head python3 -c "$driver" 2>&1 | tail -1 || true)
+echo "a driver with the token, on the head: $out"
+[ "$out" = "admitted: 42" ] || fail "a driver with the cluster's token was refused: $out"
+set +e
+out=$(stranger "$lilgatsby" sweep experiments/smoke_sweep.yaml --address "127.0.0.1:$ray_port" --runs "$work/x" 2>&1)
+code=$?
+set -e
+echo "lilgatsby sweep --address, no token (exit $code): $out"
+[ "$code" = 2 ] && [ "$(printf '%s\n' "$out" | grep -c 'lilgatsby: error: .*RAY_AUTH_TOKEN_PATH')" = 1 ] \
+    || fail "lilgatsby sweep without the token: expected one line naming RAY_AUTH_TOKEN_PATH and exit 2"
+jobs_api() {  # HTTP status of the dashboard's Jobs API, given curl's extra arguments
+    curl -s -o /dev/null -w '%{http_code}' "$@" "http://127.0.0.1:$dashboard_port/api/jobs/" || true
+}
+for _ in $(seq 30); do [ "$(jobs_api -H "Authorization: Bearer $(cat "$work/token")")" = 200 ] && break; sleep 2; done
+no_token=$(jobs_api) wrong=$(jobs_api -H "Authorization: Bearer 0123456789abcdef")
+with_token=$(jobs_api -H "Authorization: Bearer $(cat "$work/token")")
+echo "Jobs API: no token $no_token, wrong token $wrong, the token $with_token"
+[ "$no_token" = 401 ] && [ "$wrong" = 403 ] && [ "$with_token" = 200 ] \
+    || fail "the Jobs API answered $no_token/$wrong/$with_token (expected 401/403/200)"
 "$CONTAINER" rm -f lg-test-head lg-test-worker >/dev/null
 
 step "make cluster-up, docker-sweep, cluster-down (docker/compose.yaml)"
@@ -96,9 +145,21 @@ compose_make() {
 }
 cleanup_compose() { compose_make cluster-down >/dev/null 2>&1 || true; cleanup; }
 trap cleanup_compose EXIT
-compose_make cluster-up WORKERS=2
-compose_make docker-sweep EXP=experiments/smoke_sweep.yaml
+compose_make cluster-up WORKERS=2 RAY_TOKEN_FILE="$work/compose-token"
+[ "$(stat -c %a "$work/compose-token")" = 600 ] || fail "the cluster's token file is not private (mode 0600)"
+step "the compose cluster's published ports listen on loopback only"
+command -v ss >/dev/null && ss -ltn | grep -E ':(8265|6379)\b' || true
+published=$("$CONTAINER" ps --format '{{.Names}} {{.Ports}}' | grep ray-head || true)
+echo "published: $published"
+case "$published" in *127.0.0.1:8265*) ;; *) fail "the dashboard is not published on 127.0.0.1";; esac
+case "$published" in *0.0.0.0:*|*"[::]:"*) fail "a port is published on every interface: $published";; esac
+host_ip=$(hostname -I | awk '{print $1}')
+if [ -n "$host_ip" ] && curl -s -o /dev/null -m 3 "http://$host_ip:8265/"; then
+    fail "the dashboard answers on $host_ip, not only on loopback"
+fi
+compose_make docker-sweep EXP=experiments/smoke_sweep.yaml RAY_TOKEN_FILE="$work/compose-token"
 check_index "$work/compose-runs/smoke_sweep/index.jsonl"
-compose_make cluster-down
+compose_make cluster-down RAY_TOKEN_FILE="$work/compose-token"
+[ -s "$work/compose-token" ] || fail "make cluster-down removed the token file"
 step "done"
-echo "test-container: 4 passed, 0 failed"
+echo "test-container: 7 passed, 0 failed"

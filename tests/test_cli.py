@@ -97,7 +97,7 @@ def test_ctrl_c_cancels_the_run_like_a_sweep_and_the_same_command_resumes_it(tmp
     """Ctrl-C: exit code 130, the run `cancelled` and resumable (as in a sweep); the samples are printed once."""
     out = tmp_path / "run"
     command = [sys.executable, "-m", "runner.cli", "train", str(REPO / "experiments" / "smoke.yaml"), "--out", str(out),
-               "--corpus", str(small_book), "--set", "train.steps=400", "--set", "train.checkpoint_every=20"]
+               "--corpus", str(small_book), "--set", "train.steps=100", "--set", "train.checkpoint_every=20"]
     train = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              preexec_fn=sigint_as_in_a_terminal)
     wait_until(lambda: (out / "checkpoint.safetensors").exists(), "the run's first checkpoint", poll_s=0.05)

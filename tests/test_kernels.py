@@ -113,7 +113,7 @@ def test_choice_per_precision_and_device():
     assert model.config.activation_function == "gelu_pytorch_tanh"  # what snapshots' config.json names
 
 
-@pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize("precision, bf16_gemm", [("bf16-mixed", None), ("bf16-true", "fp32"), ("fp32", None)])
 def test_fast_kernels_train_like_transformers_eager_ones(make_experiment, tmp_path, monkeypatch, precision,
                                                          bf16_gemm):

@@ -48,7 +48,7 @@ def test_notebook_sampler_is_the_dataloaders_order():
     assert [len(b[0]) for b in expected[:7]] == [8] * 6 + [2]
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+@pytest.mark.parametrize("precision", [pytest.param("bf16", marks=pytest.mark.long), "fp32"])
 def test_notebook_experiment_equals_the_notebooks_loop(tiny_book, tmp_path, precision):
     steps = 14
     loop = tmp_path / "loop.safetensors"

@@ -31,9 +31,13 @@ window.addEventListener("load", () => document.documentElement.setAttribute("dat
 
 @pytest.fixture(scope="module")
 def smoke_sweep(tmp_path_factory, small_book):
+    """The smoke sweep's four runs, trained one by one without Ray (tests/test_sweep.py sweeps it)."""
     runs = tmp_path_factory.mktemp("runs")
-    assert main(["sweep", str(REPO / "experiments" / "smoke_sweep.yaml"), "--runs", str(runs), "--corpus",
-                 str(small_book), "--quiet"]) == 0
+    for seed in (1, 2):
+        for precision in ("bf16-true", "fp32"):
+            assert main(["train", str(REPO / "experiments" / "smoke_sweep.yaml"), "--runs", str(runs), "--corpus",
+                         str(small_book), "--set", f"train.seed={seed}", "--set", f"train.precision={precision}",
+                         "--quiet"]) == 0
     return runs / "smoke_sweep"
 
 

@@ -158,6 +158,7 @@ def test_write_error_mid_run_fails_then_resumes(experiment_file, uninterrupted, 
     assert_identical(tmp_path, uninterrupted)
 
 
+@pytest.mark.long
 def test_restart_ignores_the_checkpoint(experiment_file, uninterrupted, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(train_cmd(experiment_file, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -231,3 +232,4 @@ def test_resume_with_other_kernels_starts_over(make_experiment, tmp_path, crash_
     assert "resumed_from_step" not in manifest
     assert "started with other kernels" in (tmp_path / "resumed" / "train.log").read_text()
     assert_identical(tmp_path / "resumed", tmp_path / "uninterrupted")
+

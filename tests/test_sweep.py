@@ -13,7 +13,7 @@ import pytest
 
 from runner.cli import main
 from runner.config import build_experiment
-from runner.launch import sweep
+from runner.launch import ray_session
 from runner.launch.sweep import task_options
 from runner.runs.index import load_index
 
@@ -110,6 +110,7 @@ def long_sweep(tmp_path, small_book):
     return exp
 
 
+@pytest.mark.long
 def test_killed_worker_is_retried_and_resumes(long_sweep, tmp_path):
     runs = tmp_path / "runs"
     sweep = subprocess.Popen(_sweep_cmd(long_sweep, runs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -130,6 +131,7 @@ def test_killed_worker_is_retried_and_resumes(long_sweep, tmp_path):
     assert json.loads((killed / "run.json").read_text())["resumed_from_step"] >= 20
 
 
+@pytest.mark.long
 def test_two_sweeps_on_one_runs_dir_never_train_a_run_twice(long_sweep, tmp_path):
     runs = tmp_path / "runs"
     sweeps = [subprocess.Popen(_sweep_cmd(long_sweep, runs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -148,6 +150,7 @@ def test_two_sweeps_on_one_runs_dir_never_train_a_run_twice(long_sweep, tmp_path
         assert log.count(" complete: final loss") == 1, log
 
 
+@pytest.mark.long
 def test_ctrl_c_cancels_cleanly_and_the_sweep_resumes(long_sweep, tmp_path):
     runs = tmp_path / "runs"
     sweep = subprocess.Popen(_sweep_cmd(long_sweep, runs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -176,15 +179,15 @@ def test_joining_a_cluster_waits_for_it_to_come_up(monkeypatch):
         if len(attempts) < 3:
             raise ConnectionError("Could not find any running Ray instance.")
 
-    monkeypatch.setattr(sweep.ray, "init", head_starting)
-    monkeypatch.setattr(sweep, "CONNECT_RETRY_S", 0.01)
-    sweep._init_ray("auto")
+    monkeypatch.setattr(ray_session.ray, "init", head_starting)
+    monkeypatch.setattr(ray_session, "CONNECT_RETRY_S", 0.01)
+    ray_session.start_or_join("auto")
     assert attempts == ["auto"] * 3
 
 
 def test_no_cluster_at_the_address_is_a_clear_error(monkeypatch, tmp_path, small_book, capsys):
-    monkeypatch.setattr(sweep, "CONNECT_TIMEOUT_S", 0.5)
-    monkeypatch.setattr(sweep, "CONNECT_RETRY_S", 0.1)
+    monkeypatch.setattr(ray_session, "CONNECT_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(ray_session, "CONNECT_RETRY_S", 0.1)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     args = ["sweep", str(SMOKE_SWEEP), "--runs", str(tmp_path / "runs"), "--corpus", str(small_book), "--quiet",
             "--address", "auto"]

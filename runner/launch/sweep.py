@@ -1,6 +1,6 @@
 """Sweeps on Ray: one task per run, placed on a GPU, an Apple MPS worker or CPUs.
 
-The only module that imports Ray. Each task calls `runner.launch.train.run`, which writes the run
+With `ray_session`, the only modules that import Ray. Each task calls `runner.launch.train.run`, which writes the run
 directory under the runs root; that root must be storage every worker can reach (local disk for
 the embedded local instance, a shared volume in a cluster).
 """
@@ -8,19 +8,17 @@ the embedded local instance, a shared volume in a cluster).
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import time
 from pathlib import Path
-from typing import Any
 
 import ray
-import torch
 from tqdm import tqdm
 
 from runner.config import Experiment, Run, build_experiment, load_runs
-from runner.data.corpus import ENV_VAR, load_corpus, resolve_path
+from runner.data.corpus import load_corpus, resolve_path
 from runner.errors import ConfigError
+from runner.launch.ray_session import start_or_join
 from runner.recording.format import recording_size
 from runner.runs.estimate import estimate_seconds, measured_speeds
 from runner.runs.index import rebuild_index
@@ -30,8 +28,6 @@ from runner.training.progress import read_progress
 
 log = logging.getLogger(__name__)
 STATUS_EVERY_S = 30.0
-WORKER_SETUP_HOOK = "runner.launch.train.prepare_worker"  # named, so that the driver does not import it
-CONNECT_TIMEOUT_S, CONNECT_RETRY_S = 60.0, 2.0
 
 
 def task_options(exp: Experiment, cluster: dict[str, float]) -> dict:
@@ -71,7 +67,7 @@ def assigned_device() -> tuple[str, int]:
 
 @ray.remote
 def _train_task(config: dict, overrides: dict, grid_point: dict, run_dir: str, restart: bool, force: bool) -> dict:
-    from runner.launch.train import run  # the model stack is imported by workers only (see _init_ray)
+    from runner.launch.train import run  # the model stack is imported by workers only (ray_session)
 
     exp = build_experiment(config)
     device, threads = assigned_device()
@@ -83,52 +79,6 @@ def _train_task(config: dict, overrides: dict, grid_point: dict, run_dir: str, r
     manifest = run(exp, Path(run_dir), overrides=overrides, grid_point=grid_point, device=device, threads=threads,
                    progress=False, restart=restart, force=force)
     return {"run_id": manifest["run_id"], "device": manifest["device"], **manifest["metrics"]}
-
-
-def _init_ray(address: str | None) -> None:
-    address = address or os.environ.get("RAY_ADDRESS")
-    env: dict = {"worker_process_setup_hook": WORKER_SETUP_HOOK}
-    if os.environ.get(ENV_VAR):
-        env["env_vars"] = {ENV_VAR: os.environ[ENV_VAR]}
-    common: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING,
-              "runtime_env": env}
-    if address:
-        _connect(address, common)
-    else:  # a new embedded instance sized to this machine (never another one found running); a Mac
-        # offers its GPU as `mps`.
-        _local_token_auth()
-        mps: dict[str, float] | None = {"mps": 1} if torch.backends.mps.is_available() else None
-        ray.init(address="local", num_cpus=os.cpu_count(), resources=mps, **common)
-
-
-def _local_token_auth() -> None:
-    """Token authentication on for the embedded instance, as Ray's default for a local instance is,
-    but chosen explicitly, so that Ray does not warn about its default on every sweep. (Ray reads
-    RAY_AUTH_MODE into its config when imported; re-reading it is what Ray itself does when it turns
-    the mode on.) An explicit RAY_AUTH_MODE is left as it is."""
-    if "RAY_AUTH_MODE" not in os.environ:
-        os.environ["RAY_AUTH_MODE"] = "token"
-        from ray._raylet import Config  # type: ignore[attr-defined]
-
-        Config.initialize("")
-
-
-def _connect(address: str, options: dict) -> None:
-    """Join the cluster at `address`, waiting up to CONNECT_TIMEOUT_S for it to come up: a sweep
-    submitted right after `make cluster-up` finds the head still starting."""
-    deadline, waiting = time.monotonic() + CONNECT_TIMEOUT_S, False
-    while True:
-        try:
-            ray.init(address=address, **options)
-            return
-        except ConnectionError as e:
-            if time.monotonic() >= deadline:
-                raise ConfigError(f"--address {address}: no Ray cluster answered within {CONNECT_TIMEOUT_S:g} s "
-                                  f"({str(e).splitlines()[0]})") from None
-            if not waiting:
-                log.warning("no Ray cluster at %s yet; waiting up to %g s", address, CONNECT_TIMEOUT_S)
-                waiting = True
-            time.sleep(CONNECT_RETRY_S)
 
 
 def plan(path: Path, overrides: list[str], runs_root: Path, force: bool) -> tuple[list[Run], list[Run], Path]:
@@ -216,7 +166,7 @@ def sweep(path: Path, overrides: list[str], runs_root: Path, *, address: str | N
     except OSError as e:
         raise ConfigError(f"{exp_dir}: cannot create the runs directory ({e.strerror})") from None
 
-    _init_ray(address)
+    start_or_join(address)
     try:
         cluster = ray.cluster_resources()
         pending = {}
