@@ -54,7 +54,7 @@ def make_step(precision: str, kernels: str, batch: tuple[int, int] | None = None
                     [f"train.precision={precision}", f"train.kernels={kernels}"])[0].experiment
     windows, length = batch or (exp.train.batch_size, exp.model.context_length)
     cpu = torch.device("cpu")
-    model, optimizer, _ = build_model_and_optimizer(exp, cpu)  # the runner's own, as `lilgatsby train` builds them
+    model, optimizer, _, _ = build_model_and_optimizer(exp, cpu)  # the runner's own, as `lilgatsby train` builds them
     mask = causal_mask(model, length, cpu)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     tokens = torch.randint(0, 128, (windows, length + 1), generator=torch.Generator().manual_seed(0))

@@ -75,6 +75,9 @@ class ModelConfig:
     hidden_dim: int = 64
     n_layers: int = 2
     n_heads: int = 2
+    # tie the input embedding to the unembedding (E = W, as in Qwen3-4B); false: E is its own
+    # parameter, recorded beside W (docs/recording.md), the control for what the tie does
+    tie_embeddings: bool = field(default=True, metadata=introduced_with(True))
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,33 @@ class TrainConfig:
     # | hf (transformers' own and torch's single-tensor Adam: the bits of recordings before round 2's
     # kernels) | notebook (HF's defaults: gelu_new, SDPA; the recorded mean logits reduced in the model's dtype)
     kernels: Literal["fast", "hf", "notebook"] = field(default="fast", metadata=introduced_with("fast"))
+    # What large-model training runs with (docs/training.md, "Optimizer and schedule"):
+    # adam | adamw: torch's AdamW, decay decoupled, on the 2-D matrices only (not biases, layer norms)
+    optimizer: Literal["adam", "adamw"] = field(default="adam", metadata=introduced_with("adam"))
+    weight_decay: float = field(default=0.0, metadata=introduced_with(0.0))  # adamw's; 0 with adam
+    # constant | cosine (from lr down to min_lr at the last step), after `warmup_steps` of linear
+    # warm-up from 0 (step s of the warm-up trains at lr * s / warmup_steps)
+    lr_schedule: Literal["constant", "cosine"] = field(default="constant", metadata=introduced_with("constant"))
+    warmup_steps: int = field(default=0, metadata=introduced_with(0))
+    min_lr: float = field(default=0.0, metadata=introduced_with(0.0))
+    # clip the global gradient norm (all parameters) to this before each update; null: no clipping
+    grad_clip: float | None = field(default=None, metadata=introduced_with(None))
+
+    @property
+    def lr_varies(self) -> bool:
+        """Whether the learning rate changes over the run (then each step's is recorded)."""
+        return self.lr_schedule != "constant" or self.warmup_steps > 0
+
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of update `step` (1..steps): lr * step / warmup_steps during the
+        warm-up; then lr (constant) or min_lr + (lr - min_lr) * (1 + cos(pi * p)) / 2, p going from
+        just above 0 after the warm-up to 1 at the last step (cosine)."""
+        if step <= self.warmup_steps:
+            return self.lr * step / self.warmup_steps
+        if self.lr_schedule == "constant":
+            return self.lr
+        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        return self.min_lr + (self.lr - self.min_lr) * (1 + math.cos(math.pi * progress)) / 2
 
 
 @dataclass(frozen=True)
@@ -202,6 +232,15 @@ _RULES: list[tuple[str, typing.Callable[[Any, Experiment], bool], str]] = [
     ("train.eps", lambda v, e: 0 < v <= 1, "must be > 0 and <= 1"),
     ("train.seed", lambda v, e: 0 <= v < 2**63, "must be between 0 and 2**63 - 1"),
     ("train.threads", lambda v, e: v is None or 1 <= v <= 1024, "must be null or between 1 and 1024"),
+    ("train.weight_decay", lambda v, e: 0 <= v <= 1, "must be between 0 and 1"),
+    ("train.weight_decay", lambda v, e: v == 0 or e.train.optimizer == "adamw",
+     "must be 0 with train.optimizer adam (torch's Adam would add it to the gradient as an L2 penalty, "
+     "not decay the weights; use adamw)"),
+    ("train.warmup_steps", lambda v, e: 0 <= v <= e.train.steps, "must be between 0 and train.steps"),
+    ("train.min_lr", lambda v, e: 0 <= v <= e.train.lr, "must be between 0 and train.lr"),
+    ("train.min_lr", lambda v, e: v == 0 or e.train.lr_schedule == "cosine",
+     "must be 0 with train.lr_schedule constant (it is where cosine ends)"),
+    ("train.grad_clip", lambda v, e: v is None or 0 < v <= 1e6, "must be null or > 0"),
     ("train.checkpoint_every", lambda v, e: 1 <= v <= MAX_STEPS, f"must be between 1 and {MAX_STEPS:,}"),
     ("record.every", lambda v, e: 1 <= v <= e.train.steps, "must be between 1 and train.steps"),
     ("record.tensors", lambda v, e: set(v) <= set(RECORDED_TENSORS) and len(set(v)) == len(v),
@@ -249,6 +288,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ConfigError(f"{key}: must be a finite number (got {value!r})")
         return float(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: must be true or false (got {value!r})")
+        return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: must be an integer (got {value!r})")

@@ -147,6 +147,15 @@ def test_set_replaces_or_adds_a_grid_axis(tmp_path):
     ("name: x\ntrain: {precision: fp16}\n", "train.precision: must be one of ['bf16-true', 'bf16-mixed', 'fp32']"),
     ("name: x\ntrain: {device: tpu}\n", "train.device: must be one of"),
     ("name: x\ntrain: {threads: 0}\n", "train.threads: must be null or between 1"),
+    ("name: x\ntrain: {weight_decay: 0.1}\n", "train.weight_decay: must be 0 with train.optimizer adam"),
+    ("name: x\ntrain: {optimizer: adamw, weight_decay: 2}\n", "train.weight_decay: must be between 0 and 1"),
+    ("name: x\ntrain: {optimizer: sgd}\n", "train.optimizer: must be one of ['adam', 'adamw']"),
+    ("name: x\ntrain: {lr_schedule: linear}\n", "train.lr_schedule: must be one of ['constant', 'cosine']"),
+    ("name: x\ntrain: {steps: 10, warmup_steps: 11}\n", "train.warmup_steps: must be between 0 and train.steps"),
+    ("name: x\ntrain: {min_lr: 1.0e-4}\n", "train.min_lr: must be 0 with train.lr_schedule constant"),
+    ("name: x\ntrain: {lr_schedule: cosine, min_lr: 0.1}\n", "train.min_lr: must be between 0 and train.lr"),
+    ("name: x\ntrain: {grad_clip: 0}\n", "train.grad_clip: must be null or > 0"),
+    ("name: x\nmodel: {tie_embeddings: 1}\n", "model.tie_embeddings: must be true or false (got 1)"),
     ("name: x\nmodel: {vocab_size: 256}\n", "model.vocab_size: must be 128: the tokenizer is ASCII-128 (got 256)"),
     ("name: x\nmodel: {context_length: 256}\n", "model.context_length: must be between 1 and model.n_positions"),
     ("name: x\nmodel: {hidden_dim: 65}\n", "model.hidden_dim: must be a positive multiple of model.n_heads"),
@@ -246,3 +255,26 @@ def test_huge_grid_is_refused_without_expanding_it(tmp_path):
     path = write(tmp_path, "name: g\ngrid: {train.seed: {range: [0, 1000000000000]}}\n")
     with pytest.raises(ConfigError, match="has 1,000,000,000,000 runs"):
         load_runs(path)
+
+
+def test_learning_rate_schedules():
+    def lrs(**train):
+        cfg = build_experiment({"name": "x", "train": {"steps": 10, "lr": 1.0, **train}}).train
+        return [cfg.learning_rate(s) for s in range(1, 11)], cfg.lr_varies
+
+    assert lrs() == ([1.0] * 10, False)
+    assert lrs(warmup_steps=4) == ([0.25, 0.5, 0.75, 1.0] + [1.0] * 6, True)
+    cosine, varies = lrs(lr_schedule="cosine", warmup_steps=2, min_lr=0.1)
+    assert varies and cosine[:2] == [0.5, 1.0] and cosine[-1] == pytest.approx(0.1)
+    assert cosine[5] == pytest.approx(0.1 + 0.9 * (1 + math.cos(math.pi * 4 / 8)) / 2)
+    assert all(a > b for a, b in zip(cosine[1:], cosine[2:], strict=False))  # decreasing after the warm-up
+
+
+def test_new_keys_at_their_defaults_keep_run_ids():
+    """The optimizer keys and tie_embeddings join the identity only when set to something else."""
+    base = build_experiment({"name": "x"})
+    explicit = build_experiment({"name": "x", "model": {"tie_embeddings": True},
+                                 "train": {"optimizer": "adam", "weight_decay": 0, "lr_schedule": "constant",
+                                           "warmup_steps": 0, "min_lr": 0, "grad_clip": None}})
+    assert explicit.run_id == base.run_id
+    assert build_experiment({"name": "x", "train": {"grad_clip": 1.0}}).run_id != base.run_id

@@ -17,9 +17,9 @@ except ImportError:
     pytest.skip("transformer-lens is not installed (pip install -e '.[interp]')", allow_module_level=True)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16-true"])
-def test_snapshot_in_transformer_lens(make_experiment, tmp_path, precision):
-    exp = make_experiment(train={"steps": 20, "precision": precision})
+@pytest.mark.parametrize("precision, tied", [("fp32", True), ("bf16-true", True), ("fp32", False)])
+def test_snapshot_in_transformer_lens(make_experiment, tmp_path, precision, tied):
+    exp = make_experiment(train={"steps": 20, "precision": precision}, model={"tie_embeddings": tied})
     run(exp, tmp_path, progress=False)
     path = snapshot_dir(tmp_path, 20)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
@@ -31,4 +31,6 @@ def test_snapshot_in_transformer_lens(make_experiment, tmp_path, precision):
         expected = hf(ids).logits
         logits, cache = bridge.run_with_cache(ids)
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)  # fp32 rounding, different op order
+    # an untied snapshot keeps its two matrices (each as trained), a tied one shares one
+    assert torch.equal(hf.lm_head.weight, hf.transformer.wte.weight) is tied
     assert cache["blocks.0.hook_resid_pre"].shape == (1, ids.shape[1], exp.model.hidden_dim)

@@ -12,7 +12,7 @@ from runner.recording.rows import RowReader
 
 from conftest import load_recording
 
-METRIC_COLUMNS = ["step", "loss", "dead_norm", "live_norm", "dead_norm_min", "dead_norm_max", "dead_cosine",
+METRIC_COLUMNS = ["step", "loss", "lr", "dead_norm", "live_norm", "dead_norm_min", "dead_norm_max", "dead_cosine",
                   "dead_live_cosine", "dead_drift", "live_drift", "dead_grad_norm", "live_grad_norm", "dead_update",
                   "live_update", "dead_logit", "live_logit", "dead_logit_max"]
 
@@ -111,7 +111,7 @@ def test_metrics_with_a_stride_and_absent_tensors(tmp_path):
     table = compute_metrics(tmp_path / "rec.safetensors", chunk_rows=2)  # chunks of 2 rows: 3 rows, 2 chunks
     assert table["step"].tolist() == [0, 4, 8]
     assert table["dead_norm"].tolist() == pytest.approx([1, 4, 8])
-    assert set(table.columns) == {"step", "loss", "dead_norm", "live_norm", "dead_norm_min", "dead_norm_max",
+    assert set(table.columns) == {"step", "loss", "lr", "dead_norm", "live_norm", "dead_norm_min", "dead_norm_max",
                                   "dead_cosine", "dead_live_cosine", "dead_drift", "live_drift"}
 
 

@@ -1,26 +1,34 @@
 """The recording is scientific data: its layout, its conventions and its exact values."""
 
 import json
+import math
 import platform
 import re
+import shutil
 import sys
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from runner.analysis.metrics import compute_metrics
 from runner.data.corpus import load_corpus
 from runner.launch.train import run
 from runner.model import bf16_via_fp32, kernels
 from runner.model.gpt2 import parameters_sha256
-from runner.recording.format import PARAMETER_FINGERPRINTS, RECORDING
-from runner.recording.verify import adam_violations, read_metadata
+from runner.recording.format import PARAMETER_FINGERPRINTS, RECORDING, UPDATE_TENSORS
+from runner.recording.verify import adam_violations, read_metadata, verify
 
 from conftest import load_recording
 
 NAMES = ("W", "grads", "momentum", "variance", "logits", "loss")
+# every optimizer knob at once (the `-knobs` runs, also untied): AdamW with decay, warm-up then
+# cosine to min_lr, and a clip that bites (the global norm starts around 1-3)
+KNOBS = {"optimizer": "adamw", "weight_decay": 0.1, "lr_schedule": "cosine", "warmup_steps": 5, "min_lr": 1e-4,
+         "lr": 3e-3, "grad_clip": 0.5}
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +39,11 @@ def runs(tmp_path_factory, small_book):
     out = {}
     precisions = {"bf16-true": {}, "bf16-mixed": {"precision": "bf16-mixed"}, "fp32": {"precision": "fp32"}}
     for key, train in {**precisions, "bf16-true-again": {}, "seed-7": {"seed": 7},
-                       **{f"{k}-hf": {**v, "kernels": "hf"} for k, v in precisions.items()}}.items():
-        exp = build_experiment({**base, "train": {**base["train"], **train}})
+                       **{f"{k}-hf": {**v, "kernels": "hf"} for k, v in precisions.items()},
+                       **{f"{k}-knobs": {**v, **KNOBS} for k, v in precisions.items()},
+                       "fp32-untied": {"precision": "fp32"}}.items():
+        untied = {"model": {"tie_embeddings": False}} if key.endswith(("-knobs", "-untied")) else {}
+        exp = build_experiment({**base, "train": {**base["train"], **train}, **untied})
         run_dir = tmp_path_factory.mktemp(key)
         run(exp, run_dir, progress=False)
         out[key] = (exp, run_dir, load_recording(run_dir / RECORDING))
@@ -47,8 +58,9 @@ def reference_loop(exp):
     cfg = exp.train
     tokens = torch.tensor(list(load_corpus(exp.corpus.path, "drop").text.encode("ascii")))
     torch.manual_seed(cfg.seed)
+    tied = exp.model.tie_embeddings
     config = GPT2Config(vocab_size=128, n_positions=128, n_embd=64, n_layer=2, n_head=2, resid_pdrop=0,
-                        embd_pdrop=0, attn_pdrop=0, use_cache=False, tie_word_embeddings=True, bos_token_id=2,
+                        embd_pdrop=0, attn_pdrop=0, use_cache=False, tie_word_embeddings=tied, bos_token_id=2,
                         eos_token_id=3, pad_token_id=3, activation_function="gelu_pytorch_tanh")
     chosen = kernels.choose(cfg.precision, torch.device("cpu"), cfg.kernels)
     config._attn_implementation = chosen.attention
@@ -56,13 +68,23 @@ def reference_loop(exp):
     kernels.use_kernels(model, chosen)  # our GELU, and on CPUs without a native bf16 GEMM the fp32 products
     if cfg.precision == "bf16-true":
         model.to(torch.bfloat16)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                           fused=chosen.adam == "fused" or None)
-    W = model.lm_head.weight
+    fused = chosen.adam == "fused" or None
+    if cfg.optimizer == "adamw":  # decay on the matrices only
+        matrices = [p for p in model.parameters() if p.dim() == 2]
+        others = [p for p in model.parameters() if p.dim() != 2]
+        opt = torch.optim.AdamW([{"params": matrices, "weight_decay": cfg.weight_decay},
+                                 {"params": others, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                foreach=False, fused=fused)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
+    # each recorded matrix: its row, gradient and moment names, then its finals'
+    recorded = [(model.lm_head.weight, ("W", "grads", "momentum", "variance"))]
+    if not tied:
+        recorded.append((model.transformer.wte.weight, ("E", "E_grads", "E_momentum", "E_variance")))
     fingerprints = {PARAMETER_FINGERPRINTS["initial"]: parameters_sha256(model)}
     n = len(tokens) - 128
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
-    rows = {k: [] for k in NAMES}
+    rows: dict[str, list] = {}
     for step in range(1, cfg.steps + 1):
         idx = order[(step - 1) * cfg.batch_size: step * cfg.batch_size]
         batch = torch.stack([tokens[i:i + 129] for i in idx.tolist()])
@@ -70,20 +92,34 @@ def reference_loop(exp):
             logits = model(batch[:, :-1]).logits
         loss = F.cross_entropy(logits.float().reshape(-1, 128), batch[:, 1:].reshape(-1))
         loss.backward()
-        state = opt.state.get(W, {})
-        snap = {"W": W.detach().to(torch.bfloat16).clone(), "grads": W.grad.to(torch.bfloat16).clone(),
-                "momentum": state["exp_avg"].float().clone() if state else torch.zeros(128, 64),
-                "variance": state["exp_avg_sq"].float().clone() if state else torch.zeros(128, 64),
-                "logits": logits[:, -1].float().mean(0).detach(), "loss": loss.detach().float()}
-        if step == 1:
-            for k in NAMES:
-                rows[k].append(torch.zeros_like(snap[k]) if k in ("grads", "momentum", "variance") else snap[k])
-        for k in NAMES:
-            rows[k].append(snap[k])
+        snap = {"logits": logits[:, -1].float().mean(0).detach(), "loss": loss.detach().float()}
+        if cfg.grad_clip is not None:
+            snap["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=False)
+        if cfg.lr_schedule == "cosine":  # linear warm-up, then cosine from lr to min_lr at the last step
+            progress = (step - cfg.warmup_steps) / (cfg.steps - cfg.warmup_steps)
+            lr = cfg.lr * step / cfg.warmup_steps if step <= cfg.warmup_steps else cfg.min_lr + 0.5 * (
+                cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+            for group in opt.param_groups:
+                group["lr"] = lr
+            snap["lr"] = torch.tensor(lr)
+        for matrix, (name, grads, momentum, variance) in recorded:
+            state = opt.state.get(matrix, {})
+            snap.update({name: matrix.detach().to(torch.bfloat16).clone(),
+                         grads: matrix.grad.to(torch.bfloat16).clone(),
+                         momentum: state["exp_avg"].float().clone() if state else torch.zeros(128, 64),
+                         variance: state["exp_avg_sq"].float().clone() if state else torch.zeros(128, 64)})
+        if step == 1:  # row 0: before any update
+            for k, value in snap.items():
+                rows[k] = [torch.zeros_like(value) if k in UPDATE_TENSORS else value]
+        for k, value in snap.items():
+            rows[k].append(value)
         opt.step()
         opt.zero_grad()
-    finals = {"W_final": W.detach().to(torch.bfloat16), "momentum_final": opt.state[W]["exp_avg"].float(),
-              "variance_final": opt.state[W]["exp_avg_sq"].float()}
+    finals = {}
+    for matrix, (name, _, momentum, variance) in recorded:
+        finals.update({f"{name}_final": matrix.detach().to(torch.bfloat16),
+                       f"{momentum}_final": opt.state[matrix]["exp_avg"].float(),
+                       f"{variance}_final": opt.state[matrix]["exp_avg_sq"].float()})
     fingerprints[PARAMETER_FINGERPRINTS["final"]] = parameters_sha256(model)
     return {**{k: torch.stack(v) for k, v in rows.items()}, **finals}, fingerprints
 
@@ -110,7 +146,8 @@ def test_row_zero_is_initialisation(runs):
         assert 4.0 < rec["loss"][0] < 5.5  # about ln(128) = 4.85 at init
 
 
-@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed", "fp32", "bf16-true-hf", "bf16-mixed-hf", "fp32-hf"])
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed", "fp32", "bf16-true-hf", "bf16-mixed-hf", "fp32-hf",
+                                       "bf16-true-knobs", "bf16-mixed-knobs", "fp32-knobs"])
 def test_equals_reference_loop_bitwise(runs, precision):
     """Bit for bit. Known exception (docs/reproducibility.md): in bf16-mixed, some processes train
     with last-bit differences from the first update on, depending on what ran earlier in the process
@@ -200,6 +237,60 @@ def test_metadata_describes_the_run(runs):
     assert progress["loss"] == pytest.approx(rec["loss"][24].item(), abs=1e-6)
     assert f"run {exp.run_id} complete: final loss {rec['loss'][-1].item():.4f}" in log
     assert not list(run_dir.glob("*.partial"))
+
+
+def test_knobs_layout_lr_clipping_and_verify(runs):
+    """Untied, AdamW, warm-up + cosine, clipping: E's rows beside W's, the lr and the pre-clip norm
+    per step; the recorded gradient is the clipped one; verify checks E's moments and the lr row."""
+    exp, run_dir, rec = runs["fp32-knobs"]
+    n = exp.train.steps + 1
+    assert {k: (tuple(v.shape), v.dtype) for k, v in rec.items() if k.startswith("E") or k in ("lr", "grad_norm")} == {
+        "E": ((n, 128, 64), torch.bfloat16), "E_grads": ((n, 128, 64), torch.bfloat16),
+        "E_momentum": ((n, 128, 64), torch.float32), "E_variance": ((n, 128, 64), torch.float32),
+        "lr": ((n,), torch.float32), "grad_norm": ((n,), torch.float32), "E_final": ((128, 64), torch.bfloat16),
+        "E_momentum_final": ((128, 64), torch.float32), "E_variance_final": ((128, 64), torch.float32)}
+    lr = rec["lr"].tolist()
+    assert lr[0] == 0 and lr[1:6] == pytest.approx([0.003 * s / 5 for s in range(1, 6)])  # warm-up
+    assert lr[6] < lr[5] and lr[-1] == pytest.approx(1e-4)  # cosine down to min_lr at the last step
+    clip = exp.train.grad_clip
+    assert (rec["grad_norm"][1:] > clip).any() and rec["grad_norm"][0] == 0  # clipping bit
+    # the recorded gradients are the clipped ones: W's share of a global norm of at most `clip`
+    assert (rec["grads"][1:].float().flatten(1).norm(dim=1) <= clip * 1.01).all()
+    for precision in ("fp32", "bf16-mixed", "bf16-true"):  # the moments of W and E, the lr row
+        assert verify(runs[f"{precision}-knobs"][1]) == [], precision
+    broken = run_dir.parent / "broken"  # verify has teeth: a wrong learning rate in one row
+    shutil.copytree(run_dir, broken)
+    tensors = load_recording(broken / RECORDING)
+    tensors["lr"][7] *= 2
+    save_file(tensors, str(broken / RECORDING), metadata=read_metadata(run_dir / RECORDING))
+    assert any("lr: rows [7]" in p for p in verify(broken))
+    manifest = json.loads((run_dir / "run.json").read_text())
+    assert manifest["optimizer"]["name"] == "adamw" and manifest["optimizer"]["weight_decay"] == 0.1
+    assert {"transformer.wte.weight", "lm_head.weight", "transformer.h.0.attn.c_attn.weight"} <= set(
+        manifest["optimizer"]["decayed"])
+    assert all(name.endswith(".bias") or ".ln_" in name for name in manifest["optimizer"]["not_decayed"])
+
+
+def test_untied_dead_rows_of_e_get_no_gradient_and_decay_moves_them(runs):
+    """Dead tokens never occur in the input: their rows of E get no gradient, so Adam never moves
+    them; only AdamW's decay does. Their rows of W (the unembedding) get a gradient as always."""
+    _, run_dir, plain = runs["fp32-untied"]
+    _, _, decayed = runs["fp32-knobs"]
+    dead = torch.tensor(json.loads(read_metadata(run_dir / RECORDING)["token_counts"])) == 0
+    for rec in (plain, decayed):
+        assert not rec["E_grads"][:, dead].any() and not rec["E_momentum"][:, dead].any()
+        assert rec["E_grads"][1:, ~dead].any() and rec["grads"][1:, dead].any()
+    assert torch.equal(plain["E_final"][dead], plain["E"][0][dead])  # Adam alone leaves them where they started
+    shrink = decayed["E_final"][dead].float().norm(dim=1) / decayed["E"][0][dead].float().norm(dim=1)
+    assert (shrink < 1).all()  # decay alone moves them: towards 0
+
+
+def test_metrics_of_an_untied_run(runs):
+    exp, run_dir, rec = runs["fp32-knobs"]
+    m = compute_metrics(run_dir / RECORDING)
+    assert {"E_dead_norm", "E_live_norm", "E_dead_cosine", "E_dead_grad_norm", "E_dead_update", "lr",
+            "grad_norm"} <= set(m.columns)
+    assert m["lr"].tolist() == rec["lr"].tolist() and (m["E_dead_grad_norm"] == 0).all()
 
 
 def test_stride_and_subset(make_experiment, tmp_path):

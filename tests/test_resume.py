@@ -233,3 +233,15 @@ def test_resume_with_other_kernels_starts_over(make_experiment, tmp_path, crash_
     assert "started with other kernels" in (tmp_path / "resumed" / "train.log").read_text()
     assert_identical(tmp_path / "resumed", tmp_path / "uninterrupted")
 
+
+def test_resume_with_every_optimizer_knob(make_experiment, tmp_path, crash_after_checkpoint):
+    """AdamW's two parameter groups, the schedule, clipping and an untied E survive a crash: the
+    resumed run ends with the uninterrupted run's bits (E's rows, lr and grad_norm included)."""
+    exp = make_experiment(train={"steps": 20, "checkpoint_every": 8, "optimizer": "adamw", "weight_decay": 0.1,
+                                 "lr_schedule": "cosine", "warmup_steps": 4, "min_lr": 1e-4, "grad_clip": 0.5},
+                          model={"tie_embeddings": False}, record={"model_steps": "none"})
+    run(exp, tmp_path / "uninterrupted", progress=False)
+    crash_after_checkpoint(exp, tmp_path / "resumed")
+    assert run(exp, tmp_path / "resumed", progress=False)["resumed_from_step"] == 8
+    assert_identical(tmp_path / "resumed", tmp_path / "uninterrupted")
+    assert {"E", "lr", "grad_norm"} <= set(load_recording(tmp_path / "resumed" / RECORDING))

@@ -44,6 +44,8 @@ CURVES = (
     Curve("loss", "Training loss", "cross-entropy (nats)", (("loss", ""),)),
     Curve("row_norms", "Row norm of W", "mean L2 norm of a row", (("dead_norm", "dead tokens"),
                                                                   ("live_norm", "live tokens"))),
+    Curve("embedding_row_norms", "Row norm of E, the untied input embedding", "mean L2 norm of a row",
+          (("E_dead_norm", "dead tokens"), ("E_live_norm", "live tokens"))),  # drawn when a run is untied
     Curve("dead_cosine", "How alike the dead rows become", "mean pairwise cosine of dead rows",
           (("dead_cosine", ""),)),
     Curve("adam_update", "Adam's update direction per row", "mean row norm of m̂/(√v̂+ε)",

@@ -74,6 +74,14 @@ def _columns(W: np.ndarray, dead: np.ndarray) -> dict[str, np.ndarray]:
                                  if dead.any() and live.any() else np.full(W.shape[0], np.nan, dtype=np.float32))}
 
 
+# W's columns unprefixed, an untied model's input embedding E's with `E_`: (row, gradient, moments)
+MATRICES = {"": ("W", "grads", "momentum", "variance"), "E_": ("E", "E_grads", "E_momentum", "E_variance")}
+
+
+def _prefixed(prefix: str, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {prefix + name: values for name, values in columns.items()}
+
+
 def compute_metrics(path: str | Path, chunk_rows: int = CHUNK_ROWS, rows: int | None = None) -> pd.DataFrame:
     """One row per recorded step of a recording (see the module docstring); metrics whose tensors
     were not recorded are absent. `rows`: only the first rows (of a recording still being written)."""
@@ -84,29 +92,33 @@ def compute_metrics(path: str | Path, chunk_rows: int = CHUNK_ROWS, rows: int | 
         steps = recorded_steps(exp.train.steps, exp.record.every)[:rows]
         (b1, b2), eps = exp.train.betas, exp.train.eps
         names = set(f.tensors)
-        W0 = f.rows("W", 0, 1) if "W" in names else None
+        initial: dict[str, np.ndarray] = {m: f.rows(m, 0, 1) for m in ("W", "E") if m in names}
         for start in range(0, len(steps), chunk_rows):
             stop = min(start + chunk_rows, len(steps))
             step = np.array(steps[start:stop])
             columns: dict[str, np.ndarray] = {"step": step}
             if "loss" in names:
                 columns["loss"] = f.rows("loss", start, stop)
-            if "W" in names:
-                W = f.rows("W", start, stop)
-                columns.update(_columns(W, dead))
-                drift = np.linalg.norm(W - W0, axis=2)
-                columns.update(_dead_live("drift", drift, dead))
-            if "grads" in names:
-                grad_norms = np.linalg.norm(f.rows("grads", start, stop), axis=2)
-                columns.update(_dead_live("grad_norm", grad_norms, dead))
-            if {"momentum", "variance"} <= names:
-                # Row s holds Adam's moments after s - 1 updates: the direction of update s - 1 (none before row 2).
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    t = np.maximum(step - 1, 0).astype(np.float64)[:, None, None]
-                    m_hat = f.rows("momentum", start, stop) / (1 - b1 ** t)
-                    v_hat = f.rows("variance", start, stop) / (1 - b2 ** t)
-                    update = np.linalg.norm(m_hat / (np.sqrt(v_hat) + eps), axis=2).astype(np.float32)
-                columns.update(_dead_live("update", update, dead))
+            # the learning rate of update s (0 at row 0: no update); the global gradient norm before clipping
+            columns["lr"] = np.array([exp.train.learning_rate(s) if s else 0.0 for s in step], dtype=np.float32)
+            if "grad_norm" in names:
+                columns["grad_norm"] = f.rows("grad_norm", start, stop)
+            for prefix, (matrix, grads, momentum, variance) in MATRICES.items():
+                if matrix in names:
+                    values = f.rows(matrix, start, stop)
+                    columns.update(_prefixed(prefix, {**_columns(values, dead), **_dead_live(
+                        "drift", np.linalg.norm(values - initial[matrix], axis=2), dead)}))
+                if grads in names:
+                    grad_norms = np.linalg.norm(f.rows(grads, start, stop), axis=2)
+                    columns.update(_prefixed(prefix, _dead_live("grad_norm", grad_norms, dead)))
+                if {momentum, variance} <= names:
+                    # Row s holds Adam's moments after s - 1 updates: the direction of update s - 1 (none before row 2).
+                    with np.errstate(divide="ignore", invalid="ignore"):
+                        t = np.maximum(step - 1, 0).astype(np.float64)[:, None, None]
+                        m_hat = f.rows(momentum, start, stop) / (1 - b1 ** t)
+                        v_hat = f.rows(variance, start, stop) / (1 - b2 ** t)
+                        update = np.linalg.norm(m_hat / (np.sqrt(v_hat) + eps), axis=2).astype(np.float32)
+                    columns.update(_prefixed(prefix, _dead_live("update", update, dead)))
             if "logits" in names:
                 logits = f.rows("logits", start, stop)
                 columns.update(_dead_live("logit", logits, dead), dead_logit_max=_reduce_over(logits, dead, np.max))

@@ -1,4 +1,5 @@
-"""The tiny GPT-2: transformers' GPT2LMHeadModel with tied embedding/unembedding."""
+"""The tiny GPT-2: transformers' GPT2LMHeadModel, its embedding tied to its unembedding (or not:
+`model.tie_embeddings`)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def gpt2_config(cfg: ModelConfig, kernels: Kernels = HF_DEFAULTS) -> GPT2Config:
         embd_pdrop=0.0,
         attn_pdrop=0.0,
         use_cache=False,
-        tie_word_embeddings=True,  # E = W^T, as in Qwen3-4B: dead tokens' rows move only through W's gradient
+        # E = W, as in Qwen3-4B: dead tokens' rows move only through W's gradient; untied, the control
+        tie_word_embeddings=cfg.tie_embeddings,
         bos_token_id=ord(BOS),
         eos_token_id=ord(EOS),
         pad_token_id=ord(EOS),

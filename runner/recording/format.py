@@ -38,23 +38,51 @@ def recorded_steps(steps: int, every: int) -> range:
     return range(0, steps + 1, every)
 
 
+# An untied model's input embedding E is recorded beside W (the unembedding) under these names.
+E_NAMES = {"W": "E", "grads": "E_grads", "momentum": "E_momentum", "variance": "E_variance"}
+
+
+# What describes an update (none has happened at row 0, which holds zeros for them).
+UPDATE_TENSORS = ("grads", "momentum", "variance", "E_grads", "E_momentum", "E_variance", "lr", "grad_norm")
+
+
 def row_specs(vocab: int, dim: int) -> Layout:
-    """Dtype and shape of one row of each per-step tensor (the notebook's)."""
-    return {"W": ("BF16", (vocab, dim)), "grads": ("BF16", (vocab, dim)), "momentum": ("F32", (vocab, dim)),
-            "variance": ("F32", (vocab, dim)), "logits": ("F32", (vocab,)), "loss": ("F32", ())}
+    """Dtype and shape of one row of each per-step tensor (the notebook's six, E's four, lr, grad_norm)."""
+    matrices = {"W": ("BF16", (vocab, dim)), "grads": ("BF16", (vocab, dim)), "momentum": ("F32", (vocab, dim)),
+                "variance": ("F32", (vocab, dim))}
+    return {**matrices, "logits": ("F32", (vocab,)), "loss": ("F32", ()),
+            **{E_NAMES[name]: spec for name, spec in matrices.items()}, "lr": ("F32", ()), "grad_norm": ("F32", ())}
 
 
-def final_specs(vocab: int, dim: int) -> Layout:
-    rows = row_specs(vocab, dim)
-    return {"W_final": rows["W"], "momentum_final": rows["momentum"], "variance_final": rows["variance"]}
+def recorded_tensors(exp: Experiment) -> tuple[str, ...]:
+    """The per-step tensors of a recording of `exp`, in file order: `record.tensors`; E's for those
+    of W's family when the embeddings are untied; `lr` when the learning rate varies (a schedule
+    or warm-up); `grad_norm` when gradients are clipped."""
+    names = list(exp.record.tensors)
+    if not exp.model.tie_embeddings:
+        names += [E_NAMES[name] for name in exp.record.tensors if name in E_NAMES]
+    if exp.train.lr_varies:
+        names.append("lr")
+    if exp.train.grad_clip is not None:
+        names.append("grad_norm")
+    return tuple(names)
+
+
+def final_specs(exp: Experiment) -> Layout:
+    """The state after the last update: W's (and E's when untied) with Adam's moments."""
+    rows = row_specs(exp.model.vocab_size, exp.model.hidden_dim)
+    finals = {"W_final": rows["W"], "momentum_final": rows["momentum"], "variance_final": rows["variance"]}
+    if not exp.model.tie_embeddings:
+        finals.update(E_final=rows["E"], E_momentum_final=rows["E_momentum"], E_variance_final=rows["E_variance"])
+    return finals
 
 
 def expected_layout(exp: Experiment) -> Layout:
     """Name -> (dtype, full shape) of every tensor a recording of `exp` holds, in file order."""
     rows = len(recorded_steps(exp.train.steps, exp.record.every))
     specs = row_specs(exp.model.vocab_size, exp.model.hidden_dim)
-    layout = {name: (specs[name][0], (rows, *specs[name][1])) for name in exp.record.tensors}
-    layout.update(final_specs(exp.model.vocab_size, exp.model.hidden_dim))
+    layout = {name: (specs[name][0], (rows, *specs[name][1])) for name in recorded_tensors(exp)}
+    layout.update(final_specs(exp))
     return layout
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from runner.config import build_experiment
-from runner.recording.format import FORMAT_VERSION, RECORDING, expected_layout
+from runner.config import Experiment, build_experiment
+from runner.recording.format import FORMAT_VERSION, RECORDING, expected_layout, recorded_steps, recorded_tensors
 
 
 def layout_problems(path: Path, expected: dict) -> list[str]:
@@ -90,15 +90,32 @@ def verify(path: Path, full: bool = True) -> list[str]:
                     if not torch.isfinite(block.float()).all():
                         problems.append(f"{path}: {name}: NaN or Inf in rows {start}..{start + len(block) - 1}")
                         break
-        if exp.record.every == 1 and {"grads", "momentum", "variance"} <= set(exp.record.tensors):
-            m, v, g = (f.get_slice(n) for n in ("momentum", "variance", "grads"))
-            steps = exp.train.steps
-            for t in sorted({1 + (steps - 2) * i // (ADAM_SAMPLES - 1) for i in range(ADAM_SAMPLES)} if steps > 1
-                            else set()):
-                bad = adam_violations(m[t + 1], v[t + 1], m[t], v[t], g[t], exp.train.betas, exp.train.precision)
-                if bad:
-                    problems.append(f"{path}: rows {t}->{t + 1}: {bad} entries break Adam's update rule")
+        recorded = set(recorded_tensors(exp))
+        for moments in (("momentum", "variance", "grads"), ("E_momentum", "E_variance", "E_grads")):
+            if exp.record.every == 1 and set(moments) <= recorded:
+                problems += _adam_problems(path, exp, *(f.get_slice(n) for n in moments))
+        if "lr" in recorded:
+            problems += _lr_problems(path, exp, f.get_tensor("lr"))
     return problems
+
+
+def _adam_problems(path: Path, exp: Experiment, m, v, g) -> list[str]:
+    """Adam's moment relation between rows at ADAM_SAMPLES steps (with the gradient as recorded:
+    clipped, when clipping is on)."""
+    steps, problems = exp.train.steps, []
+    for t in sorted({1 + (steps - 2) * i // (ADAM_SAMPLES - 1) for i in range(ADAM_SAMPLES)} if steps > 1 else set()):
+        bad = adam_violations(m[t + 1], v[t + 1], m[t], v[t], g[t], exp.train.betas, exp.train.precision)
+        if bad:
+            problems.append(f"{path}: rows {t}->{t + 1}: {bad} entries break Adam's update rule")
+    return problems
+
+
+def _lr_problems(path: Path, exp: Experiment, lr: torch.Tensor) -> list[str]:
+    """Each row's learning rate is the schedule's for its step, in fp32 (0 at row 0: no update)."""
+    steps = recorded_steps(exp.train.steps, exp.record.every)
+    expected = torch.tensor([exp.train.learning_rate(s) if s else 0.0 for s in steps], dtype=torch.float32)
+    wrong = (lr != expected).nonzero().flatten().tolist()
+    return [f"{path}: lr: rows {wrong[:5]} differ from train.lr_schedule's"] if wrong else []
 
 
 def read_metadata(path: Path) -> dict[str, str]:

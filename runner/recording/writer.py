@@ -26,9 +26,11 @@ from runner.files import publish
 from runner.recording.format import (
     FORMAT_VERSION,
     HEADER_SLACK,
+    UPDATE_TENSORS,
     expected_layout,
     partial_path,
     read_header,
+    recorded_tensors,
     recording_size,
     tensor_bytes,
 )
@@ -68,7 +70,7 @@ class RecordingWriter:
                  first_row: int = 0, chunk_rows: int = 64):
         """`first_row` > 0 continues an existing `.partial` file whose rows before it are written."""
         self.path, self.partial = path, partial_path(path)
-        self.every, self.names = exp.record.every, exp.record.tensors
+        self.every, self.names = exp.record.every, recorded_tensors(exp)
         self.layout = expected_layout(exp)
         self.offsets: dict[str, int] = {}
         end = 0
@@ -127,8 +129,8 @@ class RecordingWriter:
             self._write(step, values)
 
     def record_initial(self, values: dict[str, torch.Tensor | None]) -> None:
-        """Row 0: the state before any update, with gradient and Adam moments zero."""
-        self._write(0, {**values, "grads": None, "momentum": None, "variance": None})
+        """Row 0: the state before any update, with gradients, Adam moments, lr and grad_norm zero."""
+        self._write(0, {**values, **dict.fromkeys(UPDATE_TENSORS)})
 
     def _write(self, step: int, values: dict[str, torch.Tensor | None]) -> None:
         """Buffer row `step`; a value of None records zeros (e.g. Adam state before the first update)."""

@@ -17,7 +17,7 @@ from runner.runs.rundir import read_manifest
 
 # The config keys that set a run's speed (beyond train.steps, which sets its length).
 SPEED_KEYS = ("model.", "train.batch_size", "train.precision", "train.kernels", "train.device", "train.threads",
-              "train.targets", "record.every", "record.tensors")
+              "train.targets", "train.optimizer", "train.grad_clip", "record.every", "record.tensors")
 
 
 def _speed_shape(config: dict) -> dict:

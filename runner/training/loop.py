@@ -25,12 +25,13 @@ from runner.model.gpt2 import (
     mean_last_logits,
     parameters_sha256,
 )
-from runner.model.kernels import adam, choose
+from runner.model.kernels import choose
 from runner.recording.format import PARAMETER_FINGERPRINTS, RECORDING, expected_layout, header_metadata, partial_path
 from runner.recording.verify import layout_problems, read_metadata
 from runner.recording.writer import RecordingWriter
 from runner.training import checkpoint
 from runner.training.host import keep_freed_memory_mapped
+from runner.training.optimizer import build_optimizer, clip_gradients, set_learning_rate
 from runner.training.progress import Progress
 from runner.training.snapshots import Snapshots
 
@@ -54,16 +55,16 @@ def _continue_with_threads_of(ckpt: checkpoint.Checkpoint, run_id: str) -> None:
 
 
 def build_model_and_optimizer(exp: Experiment, device: torch.device
-                              ) -> tuple[GPT2LMHeadModel, torch.optim.Optimizer, dict[str, str]]:
-    """The model, its optimizer, and the implementation choices that produced them (kernels and
-    host allocator; recorded, since they change rounding)."""
+                              ) -> tuple[GPT2LMHeadModel, torch.optim.Optimizer, dict[str, str], dict]:
+    """The model, its optimizer, the implementation choices that produced them (kernels and host
+    allocator; recorded, since they change rounding), and what run.json says of the optimizer."""
     kernels = choose(exp.train.precision, device, exp.train.kernels)
     # (transformers types .to() without its self argument)
     model = build_model(exp.model, exp.train.seed, kernels).to(device)  # type: ignore[arg-type]
     if exp.train.precision == "bf16-true":
         model.to(torch.bfloat16)  # parameters, gradients and Adam's moments all in bf16
-    optimizer = adam(model.parameters(), kernels, exp.train.lr, exp.train.betas, exp.train.eps)
-    return model, optimizer, {**kernels.as_dict(), "host_allocator": keep_freed_memory_mapped()}
+    optimizer, description = build_optimizer(model, exp.train, kernels)
+    return model, optimizer, {**kernels.as_dict(), "host_allocator": keep_freed_memory_mapped()}, description
 
 
 def _open_recording(exp: Experiment, run_dir: Path, model, optimizer, restart: bool, header: dict,
@@ -103,7 +104,7 @@ def train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.de
         torch.set_num_threads(threads)
     sampler = make_sampler(cfg.batch_order, _tokens(corpus), exp.model.context_length, cfg.batch_size, cfg.seed)
     save_tokenizer(run_dir / "tokenizer")
-    model, optimizer, impl = build_model_and_optimizer(exp, torch_device)
+    model, optimizer, impl, optimizer_description = build_model_and_optimizer(exp, torch_device)
     n_params = count_parameters(model)
     header = {**header_metadata(exp, corpus, env, started_at, n_params, str(torch_device)),
               "implementation": json.dumps(impl, sort_keys=True),
@@ -116,7 +117,6 @@ def train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.de
         losses[:ckpt.step] = ckpt.losses
     log.info("run %s: %s parameters, device %s, precision %s, %d threads%s", exp.run_id, f"{n_params:,}",
              torch_device, cfg.precision, torch.get_num_threads(), f", resuming after step {ckpt.step}" if ckpt else "")
-    W = model.lm_head.weight  # tied: the same Parameter as transformer.wte.weight
     mask = causal_mask(model, exp.model.context_length, torch_device)
     autocast = torch.autocast(torch_device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16-mixed")
     snapshots = Snapshots(run_dir, exp)
@@ -127,15 +127,17 @@ def train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.de
     try:
         snapshots.after_step(start - 1, model)  # step 0's, when scheduled
         if start == 1 and isinstance(sampler, NotebookSampler):
-            _record_dummy_row(writer, model, sampler, mask, autocast, exp, torch_device)
+            _record_dummy_row(writer, model, optimizer, sampler, mask, autocast, exp, torch_device)
         for step, (inputs, targets) in zip(range(start, cfg.steps + 1), sampler.batches(start), strict=False):
             inputs, targets = inputs.to(torch_device, non_blocking=True), targets.to(torch_device, non_blocking=True)
             logits, loss = batch_loss(model, inputs, targets, mask, autocast, cfg.targets)
             loss.backward()
-            state = optimizer.state.get(W, {})  # recorded after backward, before the update
-            writer.record(step, {"W": W, "grads": W.grad, "momentum": state.get("exp_avg"),
-                                 "variance": state.get("exp_avg_sq"), "logits": mean_last_logits(logits, cfg.kernels),
-                                 "loss": loss})
+            grad_norm = clip_gradients(model, cfg.grad_clip) if cfg.grad_clip is not None else None
+            lr = cfg.learning_rate(step)
+            if cfg.lr_varies:
+                set_learning_rate(optimizer, lr)
+            writer.record(step, {**_matrices(model, optimizer), "logits": mean_last_logits(logits, cfg.kernels),
+                                 "loss": loss, "lr": torch.tensor(lr), "grad_norm": grad_norm})
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses[step - 1] = loss.detach()
@@ -148,7 +150,7 @@ def train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.de
     finally:
         bar.close()
     result = {"device": str(torch_device), "threads": torch.get_num_threads(), "n_params": n_params,
-              "implementation": impl,
+              "implementation": impl, "optimizer": optimizer_description,
               **_finish(exp, run_dir, model, optimizer, writer, losses, checkpointer.clock(), t0),
               "snapshots": snapshots.saved()}
     if ckpt:
@@ -156,14 +158,27 @@ def train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.de
     return result, model
 
 
+def _matrices(model: GPT2LMHeadModel, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor | None]:
+    """W (the unembedding; tied, also the embedding), its gradient (as the update will use it:
+    clipped) and Adam's moments before the update; the same for E when the embeddings are untied."""
+    matrices = [(model.lm_head.weight, ("W", "grads", "momentum", "variance"))]
+    if not model.config.tie_word_embeddings:
+        matrices.append((model.transformer.wte.weight, ("E", "E_grads", "E_momentum", "E_variance")))
+    found: dict[str, torch.Tensor | None] = {}
+    for matrix, names in matrices:
+        state = optimizer.state.get(matrix, {})
+        found.update(zip(names, (matrix, matrix.grad, state.get("exp_avg"), state.get("exp_avg_sq")), strict=True))
+    return found
+
+
 @torch.no_grad()
-def _record_dummy_row(writer: RecordingWriter, model, sampler: NotebookSampler, mask, autocast, exp: Experiment,
-                      device: torch.device) -> None:
-    """The notebook's row 0: the initial W and the logits of its dummy batch (the first batch of a
-    first, discarded DataLoader iterator); loss[0], which the notebook left 0, is that batch's loss."""
+def _record_dummy_row(writer: RecordingWriter, model, optimizer, sampler: NotebookSampler, mask, autocast,
+                      exp: Experiment, device: torch.device) -> None:
+    """The notebook's row 0: the initial W (and E) and the logits of its dummy batch (the first batch
+    of a first, discarded DataLoader iterator); loss[0], which the notebook left 0, is that batch's loss."""
     inputs, targets = (t.to(device) for t in sampler.dummy_batch())
     logits, loss = batch_loss(model, inputs, targets, mask, autocast, exp.train.targets)
-    writer.record_initial({"W": model.lm_head.weight, "logits": mean_last_logits(logits, exp.train.kernels),
+    writer.record_initial({**_matrices(model, optimizer), "logits": mean_last_logits(logits, exp.train.kernels),
                            "loss": loss})
 
 
@@ -171,11 +186,11 @@ def _finish(exp: Experiment, run_dir: Path, model, optimizer, writer: RecordingW
             train_s: float, t0: float) -> dict:
     """The end of training: the final state and metrics into the recording, which is then published
     (and the checkpoint, no longer needed, removed). Returns these for run.json."""
-    W = model.lm_head.weight
-    state = optimizer.state[W]
+    finals = {f"{name}_final": value for name, value in _matrices(model, optimizer).items()
+              if value is not None and name in ("W", "momentum", "variance", "E", "E_momentum", "E_variance")}
     metrics = {"final_loss": losses[-1].item(), "mean_loss_last_100": losses[-100:].mean().item(),
                "train_s": train_s, "steps_per_s": exp.train.steps / train_s, "wall_s": time.perf_counter() - t0}
-    path = writer.close({"W_final": W, "momentum_final": state["exp_avg"], "variance_final": state["exp_avg_sq"]},
+    path = writer.close(finals,
                         {**{k: repr(v) for k, v in metrics.items()},
                          PARAMETER_FINGERPRINTS["final"]: parameters_sha256(model)})
     checkpoint.remove(run_dir)
