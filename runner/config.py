@@ -453,7 +453,7 @@ def _is_axis(dotted: str, value: Any) -> bool:
         return False
     tp = _field_type(dotted)
     takes_list = any(typing.get_origin(t) is tuple for t in (tp, *typing.get_args(tp)))
-    return not takes_list or all(isinstance(v, list) for v in value)
+    return not takes_list or (bool(value) and all(isinstance(v, list) for v in value))
 
 
 def load_runs(path: str | Path, overrides: typing.Iterable[str] = ()) -> list[Run]:

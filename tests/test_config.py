@@ -125,6 +125,7 @@ def test_set_replaces_or_adds_a_grid_axis(tmp_path):
     assert len(runs) == 8 and list(runs[0].point) == ["train.seed", "train.precision", "train.lr"]
     # a key whose value is a list: a list is its value, a list of lists an axis
     assert {r.experiment.train.betas for r in load_runs(path, ["train.betas=[0.8, 0.9]"])} == {(0.8, 0.9)}
+    assert {r.experiment.record.tensors for r in load_runs(path, ["record.tensors=[]"])} == {()}  # a value
     runs = load_runs(path, ["train.betas=[[0.8, 0.9], [0.9, 0.95]]"])
     assert {r.experiment.train.betas for r in runs} == {(0.8, 0.9), (0.9, 0.95)} and len(runs) == 8
 
