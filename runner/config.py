@@ -124,7 +124,10 @@ class TrainConfig:
     def learning_rate(self, step: int) -> float:
         """The learning rate of update `step` (1..steps): lr * step / warmup_steps during the
         warm-up; then lr (constant) or min_lr + (lr - min_lr) * (1 + cos(pi * p)) / 2, p going from
-        just above 0 after the warm-up to 1 at the last step (cosine)."""
+        just above 0 after the warm-up to 1 at the last step (cosine). 0 at step 0: no update (as
+        the recording's row 0 holds)."""
+        if step == 0:
+            return 0.0
         if step <= self.warmup_steps:
             return self.lr * step / self.warmup_steps
         if self.lr_schedule == "constant":

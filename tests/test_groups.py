@@ -1,6 +1,5 @@
 """How the report groups runs (a band averages seeds of one config only) and styles the groups."""
 
-import json
 
 import matplotlib
 import numpy as np
@@ -81,8 +80,7 @@ def test_a_run_from_before_a_key_existed_groups_with_its_default(tmp_path):
     new = entry(train={"seed": 1})
     config = build_experiment({"name": "smoke", "train": {"seed": 2}}).to_dict()
     del config["train"]["kernels"]
-    (tmp_path / "run.json").write_text(json.dumps({"config": config}))
-    old = RunEntry(tmp_path, {"run_id": "old", "status": "complete"}, full_config(tmp_path))
+    old = RunEntry(tmp_path, {"run_id": "old", "status": "complete"}, full_config({"config": config}))
     groups, keys = group_runs([new, old], "smoke")
     assert keys == [] and groups[0].seeds == [1, 2]
 

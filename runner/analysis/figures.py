@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from runner.analysis.groups import Group
+from runner.runs.index import is_number
 
 MAX_POINTS = 600  # log-spaced steps drawn per line: enough for the eye, small SVGs for 10,000 steps
 # Okabe & Ito's colour-blind-safe palette, for categories (precision, kernels, ...)
@@ -69,9 +70,6 @@ def group_styles(groups: list[Group], keys: list[str]) -> list[Style]:
     lines, so a later line that coincides with one runs inside it rather than hiding it."""
     n = len(groups)
     widths = [2.8 - 1.6 * i / (n - 1) if n > 1 else 1.8 for i in range(n)]
-
-    def is_number(v) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
 
     numeric = [k for k in keys if all(is_number(g.values[k]) for g in groups)]
     color_key = next(iter(numeric or keys), None)
@@ -205,11 +203,10 @@ def trajectory_figure(norms: pd.DataFrame, title: str) -> Figure:
     return fig
 
 
-def save(fig: Figure, out: Path, stem: str) -> list[str]:
+def save(fig: Figure, out: Path, stem: str) -> None:
     """`<stem>.svg` and `<stem>.png` in `out` (no timestamps inside: the same figure, the same bytes).
     The SVG keeps its text as text, to be edited and searched."""
     with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": stem}):
         fig.savefig(out / f"{stem}.svg", metadata={"Date": None})
     fig.set_layout_engine("none")  # laid out by the first save: the second one keeps it (a third of the time)
     fig.savefig(out / f"{stem}.png", dpi=150, metadata={"Software": None})
-    return [f"{stem}.svg", f"{stem}.png"]

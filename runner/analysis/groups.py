@@ -16,7 +16,6 @@ from typing import Any
 from runner.config import build_experiment, non_identity_keys
 from runner.errors import ConfigError
 from runner.runs.index import flatten_config, value_order
-from runner.runs.rundir import read_manifest
 
 SEED = "train.seed"
 
@@ -47,10 +46,10 @@ class Group:
         return sorted(r.config[SEED] for r in self.runs)
 
 
-def full_config(run_dir: Path) -> dict[str, Any]:
+def full_config(manifest: dict) -> dict[str, Any]:
     """The run's config, flattened, with every key a newer version added at its default (a run
     trained before a key existed computed that default); as written when it no longer validates."""
-    config = (read_manifest(run_dir) or {}).get("config", {})
+    config = manifest.get("config", {})
     try:
         config = build_experiment(config).to_dict()
     except ConfigError:

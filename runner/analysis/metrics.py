@@ -100,7 +100,7 @@ def compute_metrics(path: str | Path, chunk_rows: int = CHUNK_ROWS, rows: int | 
             if "loss" in names:
                 columns["loss"] = f.rows("loss", start, stop)
             # the learning rate of update s (0 at row 0: no update); the global gradient norm before clipping
-            columns["lr"] = np.array([exp.train.learning_rate(s) if s else 0.0 for s in step], dtype=np.float32)
+            columns["lr"] = np.array([exp.train.learning_rate(s) for s in step], dtype=np.float32)
             if "grad_norm" in names:
                 columns["grad_norm"] = f.rows("grad_norm", start, stop)
             for prefix, (matrix, grads, momentum, variance) in MATRICES.items():

@@ -37,12 +37,12 @@ def read_entries(path: Path) -> tuple[list[RunEntry], bool]:
         manifest = read_manifest(path)
         if manifest is None:
             raise UserError(f"{path / MANIFEST}: unreadable")
-        return [RunEntry(path, index_row(path, manifest), full_config(path))], True
+        return [RunEntry(path, index_row(path, manifest), full_config(manifest))], True
     runs = read_runs(path)
     if not runs:
         raise UserError(f"{path}: no run directories (with {MANIFEST}) found")
-    write_index(path, [row for _, row in runs])
-    return [RunEntry(d, row, full_config(d)) for d, row in runs], False
+    write_index(path, [row for _, _, row in runs])
+    return [RunEntry(d, row, full_config(manifest)) for d, manifest, row in runs], False
 
 
 def _running_so_far(entry: RunEntry) -> tuple[pd.DataFrame, str] | None:
@@ -107,8 +107,7 @@ def _chosen_run(complete: list[RunEntry], groups: list[Group], run_id: str | Non
 
 
 def _describe(entry: RunEntry, groups: list[Group]) -> str:
-    group = next(g for g in groups if entry in g.runs)
-    return f"{group.label}, seed {entry.config.get(SEED)}"
+    return f"{_group_of(entry, groups)}, seed {entry.config.get(SEED)}"
 
 
 def _group_of(entry: RunEntry, groups: list[Group]) -> str:

@@ -113,7 +113,7 @@ def _adam_problems(path: Path, exp: Experiment, m, v, g) -> list[str]:
 def _lr_problems(path: Path, exp: Experiment, lr: torch.Tensor) -> list[str]:
     """Each row's learning rate is the schedule's for its step, in fp32 (0 at row 0: no update)."""
     steps = recorded_steps(exp.train.steps, exp.record.every)
-    expected = torch.tensor([exp.train.learning_rate(s) if s else 0.0 for s in steps], dtype=torch.float32)
+    expected = torch.tensor([exp.train.learning_rate(s) for s in steps], dtype=torch.float32)
     wrong = (lr != expected).nonzero().flatten().tolist()
     return [f"{path}: lr: rows {wrong[:5]} differ from train.lr_schedule's"] if wrong else []
 

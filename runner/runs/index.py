@@ -70,9 +70,13 @@ def index_row(run_dir: Path, manifest: dict) -> dict:
     return row
 
 
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def value_order(value: Any) -> tuple:
     """A sort key for config values: numbers by value (0.001 < 0.003 < 0.01), the rest by their text."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if is_number(value):
         return (0, value, "")
     return (1, 0, json.dumps(value))
 
@@ -83,15 +87,15 @@ def grid_order(row: dict) -> tuple:
     return (row.get("name") or "", tuple(value_order(row.get(k)) for k in keys), row["run_id"])
 
 
-def read_runs(experiment_dir: Path) -> list[tuple[Path, dict]]:
-    """(run directory, index row) of every run directory below `experiment_dir`, in grid order."""
-    runs = [(d, index_row(d, m)) for d in experiment_dir.iterdir() if d.is_dir() and (m := read_manifest(d))]
-    return sorted(runs, key=lambda run: grid_order(run[1]))
+def read_runs(experiment_dir: Path) -> list[tuple[Path, dict, dict]]:
+    """(run directory, manifest, index row) of every run directory below `experiment_dir`, in grid order."""
+    runs = [(d, m, index_row(d, m)) for d in experiment_dir.iterdir() if d.is_dir() and (m := read_manifest(d))]
+    return sorted(runs, key=lambda run: grid_order(run[2]))
 
 
 def rebuild_index(experiment_dir: Path) -> list[dict]:
     """Rewrite index.jsonl and index.csv (atomically) from the run manifests below `experiment_dir`."""
-    rows = [row for _, row in read_runs(experiment_dir)]
+    rows = [row for _, _, row in read_runs(experiment_dir)]
     write_index(experiment_dir, rows)
     return rows
 

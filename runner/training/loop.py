@@ -133,11 +133,11 @@ def train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.de
             logits, loss = batch_loss(model, inputs, targets, mask, autocast, cfg.targets)
             loss.backward()
             grad_norm = clip_gradients(model, cfg.grad_clip) if cfg.grad_clip is not None else None
-            lr = cfg.learning_rate(step)
-            if cfg.lr_varies:
+            lr = cfg.learning_rate(step) if cfg.lr_varies else None  # set and recorded only when it varies
+            if lr is not None:
                 set_learning_rate(optimizer, lr)
             writer.record(step, {**_matrices(model, optimizer), "logits": mean_last_logits(logits, cfg.kernels),
-                                 "loss": loss, "lr": torch.tensor(lr), "grad_norm": grad_norm})
+                                 "loss": loss, "lr": None if lr is None else torch.tensor(lr), "grad_norm": grad_norm})
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses[step - 1] = loss.detach()
