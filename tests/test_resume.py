@@ -245,3 +245,53 @@ def test_resume_with_every_optimizer_knob(make_experiment, tmp_path, crash_after
     assert run(exp, tmp_path / "resumed", progress=False)["resumed_from_step"] == 8
     assert_identical(tmp_path / "resumed", tmp_path / "uninterrupted")
     assert {"E", "lr", "grad_norm"} <= set(load_recording(tmp_path / "resumed" / RECORDING))
+
+
+def test_an_unreadable_checkpoint_is_retried_then_fails_the_run_and_is_kept(make_experiment, tmp_path,
+                                                                            crash_after_checkpoint, monkeypatch):
+    """A transient read error is never taken for a missing checkpoint (the run would start over)."""
+    import runner.training.checkpoint as checkpoint
+    from runner.training.checkpoint import CheckpointUnreadable
+
+    exp = make_experiment(train={"steps": 12, "checkpoint_every": 4})
+    run(exp, tmp_path / "uninterrupted", progress=False)
+    crash_after_checkpoint(exp, tmp_path / "resumed")
+    monkeypatch.setattr(checkpoint, "RETRY_S", 0.0)
+    real_open, failures = checkpoint.safe_open, []
+
+    def flaky(path, **kwargs):
+        if len(failures) < checkpoint.READ_ATTEMPTS - 1:  # fails, then reads on the last try
+            failures.append(path)
+            raise OSError(errno.EIO, "Input/output error")
+        return real_open(path, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "safe_open", flaky)
+    assert run(exp, tmp_path / "resumed", progress=False)["resumed_from_step"] == 4
+    assert_identical(tmp_path / "resumed", tmp_path / "uninterrupted")
+
+    crash_after_checkpoint(exp, tmp_path / "broken")
+    failures.clear()
+    monkeypatch.setattr(checkpoint, "safe_open", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EIO, "EIO")))
+    with pytest.raises(CheckpointUnreadable, match="kept"):
+        run(exp, tmp_path / "broken", progress=False)
+    assert (tmp_path / "broken" / checkpoint.CHECKPOINT).exists()
+    assert json.loads((tmp_path / "broken" / "run.json").read_text())["status"] == "failed"
+
+
+def test_an_unreadable_run_json_is_named_and_left_alone(make_experiment, small_book, tmp_path, capsys):
+    from runner.cli import main
+
+    runs = tmp_path / "runs"
+    args = ["train", str(REPO / "experiments" / "smoke.yaml"), "--runs", str(runs), "--corpus", str(small_book),
+            "--set", "train.steps=3", "--quiet"]
+    assert main(args) == 0
+    (run_dir,) = [d for d in (runs / "smoke").iterdir() if d.is_dir()]
+    (run_dir / "run.json").write_text('{"status": "complete", "run_id"')  # torn by some other tool
+    capsys.readouterr()
+    assert main(args) == 2  # neither trained again nor written over
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and f"{run_dir / 'run.json'}: unreadable" in err
+    assert (run_dir / "run.json").read_text() == '{"status": "complete", "run_id"'
+    assert main(["index", str(runs)]) == 0
+    (row,) = [json.loads(line) for line in (runs / "smoke" / "index.jsonl").read_text().splitlines()]
+    assert row["run_id"] == run_dir.name and row["status"] == "unreadable" and "unreadable" in row["error"]

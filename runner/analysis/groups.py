@@ -16,6 +16,7 @@ from typing import Any
 from runner.config import build_experiment, non_identity_keys
 from runner.errors import ConfigError
 from runner.runs.index import flatten_config, value_order
+from runner.storage.uri import S3Uri
 
 SEED = "train.seed"
 
@@ -24,7 +25,7 @@ SEED = "train.seed"
 class RunEntry:
     """One run directory of a report: where it is, its index row, and its full config, flattened."""
 
-    run_dir: Path
+    run_dir: Path | S3Uri
     row: dict
     config: dict[str, Any]
 

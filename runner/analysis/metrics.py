@@ -8,17 +8,22 @@ recording and recomputed when the recording changes. The columns are documented 
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
+import struct
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from runner.config import build_experiment
-from runner.files import write_atomic
-from runner.recording.format import RECORDING, recorded_steps
+from runner.recording.format import MAX_HEADER_BYTES, RECORDING, recorded_steps
 from runner.recording.rows import RowReader
+from runner.storage.blob import open_blob, read
+from runner.storage.files import read_bytes, write_text
+from runner.storage.uri import S3Uri, parse_location
 
 log = logging.getLogger(__name__)
 METRICS, METRICS_SOURCE = "metrics.csv", "metrics.source.json"
@@ -82,7 +87,7 @@ def _prefixed(prefix: str, columns: dict[str, np.ndarray]) -> dict[str, np.ndarr
     return {prefix + name: values for name, values in columns.items()}
 
 
-def compute_metrics(path: str | Path, chunk_rows: int = CHUNK_ROWS, rows: int | None = None) -> pd.DataFrame:
+def compute_metrics(path: str | Path | S3Uri, chunk_rows: int = CHUNK_ROWS, rows: int | None = None) -> pd.DataFrame:
     """One row per recorded step of a recording (see the module docstring); metrics whose tensors
     were not recorded are absent. `rows`: only the first rows (of a recording still being written)."""
     chunks = []
@@ -126,7 +131,7 @@ def compute_metrics(path: str | Path, chunk_rows: int = CHUNK_ROWS, rows: int | 
     return pd.concat(chunks, ignore_index=True)
 
 
-def dead_row_norms(path: str | Path, chunk_rows: int = CHUNK_ROWS) -> pd.DataFrame:
+def dead_row_norms(path: str | Path | S3Uri, chunk_rows: int = CHUNK_ROWS) -> pd.DataFrame:
     """Each dead token's row norm of W at every recorded step: a `step` column, then one column per
     dead token named by its character (as Python writes it in a string, e.g. `\\x00`)."""
     with RowReader(path) as f:
@@ -140,32 +145,41 @@ def dead_row_norms(path: str | Path, chunk_rows: int = CHUNK_ROWS) -> pd.DataFra
     return table
 
 
-def _fingerprint(recording: Path) -> dict:
-    stat = recording.stat()
-    return {"recording": RECORDING, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+def _fingerprint(recording: Path | S3Uri) -> dict:
+    """What identifies a recording's content cheaply, wherever it is (a disk, a bucket, a copy):
+    its size and its header's hash (the header holds the run id, start time and final metrics)."""
+    blob = open_blob(recording)
+    try:
+        (size,) = struct.unpack("<Q", read(blob, 0, 8))
+        header = read(blob, 0, 8 + min(size, MAX_HEADER_BYTES))
+        return {"recording": RECORDING, "bytes": blob.size, "header_sha256": hashlib.sha256(header).hexdigest()}
+    finally:
+        blob.close()
 
 
-def write_metrics(run_dir: Path) -> pd.DataFrame:
-    """Compute the run's metrics and store them beside its recording (with the recording's size and
-    mtime, so a changed recording is noticed)."""
+def write_metrics(run_dir: Path | S3Uri) -> pd.DataFrame:
+    """Compute the run's metrics and store them beside its recording (with the recording's
+    fingerprint, so a changed recording is noticed)."""
     recording = run_dir / RECORDING
     source = _fingerprint(recording)
     table = compute_metrics(recording)
-    write_atomic(run_dir / METRICS, table.to_csv(index=False))
-    write_atomic(run_dir / METRICS_SOURCE, json.dumps(source) + "\n")
+    write_text(run_dir / METRICS, table.to_csv(index=False))
+    write_text(run_dir / METRICS_SOURCE, json.dumps(source) + "\n")
     return table
 
 
-def load_metrics(run_dir: str | Path) -> pd.DataFrame:
-    """The run's per-step metrics: from `metrics.csv` when it was computed from the recording as it
-    is now, else computed (and stored) on demand."""
-    run_dir = Path(run_dir)
+def load_metrics(run_dir: str | Path | S3Uri) -> pd.DataFrame:
+    """The run's per-step metrics (a local run directory or `s3://…/<experiment>/<run id>`): from
+    `metrics.csv` when it was computed from the recording as it is now, else computed from the
+    recording (streamed by ranged reads from a bucket) and stored beside it."""
+    where = parse_location(run_dir) if isinstance(run_dir, str) else run_dir
     try:
-        cached = json.loads((run_dir / METRICS_SOURCE).read_text())
-        if cached == _fingerprint(run_dir / RECORDING):
-            table = pd.read_csv(run_dir / METRICS)
+        cached = json.loads(read_bytes(where / METRICS_SOURCE) or b"null")
+        table_bytes = read_bytes(where / METRICS) if cached == _fingerprint(where / RECORDING) else None
+        if table_bytes is not None:
+            table = pd.read_csv(io.BytesIO(table_bytes))
             return table.astype({c: "float32" for c in table.columns if c != "step"})  # as computed
     except (OSError, ValueError):
         pass
-    log.info("%s: computing per-step metrics from the recording", run_dir)
-    return write_metrics(run_dir)
+    log.info("%s: computing per-step metrics from the recording", where)
+    return write_metrics(where)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import logging
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -22,6 +23,8 @@ from runner.errors import UserError
 from runner.recording.format import RECORDING, partial_path
 from runner.runs.index import index_row, read_runs, write_index
 from runner.runs.rundir import MANIFEST, read_manifest
+from runner.storage.transfer import upload_dir
+from runner.storage.uri import S3Uri
 from runner.text import plural
 from runner.training.progress import read_progress
 
@@ -29,24 +32,24 @@ log = logging.getLogger(__name__)
 TABLE_COLUMNS = ["final_loss", "dead_tokens", "dead_row_norm", "live_row_norm", "dead_cosine"]
 
 
-def read_entries(path: Path) -> tuple[list[RunEntry], bool]:
+def read_entries(path: Path | S3Uri) -> tuple[list[RunEntry], bool]:
     """The runs of an experiment directory, or the one run of a run directory (True)."""
-    if not path.is_dir():
+    if isinstance(path, Path) and not path.is_dir():
         raise UserError(f"{path}: not an experiment directory (runs/<name>/) or run directory")
-    if (path / MANIFEST).exists():
-        manifest = read_manifest(path)
-        if manifest is None:
-            raise UserError(f"{path / MANIFEST}: unreadable")
+    manifest = read_manifest(path)
+    if manifest is not None:
         return [RunEntry(path, index_row(path, manifest), full_config(manifest))], True
     runs = read_runs(path)
     if not runs:
         raise UserError(f"{path}: no run directories (with {MANIFEST}) found")
     write_index(path, [row for _, _, row in runs])
-    return [RunEntry(d, row, full_config(manifest)) for d, manifest, row in runs], False
+    return [RunEntry(d, row, full_config(manifest) if manifest else {}) for d, manifest, row in runs], False
 
 
 def _running_so_far(entry: RunEntry) -> tuple[pd.DataFrame, str] | None:
     """A running run's metrics over the rows its recording has so far, and its progress note."""
+    if isinstance(entry.run_dir, S3Uri):
+        return None  # in a bucket the partial recording is in row objects until the run completes
     progress = read_progress(entry.run_dir)
     if not progress or not progress.get("rows_written") or not partial_path(entry.run_dir / RECORDING).exists():
         return None
@@ -57,9 +60,21 @@ def _running_so_far(entry: RunEntry) -> tuple[pd.DataFrame, str] | None:
     return table, f"running, step {progress['step']}/{progress['steps']}"
 
 
-def report(path: Path, out: Path | None = None, run_id: str | None = None) -> Path:
+def report(path: Path | S3Uri, out: Path | None = None, run_id: str | None = None) -> Path | S3Uri:
     """Write the report of an experiment directory or one run directory into `out` (default:
-    `<path>/report/`); returns the path of report.html."""
+    `<path>/report/`, uploaded there when `path` is in a bucket); returns where report.html is."""
+    if isinstance(path, S3Uri) and out is None:
+        with tempfile.TemporaryDirectory(prefix="lilgatsby-report-") as tmp:
+            page = _report(path, Path(tmp), run_id)
+            upload_dir(Path(tmp), path / "report")
+        return path / "report" / page.name
+    if out is None:
+        assert isinstance(path, Path)
+        out = path / "report"
+    return _report(path, out, run_id)
+
+
+def _report(path: Path | S3Uri, out: Path, run_id: str | None) -> Path:
     entries, single = read_entries(path)
     complete = [e for e in entries if e.status == "complete"]
     running = {e.row["run_id"]: so_far for e in entries if e.status == "running" and (so_far := _running_so_far(e))}
@@ -69,7 +84,6 @@ def report(path: Path, out: Path | None = None, run_id: str | None = None) -> Pa
     shown = [e for e in entries if e.status == "complete" or e.row["run_id"] in running]
     groups, keys = group_runs(shown, entries[0].row.get("name") or path.name)
     chosen = _chosen_run(complete, groups, run_id, path)
-    out = out or path / "report"
     out.mkdir(parents=True, exist_ok=True)
     metrics = {e.row["run_id"]: load_metrics(e.run_dir) for e in complete}
     partial = {rid: table for rid, (table, _) in running.items()}
@@ -93,7 +107,8 @@ def report(path: Path, out: Path | None = None, run_id: str | None = None) -> Pa
     return page
 
 
-def _chosen_run(complete: list[RunEntry], groups: list[Group], run_id: str | None, path: Path) -> RunEntry | None:
+def _chosen_run(complete: list[RunEntry], groups: list[Group], run_id: str | None,
+                path: Path | S3Uri) -> RunEntry | None:
     """The run whose dead tokens are drawn one by one: `--run` (a run id or directory name), else
     the first complete run in group order."""
     in_order = [e for g in groups for e in g.runs if e.status == "complete"]
@@ -114,7 +129,7 @@ def _group_of(entry: RunEntry, groups: list[Group]) -> str:
     return next((g.label for g in groups if entry in g.runs), "")
 
 
-def _html(path: Path, entries: list[RunEntry], shown: list[RunEntry], groups: list[Group], keys: list[str],
+def _html(path: Path | S3Uri, entries: list[RunEntry], shown: list[RunEntry], groups: list[Group], keys: list[str],
           running: dict[str, tuple[pd.DataFrame, str]], drawn: list[tuple[str, str]], single: bool) -> str:
     """The page: figures, the groups, every run (failed and incomplete ones too) and the config of
     the runs shown (complete and running)."""

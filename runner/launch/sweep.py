@@ -1,8 +1,9 @@
 """Sweeps on Ray: one task per run, placed on a GPU, an Apple MPS worker or CPUs.
 
-With `ray_session`, the only modules that import Ray. Each task calls `runner.launch.train.run`, which writes the run
-directory under the runs root; that root must be storage every worker can reach (local disk for
-the embedded local instance, a shared volume in a cluster).
+With `ray_session`, the only modules that import Ray. Each task trains one run directory under the
+runs root: a local directory (`runner.launch.train.run`; local disk for the embedded instance, a
+volume every node mounts in a cluster) or `s3://bucket/prefix` (`runner.storage.remote_run`: each
+worker stages the run on its own disk and publishes it to the bucket; no shared filesystem).
 """
 
 from __future__ import annotations
@@ -11,18 +12,21 @@ import logging
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import ray
 from tqdm import tqdm
 
 from runner.config import Experiment, Run, build_experiment, load_runs
 from runner.data.corpus import load_corpus, resolve_path
-from runner.errors import ConfigError
+from runner.errors import ConfigError, UserError
 from runner.launch.ray_session import start_or_join
 from runner.recording.format import recording_size
 from runner.runs.estimate import estimate_seconds, measured_speeds
 from runner.runs.index import rebuild_index
 from runner.runs.rundir import CANCELLED, RunLocked, is_complete, new_manifest, read_manifest, write_manifest
+from runner.storage.roots import prepare_runs_dir
+from runner.storage.uri import Location, S3Uri, parse_location
 from runner.text import format_duration, plural
 from runner.training.progress import read_progress
 
@@ -71,29 +75,36 @@ def _train_task(config: dict, overrides: dict, grid_point: dict, run_dir: str, r
 
     exp = build_experiment(config)
     device, threads = assigned_device()
-    try:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RuntimeError(f"worker {socket.gethostname()} cannot write the run directory {run_dir} "
-                           f"({e.strerror}): the runs root must be storage every worker can reach") from None
-    manifest = run(exp, Path(run_dir), overrides=overrides, grid_point=grid_point, device=device, threads=threads,
-                   progress=False, restart=restart, force=force)
+    home = parse_location(run_dir)
+    options: dict[str, Any] = {"overrides": overrides, "grid_point": grid_point, "device": device, "threads": threads,
+               "progress": False, "restart": restart, "force": force}
+    if isinstance(home, S3Uri):
+        from runner.storage.remote_run import train_remote
+
+        manifest = train_remote(exp, home, **options)
+    else:
+        try:
+            home.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RuntimeError(f"worker {socket.gethostname()} cannot write the run directory {run_dir} "
+                               f"({e.strerror}): the runs root must be storage every worker can reach") from None
+        manifest = run(exp, home, **options)
     return {"run_id": manifest["run_id"], "device": manifest["device"], **manifest["metrics"]}
 
 
-def plan(path: Path, overrides: list[str], runs_root: Path, force: bool) -> tuple[list[Run], list[Run], Path]:
+def plan(path: Path, overrides: list[str], runs_root: Location, force: bool) -> tuple[list[Run], list[Run], Location]:
     """All runs of the experiment, those still to train, and the experiment's directory."""
     runs = load_runs(path, overrides)
-    exp_dir = runs_root.resolve() / runs[0].experiment.name
+    exp_dir = (runs_root if isinstance(runs_root, S3Uri) else runs_root.resolve()) / runs[0].experiment.name
     todo = [r for r in runs if force or not is_complete(exp_dir / r.run_id, r.experiment)]
     return runs, todo, exp_dir
 
 
-def describe(runs: list[Run], todo: list[Run], runs_root: Path) -> str:
+def describe(runs: list[Run], todo: list[Run], runs_root: Location) -> str:
     """The dry-run listing: one line per run, the count, the disk the recordings need and the time
     their training takes on this machine, where runs of the same shape were measured here."""
     pending = {r.run_id for r in todo}
-    measured = measured_speeds(runs_root)
+    measured = measured_speeds(runs_root) if isinstance(runs_root, Path) else []
     estimates = {r.run_id: estimate_seconds(r.experiment, measured) for r in todo}
     lines = []
     for r in runs:
@@ -129,7 +140,7 @@ def _resolve_corpora(todo: list[Run]) -> list[Run]:
     return resolved
 
 
-def _status_line(running: list[Run], exp_dir: Path) -> str:
+def _status_line(running: list[Run], exp_dir: Location) -> str:
     parts = []
     for r in running:
         current = read_progress(exp_dir / r.run_id)
@@ -138,19 +149,26 @@ def _status_line(running: list[Run], exp_dir: Path) -> str:
     return "running: " + ("; ".join(parts) or "starting")
 
 
-def _mark(run_dir: Path, r: Run, status: str, error: str) -> None:
-    """Record in run.json what the driver saw (a task that died before or without writing it)."""
-    manifest = read_manifest(run_dir) or new_manifest(r.experiment, r.overrides, r.point)
-    if manifest.get("status") in ("complete", "failed"):
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_manifest(run_dir, {**manifest, "status": status, "error": error})
+def _mark(run_dir: Location, r: Run, status: str, error: str) -> None:
+    """Record in run.json what the driver saw (a task that died before or without writing it);
+    an unreadable run.json is left as it is, and so is one the server cannot be asked about."""
+    try:
+        manifest = read_manifest(run_dir) or new_manifest(r.experiment, r.overrides, r.point)
+        if manifest.get("status") in ("complete", "failed"):
+            return
+        if isinstance(run_dir, Path):
+            run_dir.mkdir(parents=True, exist_ok=True)
+        write_manifest(run_dir, {**manifest, "status": status, "error": error})
+    except (UserError, RuntimeError) as e:  # UnreadableManifest; StorageError
+        log.warning("%s: run.json not updated: %s", run_dir, e)
 
 
-def sweep(path: Path, overrides: list[str], runs_root: Path, *, address: str | None = None, force: bool = False,
+def sweep(path: Path, overrides: list[str], runs_root: Location, *, address: str | None = None, force: bool = False,
           dry_run: bool = False, max_retries: int = 2, progress: bool = True, restart: bool = False) -> int:
     """Run every point of the experiment's grid that is not complete; returns the exit code
     (0: every run complete, 1: some failed or are being trained by another process)."""
+    if isinstance(runs_root, S3Uri):
+        prepare_runs_dir(runs_root)  # reach, credentials, bucket, permission: before anything is read there
     runs, todo, exp_dir = plan(path, overrides, runs_root, force)
     if dry_run:
         print(describe(runs, todo, runs_root))
@@ -161,10 +179,8 @@ def sweep(path: Path, overrides: list[str], runs_root: Path, *, address: str | N
               f"(--force trains {'it' if len(runs) == 1 else 'them'} again)")
         return 0
     todo = _resolve_corpora(todo)
-    try:
-        exp_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"{exp_dir}: cannot create the runs directory ({e.strerror})") from None
+    if isinstance(exp_dir, Path):
+        prepare_runs_dir(exp_dir)
 
     start_or_join(address)
     try:
@@ -181,7 +197,7 @@ def sweep(path: Path, overrides: list[str], runs_root: Path, *, address: str | N
         ray.shutdown()
 
 
-def _collect(pending: dict, exp_dir: Path, already_done: int, progress: bool) -> int:
+def _collect(pending: dict, exp_dir: Location, already_done: int, progress: bool) -> int:
     failed: list[str] = []
     busy: list[str] = []  # being trained by another process (another sweep on the same runs root)
     bar = tqdm(total=len(pending), unit="run", desc=exp_dir.name, disable=not progress, dynamic_ncols=True)

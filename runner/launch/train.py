@@ -9,7 +9,7 @@ import logging
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -57,16 +57,25 @@ def prepare_worker() -> None:
     keep_freed_memory_mapped()
 
 
+class Publisher(Protocol):
+    """Ships a run trained in a local scratch directory to where it lives (`runner.storage.staging`)."""
+
+    def checkpoint_saved(self, step: int) -> None: ...
+
+    def manifest_written(self, manifest: dict) -> None: ...
+
+
 def run(exp: Experiment, run_dir: Path, *, overrides: dict | None = None, grid_point: dict | None = None,
-        device: str | None = None,
-        threads: int | None = None, progress: bool = True, restart: bool = False, force: bool = False) -> dict:
+        device: str | None = None, threads: int | None = None, progress: bool = True, restart: bool = False,
+        force: bool = False, publisher: Publisher | None = None) -> dict:
     """Train `exp` into `run_dir` (recording, run.json, train.log); returns the manifest. An
     interrupted run continues from its last checkpoint unless `restart`. A run found complete once
     its lock is held (another process may have finished it) is not trained again unless `force`.
 
     `device` overrides the config's; `threads` is the CPUs the caller offers (a sweep passes what
     Ray assigned; see `host.thread_count`). Bad input (corpus, device, disk space) raises before
-    anything is written; a failure during training is written to run.json with its traceback and re-raised."""
+    anything is written; a failure during training is written to run.json with its traceback and re-raised.
+    `publisher` is told of every checkpoint and manifest written (a run whose home is a bucket)."""
     torch_device = resolve_device(device or exp.train.device)
     corpus = load_corpus(exp.corpus.path, exp.corpus.ascii)
     check_free_space(run_dir / RECORDING, exp)
@@ -78,18 +87,23 @@ def run(exp: Experiment, run_dir: Path, *, overrides: dict | None = None, grid_p
             partial_path(run_dir / RECORDING).unlink(missing_ok=True)
         manifest = new_manifest(exp, overrides, grid_point)
         return _run_locked(exp, run_dir, corpus, torch_device, manifest, thread_count(exp.train.threads, threads),
-                           progress, restart)
+                           progress, restart, publisher)
 
 
 def _run_locked(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.device, manifest: dict[str, Any],
-                threads: int | None, progress: bool, restart: bool) -> dict:
-    manifest = {**manifest, "status": "running", "started_at": _now(),
-                                "environment": environment(torch_device)}
-    write_manifest(run_dir, manifest)
+                threads: int | None, progress: bool, restart: bool, publisher: Publisher | None) -> dict:
+    def save(manifest: dict) -> None:
+        write_manifest(run_dir, manifest)
+        if publisher is not None:
+            publisher.manifest_written(manifest)
+
+    manifest = {**manifest, "status": "running", "started_at": _now(), "environment": environment(torch_device)}
+    save(manifest)
     with _log_to(run_dir / "train.log"):
         try:
             result, model = train(exp, run_dir, corpus, torch_device, threads, progress, restart,
-                                  manifest["environment"], manifest["started_at"])
+                                  manifest["environment"], manifest["started_at"],
+                                  publisher.checkpoint_saved if publisher else None)
             manifest.update(result, corpus=corpus.summary(), **_after_training(exp, run_dir, corpus, model))
             manifest["status"] = "complete"
             metrics = manifest["metrics"]
@@ -105,7 +119,7 @@ def _run_locked(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: to
             raise
         finally:
             manifest["ended_at"] = _now()
-            write_manifest(run_dir, manifest)
+            save(manifest)
     return manifest
 
 

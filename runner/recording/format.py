@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 from runner.config import Experiment
@@ -95,13 +95,13 @@ def recording_size(exp: Experiment) -> int:
     return sum(tensor_bytes(dtype, shape) for dtype, shape in expected_layout(exp).values())
 
 
-def read_header(fd: int) -> tuple[int, dict]:
-    """The header's length and its parsed JSON (tensors and `__metadata__`) of an open safetensors
-    file. Raises struct.error or ValueError for a file that is not one."""
-    (size,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+def read_header(read: Callable[[int, int], bytes]) -> tuple[int, dict]:
+    """The header's length and its parsed JSON (tensors and `__metadata__`) of a safetensors file,
+    given `read(offset, size)` of its bytes. Raises struct.error or ValueError for a file that is not one."""
+    (size,) = struct.unpack("<Q", read(0, 8))
     if size > MAX_HEADER_BYTES:
         raise ValueError(f"header of {size:,} bytes")
-    return size, json.loads(os.pread(fd, size, 8))
+    return size, json.loads(read(8, size))
 
 
 def header_metadata(exp: Experiment, corpus: Corpus, env: dict, started_at: str, n_params: int,

@@ -8,7 +8,6 @@ widened to fp32 exactly: a bf16 number is the upper half of the fp32 with the sa
 
 from __future__ import annotations
 
-import os
 import struct
 from pathlib import Path
 
@@ -16,6 +15,8 @@ import numpy as np
 
 from runner.errors import UserError
 from runner.recording.format import ITEM_BYTES, read_header
+from runner.storage.blob import open_blob, read
+from runner.storage.uri import S3Uri
 
 BITS: dict[str, np.dtype] = {"BF16": np.dtype("<u2"), "F32": np.dtype("<u4")}
 
@@ -28,33 +29,31 @@ def as_fp32(bits: np.ndarray) -> np.ndarray:
 
 
 class RowReader:
-    """`with RowReader(path) as f: f.rows("W", 0, 256)` -> fp32 array of rows 0..255."""
+    """`with RowReader(path) as f: f.rows("W", 0, 256)` -> fp32 array of rows 0..255. `path` is a
+    local file or an `s3://` object (read by ranges)."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: str | Path | S3Uri):
+        self.path = path
+        self.blob = open_blob(path)
         try:
-            self.fd = os.open(self.path, os.O_RDONLY)
-        except OSError as e:
-            raise UserError(f"{self.path}: cannot open: {e.strerror}") from None
-        try:
-            size, header = read_header(self.fd)
+            size, header = read_header(lambda offset, n: read(self.blob, offset, n))
             self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
             self.tensors: dict[str, dict] = header
             self.data_start = 8 + size
-            need, have = self.data_start + max((t["data_offsets"][1] for t in header.values()), default=0), \
-                os.fstat(self.fd).st_size
-        except (struct.error, ValueError, KeyError, TypeError, AttributeError):
-            os.close(self.fd)
+            need = self.data_start + max((t["data_offsets"][1] for t in header.values()), default=0)
+        except (struct.error, ValueError, KeyError, TypeError, AttributeError, EOFError):
+            self.blob.close()
             raise UserError(f"{self.path}: not a safetensors recording (unreadable header)") from None
-        if have < need:
-            os.close(self.fd)
-            raise UserError(f"{self.path}: truncated: its header describes {need:,} bytes, the file has {have:,}")
+        if self.blob.size < need:
+            self.blob.close()
+            raise UserError(f"{self.path}: truncated: its header describes {need:,} bytes, the file has "
+                            f"{self.blob.size:,}")
 
     def __enter__(self) -> RowReader:
         return self
 
     def __exit__(self, *exc) -> None:
-        os.close(self.fd)
+        self.blob.close()
 
     def rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows start..stop-1 of tensor `name`, as fp32."""
@@ -66,10 +65,5 @@ class RowReader:
         dtype, shape = info["dtype"], info["shape"]
         row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * ITEM_BYTES[dtype]
         buffer = bytearray((stop - start) * row_bytes)
-        offset, view = self.data_start + info["data_offsets"][0] + start * row_bytes, memoryview(buffer)
-        while view:
-            read = os.preadv(self.fd, [view], offset)
-            if read == 0:
-                raise EOFError(f"{self.path}: {name}: rows {start}..{stop - 1} run past the end of the file")
-            view, offset = view[read:], offset + read
+        self.blob.read_into(self.data_start + info["data_offsets"][0] + start * row_bytes, memoryview(buffer))
         return np.frombuffer(buffer, dtype=BITS[dtype]).reshape(stop - start, *shape[1:])

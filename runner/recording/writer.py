@@ -80,7 +80,7 @@ class RecordingWriter:
         self.metadata = {"format_version": FORMAT_VERSION, **metadata}
         if first_row:
             self.fd = os.open(self.partial, os.O_RDWR)
-            self.header_size, _ = read_header(self.fd)
+            self.header_size, _ = read_header(lambda offset, size: os.pread(self.fd, size, offset))
         else:
             self.header_size = (len(self._header_bytes()) + HEADER_SLACK + 7) // 8 * 8
             path.parent.mkdir(parents=True, exist_ok=True)

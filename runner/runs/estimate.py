@@ -13,7 +13,7 @@ from pathlib import Path
 
 from runner.config import Experiment
 from runner.runs.index import flatten_config
-from runner.runs.rundir import read_manifest
+from runner.runs.rundir import UnreadableManifest, read_manifest
 
 # The config keys that set a run's speed (beyond train.steps, which sets its length).
 SPEED_KEYS = ("model.", "train.batch_size", "train.precision", "train.kernels", "train.device", "train.threads",
@@ -29,7 +29,10 @@ def measured_speeds(runs_root: Path, host: str | None = None) -> list[tuple[dict
     host = host or socket.gethostname()
     found = []
     for manifest_dir in runs_root.glob("*/*/"):
-        manifest = read_manifest(manifest_dir)
+        try:
+            manifest = read_manifest(manifest_dir)
+        except UnreadableManifest:
+            continue
         if (manifest and manifest.get("status") == "complete" and manifest.get("environment", {}).get("host") == host
                 and manifest.get("metrics", {}).get("steps_per_s")):
             found.append((_speed_shape(manifest["config"]), float(manifest["metrics"]["steps_per_s"])))

@@ -11,8 +11,9 @@ from pathlib import Path
 
 from runner.config import Experiment
 from runner.errors import UserError
-from runner.files import write_atomic
 from runner.recording.format import RECORDING
+from runner.storage.files import read_bytes, write_text
+from runner.storage.uri import S3Uri
 
 MANIFEST = "run.json"
 # The status and error of a run the user interrupted (train and sweep alike); it resumes from its
@@ -27,16 +28,34 @@ def new_manifest(exp: Experiment, overrides: dict | None, grid_point: dict | Non
             "config": exp.to_dict()}
 
 
-def write_manifest(run_dir: Path, manifest: dict) -> None:
-    write_atomic(run_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+def write_manifest(run_dir: Path | S3Uri, manifest: dict) -> None:
+    write_text(run_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
 
 
-def read_manifest(run_dir: Path) -> dict | None:
-    """The run's manifest, or None when it is missing or unreadable (a run that never started)."""
+class UnreadableManifest(UserError):
+    """A run.json that exists but does not parse: never dropped from the index or written over."""
+
+
+def parse_manifest(data: bytes | str, where: object) -> dict:
     try:
-        return json.loads((run_dir / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+        manifest = json.loads(data)
+        if not isinstance(manifest, dict):
+            raise ValueError("not a JSON object")
+        return manifest
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UnreadableManifest(f"{where}: unreadable ({str(e).splitlines()[0]}); left as it is: fix or "
+                                 f"remove it") from None
+
+
+def read_manifest(run_dir: Path | S3Uri) -> dict | None:
+    """The run's manifest, or None when there is none yet. One that exists but does not parse raises
+    UnreadableManifest: the index names it, and nothing writes over it."""
+    path = run_dir / MANIFEST
+    try:
+        data = read_bytes(path)
+    except OSError as e:
+        raise UnreadableManifest(f"{path}: unreadable ({e.strerror}); left as it is") from None
+    return None if data is None else parse_manifest(data, path)
 
 
 class RunLocked(UserError):
@@ -60,8 +79,13 @@ def run_lock(run_dir: Path):
 _verified: dict[tuple[str, int, int], bool] = {}
 
 
-def recording_ok(path: Path) -> bool:
-    """The quick `verify` of a recording, remembered by (path, size, mtime)."""
+def recording_ok(path: Path | S3Uri) -> bool:
+    """The quick `verify` of a recording, remembered by (path, size, mtime). In a bucket: its header
+    and size (a ranged read; the recording is not downloaded)."""
+    if isinstance(path, S3Uri):
+        from runner.storage.remote import remote_recording_ok
+
+        return remote_recording_ok(path)
     from runner.recording.verify import verify  # torch: imported when a recording is checked, not by `load_index`
 
     try:
@@ -74,7 +98,7 @@ def recording_ok(path: Path) -> bool:
     return _verified[key]
 
 
-def is_complete(run_dir: Path, exp: Experiment) -> bool:
+def is_complete(run_dir: Path | S3Uri, exp: Experiment) -> bool:
     """A finished run: its manifest says complete and its recording has the expected tensors."""
     manifest = read_manifest(run_dir)
     if not manifest or manifest.get("status") != "complete" or manifest.get("run_id") != exp.run_id:

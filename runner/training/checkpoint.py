@@ -19,11 +19,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from runner.config import Experiment
+from runner.errors import UserError
 from runner.files import atomic_path
 
 log = logging.getLogger(__name__)
 progress_log = logging.getLogger("runner.progress")  # train.log only
 CHECKPOINT = "checkpoint.safetensors"
+READ_ATTEMPTS, RETRY_S = 3, 1.0
+
+
+class CheckpointUnreadable(UserError):
+    """The checkpoint exists but could not be read, even after retries."""
 
 
 @dataclass
@@ -37,13 +43,14 @@ class Checkpoint:
 class Checkpointer:
     """Saves the run's checkpoint every `train.checkpoint_every` steps, but not after the last step
     (the run is complete then). `before_save` makes the recording's rows so far durable first;
-    `clock()` tells the training seconds so far (over all attempts)."""
+    `after_save(step)`, when given, ships the checkpoint elsewhere (a bucket); `clock()` tells the
+    training seconds so far (over all attempts)."""
 
     def __init__(self, run_dir: Path, exp: Experiment, *, before_save: Callable[[], None],
-                 clock: Callable[[], float]):
+                 clock: Callable[[], float], after_save: Callable[[int], None] | None = None):
         self.run_dir, self.run_id = run_dir, exp.run_id
         self.every, self.steps = exp.train.checkpoint_every, exp.train.steps
-        self.before_save, self.clock = before_save, clock
+        self.before_save, self.after_save, self.clock = before_save, after_save, clock
 
     def after_step(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                    losses: torch.Tensor) -> None:
@@ -52,6 +59,8 @@ class Checkpointer:
         t_start = time.perf_counter()
         self.before_save()
         save(self.run_dir, self.run_id, step, self.clock(), model, optimizer, losses)
+        if self.after_save is not None:
+            self.after_save(step)
         progress_log.info("checkpoint at step %d (%.3f s)", step, time.perf_counter() - t_start)
 
 
@@ -73,19 +82,26 @@ def save(run_dir: Path, run_id: str, step: int, train_s: float, model: torch.nn.
 
 
 def load(run_dir: Path, run_id: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Checkpoint | None:
-    """Restore model, optimizer and RNG from the run's checkpoint; None when there is no usable one."""
+    """Restore model, optimizer and RNG from the run's checkpoint; None when there is none (or it
+    is another run's). A checkpoint that cannot be read is retried and then fails the run, kept:
+    a transient error (a network volume, a flaky disk) must not cost the run its progress."""
     path = run_dir / CHECKPOINT
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("run_id") != run_id:
-                return None
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except FileNotFoundError:
-        return None
-    except Exception as e:  # safetensors' own error types: a corrupt checkpoint is no checkpoint
-        log.warning("%s: unreadable checkpoint (%s); the run starts over", path, e)
-        return None
+    for attempt in range(1, READ_ATTEMPTS + 1):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("run_id") != run_id:
+                    return None
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            break
+        except FileNotFoundError:
+            return None
+        except Exception as e:  # safetensors' own error types, OSError
+            if attempt == READ_ATTEMPTS:
+                raise CheckpointUnreadable(f"{path}: cannot read the checkpoint after {attempt} tries ({e}); it is "
+                                           f"kept: fix the storage and train again, or --restart from step 0") from e
+            log.warning("%s: reading the checkpoint failed (%s); retrying", path, e)
+            time.sleep(RETRY_S * attempt)
     device = next(model.parameters()).device
     with torch.no_grad():
         for name, p in model.named_parameters():

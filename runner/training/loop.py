@@ -8,6 +8,7 @@ import functools
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -95,9 +96,10 @@ def _tokens(corpus: Corpus) -> torch.Tensor:
 
 
 def train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.device, threads: int | None,
-          progress: bool, restart: bool, env: dict, started_at: str) -> tuple[dict, GPT2LMHeadModel]:
-    """Train `exp` into `run_dir`'s recording, from its checkpoint unless `restart`. Returns what
-    run.json says of the training, and the trained model."""
+          progress: bool, restart: bool, env: dict, started_at: str,
+          after_checkpoint: Callable[[int], None] | None = None) -> tuple[dict, GPT2LMHeadModel]:
+    """Train `exp` into `run_dir`'s recording, from its checkpoint unless `restart`; `after_checkpoint(step)`
+    is called after each checkpoint is saved. Returns what run.json says of the training, and the trained model."""
     t0 = time.perf_counter()
     cfg = exp.train
     if threads:
@@ -123,7 +125,8 @@ def train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.de
     bar = Progress(exp, run_dir, start, progress)
     t_train = time.perf_counter()
     checkpointer = checkpoint.Checkpointer(run_dir, exp, before_save=writer.flush,
-                                           clock=lambda: train_s_before + time.perf_counter() - t_train)
+                                           clock=lambda: train_s_before + time.perf_counter() - t_train,
+                                           after_save=after_checkpoint)
     try:
         snapshots.after_step(start - 1, model)  # step 0's, when scheduled
         if start == 1 and isinstance(sampler, NotebookSampler):

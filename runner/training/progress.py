@@ -19,6 +19,8 @@ from tqdm import tqdm
 
 from runner.config import Experiment
 from runner.files import write_atomic
+from runner.storage.files import read_bytes
+from runner.storage.uri import S3Uri
 
 if TYPE_CHECKING:
     import torch
@@ -53,9 +55,11 @@ class Progress:
         self.bar.close()
 
 
-def read_progress(run_dir: Path) -> dict | None:
-    """The run's last progress update, or None before its first (or when unreadable)."""
+def read_progress(run_dir: Path | S3Uri) -> dict | None:
+    """The run's last progress update, or None before its first (or when unreadable). In a bucket,
+    the one its last checkpoint shipped."""
     try:
-        return json.loads((run_dir / PROGRESS).read_text(encoding="utf-8"))
+        data = read_bytes(run_dir / PROGRESS)
+        return None if data is None else json.loads(data)
     except (OSError, ValueError):
         return None

@@ -1,0 +1,109 @@
+"""One trainer per run on a bucket: a lease object taken with a conditional write.
+
+`<run>/.lease` is created with If-None-Match (only one writer succeeds), renewed every
+third of its time to live by a background thread with If-Match (only its holder can), and deleted when the run
+ends. A trainer that dies stops renewing: the lease lapses after its time to live and the next trainer
+replaces it (again with If-Match, so two cannot both take a lapsed lease). A lease's age is the
+server's: its Date header minus the object's Last-Modified, so the nodes' clocks do not matter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+
+from runner.runs.rundir import RunLocked
+from runner.storage.s3 import ObjectStore, PreconditionFailed, StorageError
+from runner.storage.uri import S3Uri
+
+log = logging.getLogger(__name__)
+LEASE = ".lease"
+TTL_ENV = "LILGATSBY_LEASE_TTL_S"  # seconds a lease outlives its trainer's last renewal (default 60)
+
+
+class Lease:
+    """`with Lease(store, run): ...` holds the run's lease (RunLocked when another trainer holds it)."""
+
+    def __init__(self, store: ObjectStore, run: S3Uri, ttl_s: float | None = None):
+        self.store, self.uri = store, run / LEASE
+        self.ttl_s = ttl_s or float(os.environ.get(TTL_ENV) or 60)
+        self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
+        self.etag: str | None = None
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _body(self) -> bytes:
+        return json.dumps({**self.holder, "renewed_at": time.time(), "ttl_s": self.ttl_s}).encode()
+
+    def acquire(self) -> None:
+        while True:
+            try:
+                self.etag = self.store.put_bytes(self.uri, self._body(), if_none_match=True)
+                break
+            except PreconditionFailed:
+                pass
+            seen = self.store.head(self.uri)
+            if seen is None:
+                continue  # released meanwhile
+            holder = _parsed(self.store.get_bytes(self.uri))
+            ttl_s = float(holder.get("ttl_s", self.ttl_s))  # the holder's, as it renews by it
+            if seen.age_s < ttl_s:
+                raise RunLocked(f"{self.uri.parent}: another process is training this run ({holder.get('host', '?')}, "
+                                f"pid {holder.get('pid', '?')}; its lease lapses {ttl_s:.0f} s after it stops "
+                                f"renewing)")
+            try:  # lapsed: take it over, unless another trainer just did
+                self.etag = self.store.put_bytes(self.uri, self._body(), if_match=seen.etag)
+                log.warning("%s: took over a lease that lapsed %.0f s ago", self.uri.parent, seen.age_s - ttl_s)
+                break
+            except PreconditionFailed:
+                continue
+        self._thread = threading.Thread(target=self._renew, name="lease-renewal", daemon=True)
+        self._thread.start()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                self.etag = self.store.put_bytes(self.uri, self._body(), if_match=self.etag)
+            except PreconditionFailed:
+                log.error("%s: lost the run's lease to another trainer", self.uri.parent)
+                self.lost.set()
+                return
+            except StorageError as e:  # the server is away: keep trying; uploads will fail the run
+                log.warning("%s: cannot renew the lease: %s", self.uri.parent, e)
+
+    def check(self) -> None:
+        """Raise when the lease was lost (before anything is published under it)."""
+        if self.lost.is_set():
+            raise RunLocked(f"{self.uri.parent}: another trainer took over this run's lease")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if not self.lost.is_set():
+            try:
+                self.store.delete([self.uri])
+            except StorageError as e:
+                log.warning("%s: could not release the lease (it lapses in %.0f s): %s", self.uri.parent,
+                            self.ttl_s, e)
+
+    def __enter__(self) -> Lease:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _parsed(body: bytes | None) -> dict:
+    try:
+        holder = json.loads(body or b"{}")
+        return holder if isinstance(holder, dict) else {}
+    except ValueError:
+        return {}

@@ -1,0 +1,278 @@
+"""Runs roots on S3, against a real server (SeaweedFS, tests/s3_server.py): training, reading,
+resuming on another node, faults and bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+import boto3
+import pytest
+from s3_server import READER, SeaweedFS
+
+from runner.analysis.metrics import load_metrics
+from runner.cli import main
+from runner.runs.index import load_index
+from runner.storage import s3
+from runner.storage.lease import Lease
+from runner.storage.roots import prepare_runs_dir
+from runner.storage.uri import S3Uri, parse_location
+
+from conftest import REPO, wait_until
+
+SMOKE = str(REPO / "experiments" / "smoke.yaml")
+
+
+def _objects(root: S3Uri) -> dict[str, int]:
+    return s3.store().objects(root)
+
+
+def _train(runs: str, small_book, *extra: str) -> list[str]:
+    return ["train", SMOKE, "--runs", runs, "--corpus", str(small_book), "--set", "train.steps=12",
+            "--set", "train.checkpoint_every=4", "--quiet", *extra]
+
+
+def _client(endpoint: str):
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+
+
+def test_a_run_in_a_bucket_has_the_local_layout_and_every_command_reads_it(s3_root, s3_server, tmp_path, small_book,
+                                                                          capsys):
+    assert main(_train(str(s3_root), small_book)) == 0
+    assert main(_train(str(tmp_path / "runs"), small_book)) == 0
+    (local,) = [d for d in (tmp_path / "runs" / "smoke").iterdir() if d.is_dir()]
+    remote = s3_root / "smoke" / local.name
+    local_files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()} - {".lock"}
+    # the same names, and nothing else: no checkpoint, row objects, lease or unfinished upload is left
+    assert set(_objects(remote)) == local_files
+    assert set(_objects(s3_root)) - {f"smoke/{local.name}/{name}" for name in local_files} == {
+        "smoke/index.jsonl", "smoke/index.csv"}
+    assert not _client(s3_server.endpoint).list_multipart_uploads(Bucket=s3_root.bucket).get("Uploads")
+    assert not any((tmp_path / "scratch").rglob("*.safetensors*"))  # the scratch copy is gone
+    manifest = json.loads(s3.store().get_bytes(remote / "run.json"))
+    assert manifest["status"] == "complete" and manifest["recording"]["bytes"] == _objects(remote)[
+        "recording.safetensors"]
+
+    capsys.readouterr()
+    assert main(["compare", str(remote), str(local)]) == 0, capsys.readouterr().out  # bit for bit
+    index = load_index(str(s3_root / "smoke"))
+    assert index["status"].tolist() == ["complete"]
+    assert index["recording_path"][0] == str(remote / "recording.safetensors")
+    assert load_metrics(str(remote)).equals(load_metrics(local))
+    assert main(["verify", str(s3_root / "smoke")]) == 0 and capsys.readouterr().out.endswith(": ok\n")
+    assert main(["index", str(s3_root)]) == 0 and "1 run indexed" in capsys.readouterr().out
+
+    # a complete run is not trained again: its recording object is untouched
+    etag = s3.store().head(remote / "recording.safetensors").etag
+    assert main(_train(str(s3_root), small_book)) == 0
+    assert s3.store().head(remote / "recording.safetensors").etag == etag
+
+    # the report, from the bucket, into a local directory or into the bucket
+    assert main(["report", str(s3_root / "smoke"), "--out", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "report.html").exists() and (tmp_path / "report" / "row_norms.svg").exists()
+    assert main(["report", str(s3_root / "smoke")]) == 0
+    assert "report/report.html" in _objects(s3_root / "smoke")
+
+    # brought down, it is a local runs root that every command reads
+    assert main(["pull", str(s3_root / "smoke"), "--runs", str(tmp_path / "copy"), "--quiet"]) == 0
+    copy = tmp_path / "copy" / "smoke" / local.name
+    assert {p.relative_to(copy).as_posix() for p in copy.rglob("*") if p.is_file()} == local_files
+    assert main(["verify", str(tmp_path / "copy")]) == 0
+    assert main(["compare", str(copy), str(local)]) == 0
+    assert load_index(tmp_path / "copy" / "smoke")["recording_path"][0] == str(copy / "recording.safetensors")
+    assert load_metrics(copy).equals(load_metrics(local))  # its metrics.csv is current: not recomputed
+    assert main(["pull", str(remote), "--runs", str(tmp_path / "one"), "--quiet"]) == 0
+    assert (tmp_path / "one" / "smoke" / local.name / "recording.safetensors").exists()
+
+
+def test_metrics_missing_in_the_bucket_are_computed_from_the_recording_there(s3_root, small_book):
+    assert main(_train(str(s3_root), small_book)) == 0
+    (run_id,) = s3.store().children(s3_root / "smoke")
+    remote = s3_root / "smoke" / run_id
+    expected = load_metrics(str(remote))
+    s3.store().delete([remote / "metrics.csv", remote / "metrics.source.json"])
+    assert load_metrics(str(remote)).equals(expected)  # streamed by ranged reads, then stored again
+    assert "metrics.csv" in _objects(remote)
+
+
+@pytest.mark.parametrize("case", ["unreachable", "credentials", "bucket", "read-only", "uri", "scheme"])
+def test_bad_storage_is_one_line_before_anything_is_written(case, s3_root, s3_server, monkeypatch, small_book,
+                                                            capsys):
+    runs, expected = str(s3_root), {
+        "unreachable": "cannot reach the server", "credentials": "refused the credentials",
+        "bucket": "the bucket does not exist", "read-only": "access denied", "uri": "not an S3 bucket name",
+        "scheme": "unsupported scheme 'gs'"}[case]
+    if case == "unreachable":
+        monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
+    elif case == "credentials":
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    elif case == "bucket":
+        runs = "s3://no-such-bucket/runs"
+    elif case == "read-only":
+        for key, value in READER.items():
+            monkeypatch.setenv(key, value)
+    elif case == "uri":
+        runs = "s3://Not_A_Bucket/runs"
+    else:
+        runs = "gs://bucket/runs"
+    s3.store.cache_clear()
+    capsys.readouterr()
+    assert main(_train(runs, small_book)) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and expected in err, err
+    s3.store.cache_clear()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    for key, value in {"AWS_ACCESS_KEY_ID": "lilgatsby-test", "AWS_SECRET_ACCESS_KEY": "lilgatsby-test-secret"}.items():
+        monkeypatch.setenv(key, value)
+    assert _objects(s3_root) == {}  # nothing trained, nothing half-written
+
+
+def test_sweep_refuses_an_unreachable_bucket_before_ray_starts(s3_root, monkeypatch, small_book, capsys):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    s3.store.cache_clear()
+    assert main(["sweep", str(REPO / "experiments" / "smoke_sweep.yaml"), "--runs", str(s3_root), "--corpus",
+                 str(small_book), "--quiet"]) == 2
+    assert "cannot reach the server" in capsys.readouterr().err
+
+
+def test_the_probe_names_a_server_that_ignores_conditional_writes(s3_root, monkeypatch, caplog):
+    assert s3.store().probe(s3_root) is True  # SeaweedFS honours If-None-Match
+    real_put = s3.store().client.put_object
+
+    def ignoring_conditions(**kwargs):
+        kwargs.pop("IfNoneMatch", None)
+        return real_put(**kwargs)
+
+    monkeypatch.setattr(s3.store().client, "put_object", ignoring_conditions)
+    with caplog.at_level(logging.WARNING):
+        prepare_runs_dir(s3_root)
+    assert "ignores conditional writes" in caplog.text and "train the same run twice" in caplog.text
+
+
+def test_one_lease_per_run_and_a_dead_trainers_lease_lapses(s3_root):
+    from runner.runs.rundir import RunLocked
+
+    run = s3_root / "exp" / "run"
+    with Lease(s3.store(), run, ttl_s=30):
+        with pytest.raises(RunLocked, match="another process is training this run"):
+            Lease(s3.store(), run, ttl_s=30).acquire()
+    assert s3.store().head(run / ".lease") is None  # released
+    dead = Lease(s3.store(), run, ttl_s=1)
+    dead.acquire()
+    dead._stop.set()  # it stops renewing, as a killed trainer does
+    wait_until(lambda: s3.store().head(run / ".lease").age_s > 1, "the lease to lapse", timeout_s=10, poll_s=0.2)
+    with Lease(s3.store(), run, ttl_s=30) as taker:
+        assert json.loads(s3.store().get_bytes(run / ".lease"))["token"] == taker.holder["token"]
+        with pytest.raises(s3.PreconditionFailed):  # the old holder can no longer renew it
+            s3.store().put_bytes(run / ".lease", b"{}", if_match=dead.etag)
+
+
+def _train_process(runs: str, small_book, env: dict, steps: int = 400) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "runner.cli", "train", SMOKE, "--runs", runs, "--corpus",
+                             str(small_book), "--set", f"train.steps={steps}", "--set", "train.checkpoint_every=10",
+                             "--quiet"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _checkpoint_step(run: S3Uri) -> int:
+    from safetensors import safe_open
+
+    data = s3.store().get_bytes(run / "checkpoint.safetensors")
+    if data is None:
+        return 0
+    path = f"/dev/shm/ckpt-{os.getpid()}"
+    with open(path, "wb") as f:
+        f.write(data)
+    with safe_open(path, framework="pt") as f:
+        step = int(f.metadata()["step"])
+    os.unlink(path)
+    return step
+
+
+@pytest.mark.long
+def test_a_killed_trainer_resumes_on_another_node_bitwise(s3_root, tmp_path, small_book, capsys):
+    """SIGKILL after a checkpoint reached the bucket; the run resumes with another node's (empty)
+    scratch once the dead trainer's lease lapses, and ends bit-identical to an uninterrupted run.
+    Meanwhile a second trainer is refused: one trainer per run."""
+    env = {**os.environ, "LILGATSBY_LEASE_TTL_S": "3", "LILGATSBY_SCRATCH": str(tmp_path / "node-a")}
+    first = _train_process(str(s3_root), small_book, env)
+    run = s3_root / "smoke"
+    wait_until(lambda: s3.store().children(run), "the run directory", timeout_s=120, poll_s=0.1)
+    run = run / s3.store().children(run)[0]
+    wait_until(lambda: _checkpoint_step(run) >= 10, "a checkpoint in the bucket", timeout_s=120, poll_s=0.1)
+    second = _train_process(str(s3_root), small_book, {**env, "LILGATSBY_SCRATCH": str(tmp_path / "node-b")})
+    out, _ = second.communicate(timeout=120)
+    assert second.returncode == 2 and "another process is training this run" in out, out
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert json.loads(s3.store().get_bytes(run / "run.json"))["status"] == "running"
+    assert "recording.safetensors" not in _objects(run)
+    resumed = _train_process(str(s3_root), small_book, {**env, "LILGATSBY_SCRATCH": str(tmp_path / "node-b")})
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    manifest = json.loads(s3.store().get_bytes(run / "run.json"))
+    assert manifest["status"] == "complete" and manifest["resumed_from_step"] >= 10
+    assert not any(key.startswith(("checkpoint", "recording.safetensors.parts", ".lease")) for key in _objects(run))
+    assert main(["train", SMOKE, "--out", str(tmp_path / "uninterrupted"), "--corpus", str(small_book),
+                 "--set", "train.steps=400", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(run), str(tmp_path / "uninterrupted")]) == 0, capsys.readouterr().out
+
+
+@pytest.mark.long
+def test_the_server_stopping_mid_run_fails_it_and_the_next_run_resumes(tmp_path, small_book, monkeypatch, capsys):
+    server = SeaweedFS(tmp_path / "server")
+    server.start()
+    try:
+        from s3_server import ADMIN
+
+        env = {**os.environ, **ADMIN, "AWS_ENDPOINT_URL": server.endpoint, "LILGATSBY_SCRATCH": str(tmp_path / "s"),
+               "LILGATSBY_LEASE_TTL_S": "3"}
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        s3.store.cache_clear()
+        _client(server.endpoint).create_bucket(Bucket="runs")
+        root = S3Uri("runs", "root")
+        trainer = _train_process(str(root), small_book, env, steps=400)
+        wait_until(lambda: s3.store().children(root / "smoke"), "the run directory", timeout_s=120, poll_s=0.1)
+        run = root / "smoke" / s3.store().children(root / "smoke")[0]
+        wait_until(lambda: _checkpoint_step(run) >= 10, "a checkpoint in the bucket", timeout_s=120, poll_s=0.1)
+        server.stop()
+        out, _ = trainer.communicate(timeout=300)
+        assert trainer.returncode == 1 and f"S3 server {server.endpoint}" in out.splitlines()[-1], out
+        server.start()
+        assert json.loads(s3.store().get_bytes(run / "run.json"))["status"] != "complete"
+        assert "recording.safetensors" not in _objects(run)
+        resumed = _train_process(str(root), small_book, env, steps=400)
+        out, _ = resumed.communicate(timeout=300)
+        assert resumed.returncode == 0, out
+        assert json.loads(s3.store().get_bytes(run / "run.json"))["resumed_from_step"] >= 10
+        assert main(["train", SMOKE, "--out", str(tmp_path / "uninterrupted"), "--corpus", str(small_book),
+                     "--set", "train.steps=400", "--quiet"]) == 0
+        capsys.readouterr()
+        assert main(["compare", str(run), str(tmp_path / "uninterrupted")]) == 0, capsys.readouterr().out
+    finally:
+        server.stop()
+        s3.store.cache_clear()
+
+
+@pytest.mark.long
+def test_a_sweep_into_a_bucket(s3_root, small_book, capsys):
+    assert main(["sweep", str(REPO / "experiments" / "smoke_sweep.yaml"), "--runs", str(s3_root), "--corpus",
+                 str(small_book), "--quiet"]) == 0
+    index = load_index(str(s3_root / "smoke_sweep"))
+    assert (index["status"] == "complete").all() and len(index) == 4  # its grid
+    assert "index: s3://" in capsys.readouterr().out
+    assert main(["sweep", str(REPO / "experiments" / "smoke_sweep.yaml"), "--runs", str(s3_root), "--corpus",
+                 str(small_book), "--quiet"]) == 0
+    assert "nothing to train" in capsys.readouterr().out
+
+
+def test_uris():
+    assert parse_location("s3://bucket/a/b/") == S3Uri("bucket", "a/b")
+    assert parse_location("s3://bucket") / "x" == S3Uri("bucket", "x")
+    assert str(S3Uri("bucket", "a") / "b") == "s3://bucket/a/b"
+    assert parse_location("runs/x").as_posix() == "runs/x"
