@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 EXP    ?= experiments/lil_gatsby.yaml
 RUNS   ?= runs
 
-.PHONY: setup run test test-long test-fast lint sweep index report bench bench-analysis bench-profile clean wheelhouse image docker-run docker-sweep cluster-up cluster-down test-container
+.PHONY: setup run test test-long test-fast lint sweep index report bench bench-analysis bench-profile bench-storage clean wheelhouse image docker-run docker-sweep cluster-up cluster-down test-container
 
 # The venv is rebuilt when pyproject.toml changes. torch==2.13.0 is the CPU build on this project's
 # machines; for CUDA, install a CUDA build of torch 2.13.0 into .venv first (see README, "Getting lilgatsby on your PATH").
@@ -54,6 +54,10 @@ bench: setup
 PRECISION ?= bf16-true
 bench-profile: setup
 	$(BIN)/python bench/profile_step.py --precision $(PRECISION)
+
+# a runs root on a local S3 server vs local disk: publish rate, training wall time and RSS (BENCH_ARGS: --seeds 8 --steps 1000)
+bench-storage: setup
+	$(BIN)/python bench/storage.py $(BENCH_ARGS)
 
 # metrics, end-of-run and report costs, on the reference run (`make run` first)
 bench-analysis: setup

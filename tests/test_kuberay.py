@@ -17,7 +17,7 @@ import yaml
 from conftest import REPO
 
 CRD = REPO / "tests" / "data" / "kuberay-ray.io_rayjobs.yaml.gz"
-EXAMPLES = [REPO / "docker" / "kuberay-rayjob.yaml"]
+EXAMPLES = [REPO / "docker" / "kuberay-rayjob.yaml", REPO / "docker" / "kuberay-rayjob-s3.yaml"]
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +82,15 @@ def test_the_check_finds_misspelt_and_mistyped_fields(rayjob_schema):
     mistyped = copy.deepcopy(manifest)
     mistyped["spec"]["rayClusterSpec"]["authOptions"]["mode"] = "open"
     assert len(problems(mistyped, rayjob_schema)) == 1
+
+
+def test_the_s3_example_has_no_volume_and_its_credentials_come_from_a_secret():
+    manifest = yaml.safe_load(EXAMPLES[1].read_text())
+    assert "--runs s3://" in manifest["spec"]["entrypoint"]
+    cluster = manifest["spec"]["rayClusterSpec"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        pod = group["template"]["spec"]
+        assert "volumes" not in pod  # no claim: the bucket is the only shared storage
+        for container in pod["containers"]:
+            assert container["envFrom"] == [{"secretRef": {"name": "lilgatsby-s3"}}]
+            assert not any(env["name"].startswith("AWS_") for env in container.get("env", []))

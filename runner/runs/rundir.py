@@ -36,7 +36,7 @@ class UnreadableManifest(UserError):
     """A run.json that exists but does not parse: never dropped from the index or written over."""
 
 
-def parse_manifest(data: bytes | str, where: object) -> dict:
+def _parse_manifest(data: bytes | str, where: object) -> dict:
     try:
         manifest = json.loads(data)
         if not isinstance(manifest, dict):
@@ -55,7 +55,7 @@ def read_manifest(run_dir: Path | S3Uri) -> dict | None:
         data = read_bytes(path)
     except OSError as e:
         raise UnreadableManifest(f"{path}: unreadable ({e.strerror}); left as it is") from None
-    return None if data is None else parse_manifest(data, path)
+    return None if data is None else _parse_manifest(data, path)
 
 
 class RunLocked(UserError):

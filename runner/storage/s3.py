@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import uuid
 from collections.abc import Iterator
@@ -107,11 +106,6 @@ class ObjectStore:
                 return None
             raise
 
-    def get_json(self, uri: S3Uri) -> dict | None:
-        """A JSON object; None when missing; ValueError when it does not parse."""
-        data = self.get_bytes(uri)
-        return None if data is None else json.loads(data)
-
     def stream_to(self, uri: S3Uri, write, chunk: int = 1 << 20) -> None:
         """Pass the object's bytes to `write(bytes)` in chunks (bounded memory)."""
         with self._errors("read", uri):
@@ -153,9 +147,6 @@ class ObjectStore:
         extra = {"IfNoneMatch": "*"} if if_none_match else {"IfMatch": if_match} if if_match else {}
         with self._errors("write", uri):
             return self.client.put_object(Bucket=uri.bucket, Key=uri.key, Body=data, **extra)["ETag"]
-
-    def put_json(self, uri: S3Uri, value: dict) -> None:
-        self.put_bytes(uri, (json.dumps(value, indent=2) + "\n").encode())
 
     def upload(self, path: Path, uri: S3Uri) -> None:
         """A local file as an object: multipart with parallel parts when large, streamed from the file."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from runner.config import Experiment
 from runner.recording.format import RECORDING, partial_path, read_header, recorded_tensors
-from runner.runs.rundir import MANIFEST
+from runner.runs.rundir import MANIFEST, write_manifest
 from runner.storage.lease import Lease
 from runner.storage.s3 import ObjectStore, StorageError
 from runner.storage.uri import S3Uri
@@ -97,15 +97,15 @@ class Publisher:
         if status == "complete":
             self.lease.check()
             self._upload_files("")
-            self.store.put_json(self.home / MANIFEST, manifest)  # last: the bucket's word that the run is complete
+            write_manifest(self.home, manifest)  # last: the bucket's word that the run is complete
             self.store.delete([self.home / CHECKPOINT])
             self.store.delete_below(self.home / PARTS)
         elif status == "running":
             self.lease.check()
-            self.store.put_json(self.home / MANIFEST, manifest)
+            write_manifest(self.home, manifest)
         else:  # failed or cancelled: say so if the server can still hear it
             try:
-                self.store.put_json(self.home / MANIFEST, manifest)
+                write_manifest(self.home, manifest)
                 self._upload_files("train.log")
             except StorageError as e:
                 log.warning("%s: could not record the run's end in the bucket: %s", self.home, e)
