@@ -85,7 +85,7 @@ def main() -> None:
               "s3_rss_mib": statistics.median(r["rss_mib"] for r in remote)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"CPU: {result['cpu']}")
+    print(result["cpu"])
     print(f"publish {args.mib} MiB: {rates['upload_mib_s']:.0f} MiB/s up, {rates['download_mib_s']:.0f} MiB/s down")
     print(f"{args.seeds} runs x {args.steps} steps, one after another: local {local_s:.1f} s, S3 {remote_s:.1f} s "
           f"({result['s3_over_local']:.3f}x); peak RSS per run (median) local {result['local_rss_mib']:.0f} MiB, "
