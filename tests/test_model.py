@@ -47,28 +47,30 @@ model = build_model(ModelConfig(), seed=1)
 optimizer = torch.optim.Adam(model.parameters())
 tokens = torch.randint(0, 128, (32, 128), generator=torch.Generator().manual_seed(0))
 faults = []
-for _ in range(12):
+for _ in range(40):
     before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
     model(tokens, labels=tokens).loss.backward()
     optimizer.step()
     optimizer.zero_grad()
     faults.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
-print(sum(faults[-6:]))
+print(*faults)
 """
 
 
-def _settled_step_faults(setting: str) -> int:
-    """Page faults of this thread over six reference-sized training steps after six to settle, in a
-    fresh process: mallopt is process-wide and the heap's state depends on what ran before."""
+def _settled_step_faults(setting: str) -> list[int]:
+    """Page faults of this thread in each of 32 reference-sized training steps after eight to settle,
+    in a fresh process: mallopt is process-wide and the heap's state depends on what ran before."""
     done = subprocess.run([sys.executable, "-c", _STEP_FAULTS, setting], capture_output=True, text=True)
     if done.returncode == 3:
         pytest.skip("not glibc")
     assert done.returncode == 0, done.stderr
-    return int(done.stdout)
+    return [int(n) for n in done.stdout.split()][8:]
 
 
 def test_freed_step_memory_is_reused_without_page_faults():
     """With keep_freed_memory_mapped, a training step reuses the memory the previous one freed;
-    glibc's adaptive default trims the heap after steps and faults it back in (thousands per step)."""
+    glibc's adaptive default trims the heap after most steps and faults it back in (thousands per
+    step). Kept, a step now and then still grows the heap (~1,000 faults), and kernels that balance
+    NUMA memory add hinting faults at random: so the typical step (the median) and the total."""
     default, kept = _settled_step_faults("default"), _settled_step_faults("keep")
-    assert kept < 4096 and kept * 4 < default, (kept, default)
+    assert sorted(kept)[len(kept) // 2] < 64 and sum(kept) * 8 < sum(default), f"kept: {kept}; default: {default}"

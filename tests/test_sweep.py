@@ -189,6 +189,7 @@ def test_no_cluster_at_the_address_is_a_clear_error(monkeypatch, tmp_path, small
     monkeypatch.setattr(ray_session, "CONNECT_TIMEOUT_S", 0.5)
     monkeypatch.setattr(ray_session, "CONNECT_RETRY_S", 0.1)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "0123456789abcdef" * 4)  # a client with a token (without: test_ray_auth.py)
     args = ["sweep", str(SMOKE_SWEEP), "--runs", str(tmp_path / "runs"), "--corpus", str(small_book), "--quiet",
             "--address", "auto"]
     assert main(args) == 2
