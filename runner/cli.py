@@ -93,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
 
     compare = command("compare", "how two recordings differ, tensor by tensor (exit 0: identical)")
     compare.add_argument("a", help="a recording or run directory (local or s3://)")
-    compare.add_argument("b", type=Path, help="another")
+    compare.add_argument("b", help="another (local or s3://)")
 
     report = command("report", "figures and an offline HTML page of an experiment's runs (or of one run)")
     report.add_argument("experiment", help="an experiment's directory (runs/<name>/ or s3://…/<name>), its "

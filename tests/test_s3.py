@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -59,6 +60,7 @@ def test_a_run_in_a_bucket_has_the_local_layout_and_every_command_reads_it(s3_ro
 
     capsys.readouterr()
     assert main(["compare", str(remote), str(local)]) == 0, capsys.readouterr().out  # bit for bit
+    assert main(["compare", str(local), str(remote)]) == 0, capsys.readouterr().out  # a bucket either side
     index = load_index(str(s3_root / "smoke"))
     assert index["status"].tolist() == ["complete"]
     assert index["recording_path"][0] == str(remote / "recording.safetensors")
@@ -157,15 +159,15 @@ def test_one_lease_per_run_and_a_dead_trainers_lease_lapses(s3_root):
     from runner.runs.rundir import RunLocked
 
     run = s3_root / "exp" / "run"
-    with Lease(s3.store(), run, ttl_s=30):
+    with Lease(s3.store(), run, ttl_s=3):  # a live holder: the second trainer sees it renew
         with pytest.raises(RunLocked, match="another process is training this run"):
             Lease(s3.store(), run, ttl_s=30).acquire()
     assert s3.store().head(run / ".lease") is None  # released
-    dead = Lease(s3.store(), run, ttl_s=1)
+    dead = Lease(s3.store(), run, ttl_s=2)
     dead.acquire()
     dead._stop.set()  # it stops renewing, as a killed trainer does
-    wait_until(lambda: s3.store().head(run / ".lease").age_s > 1, "the lease to lapse", timeout_s=10, poll_s=0.2)
-    with Lease(s3.store(), run, ttl_s=30) as taker:
+    with Lease(s3.store(), run, ttl_s=30) as taker:  # waits for the dead trainer's lease to lapse, then takes it
+        assert s3.store().head(run / ".lease").age_s < 2
         assert json.loads(s3.store().get_bytes(run / ".lease"))["token"] == taker.holder["token"]
         with pytest.raises(s3.PreconditionFailed):  # the old holder can no longer renew it
             s3.store().put_bytes(run / ".lease", b"{}", if_match=dead.etag)
@@ -269,6 +271,29 @@ def test_a_sweep_into_a_bucket(s3_root, small_book, capsys):
     assert main(["sweep", str(REPO / "experiments" / "smoke_sweep.yaml"), "--runs", str(s3_root), "--corpus",
                  str(small_book), "--quiet"]) == 0
     assert "nothing to train" in capsys.readouterr().out
+
+
+@pytest.mark.long
+def test_two_concurrent_sweeps_on_one_bucket_train_every_run_once(s3_root, small_book, tmp_path):
+    """Two sweeps of one grid into one bucket, started together, each with its own Ray and scratch
+    (two nodes): every run is trained by exactly one of them; the other is told another process is
+    training it, or finds it completed by another process. All four runs end complete."""
+    grid = str(REPO / "experiments" / "smoke_sweep.yaml")
+    sweeps = [subprocess.Popen([sys.executable, "-m", "runner.cli", "sweep", grid,
+                                "--runs", str(s3_root), "--corpus", str(small_book), "--quiet",
+                                "--set", "train.steps=400", "--set", "train.checkpoint_every=50"],
+                               env={**os.environ, "LILGATSBY_LEASE_TTL_S": "6",
+                                    "LILGATSBY_SCRATCH": str(tmp_path / f"node-{i}")},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = [sweep.communicate(timeout=600)[0] for sweep in sweeps]
+    lines = [line for out in outs for line in out.splitlines()]
+    trained = [m.group(1) for line in lines if (m := re.search(r"\((\w+)\) complete on ", line))]
+    assert len(trained) == 4 and len(set(trained)) == 4, outs
+    assert any("being trained by another process" in line or "completed by another process" in line
+               for line in lines), outs  # the two sweeps did contend for runs
+    assert all(sweep.returncode in (0, 1) for sweep in sweeps) and "FAILED" not in "".join(outs), outs
+    index = load_index(str(s3_root / "smoke_sweep"))
+    assert len(index) == 4 and (index["status"] == "complete").all()
 
 
 def test_uris():

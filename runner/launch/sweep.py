@@ -9,6 +9,7 @@ worker stages the run on its own disk and publishes it to the bucket; no shared 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 from pathlib import Path
@@ -89,7 +90,10 @@ def _train_task(config: dict, overrides: dict, grid_point: dict, run_dir: str, r
             raise RuntimeError(f"worker {socket.gethostname()} cannot write the run directory {run_dir} "
                                f"({e.strerror}): the runs root must be storage every worker can reach") from None
         manifest = run(exp, home, **options)
-    return {"run_id": manifest["run_id"], "device": manifest["device"], **manifest["metrics"]}
+    producer = manifest.get("environment", {})  # another sweep on the same runs root may have trained it meanwhile
+    trained_here = (producer.get("host"), producer.get("pid")) == (socket.gethostname(), os.getpid())
+    return {"run_id": manifest["run_id"], "device": manifest["device"], "trained_here": trained_here,
+            **manifest["metrics"]}
 
 
 def plan(path: Path, overrides: list[str], runs_root: Location, force: bool) -> tuple[list[Run], list[Run], Location]:
@@ -213,7 +217,8 @@ def _collect(pending: dict, exp_dir: Location, already_done: int, progress: bool
             r = pending.pop(ready[0])
             try:
                 result = ray.get(ready[0])
-                tqdm.write(f"{r.label} ({r.run_id}) complete on {result['device']}: "
+                how = f"complete on {result['device']}" if result["trained_here"] else "completed by another process"
+                tqdm.write(f"{r.label} ({r.run_id}) {how}: "
                            f"final loss {result['final_loss']:.4f}, {result['steps_per_s']:.1f} steps/s")
             except ray.exceptions.RayError as e:
                 cause = getattr(e, "cause", None) or e

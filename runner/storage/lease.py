@@ -2,8 +2,9 @@
 
 `<run>/.lease` is created with If-None-Match (only one writer succeeds), renewed every
 third of its time to live by a background thread with If-Match (only its holder can), and deleted when the run
-ends. A trainer that dies stops renewing: the lease lapses after its time to live and the next trainer
-replaces it (again with If-Match, so two cannot both take a lapsed lease). A lease's age is the
+ends. A trainer that finds the lease held watches it: renewed means its holder is alive (RunLocked); a
+trainer that dies stops renewing, its lease lapses after its time to live, and the watcher replaces it
+(again with If-Match, so two cannot both take a lapsed lease). A lease's age is the
 server's: its Date header minus the object's Last-Modified, so the nodes' clocks do not matter.
 """
 
@@ -18,7 +19,7 @@ import time
 import uuid
 
 from runner.runs.rundir import RunLocked
-from runner.storage.s3 import ObjectStore, PreconditionFailed, StorageError
+from runner.storage.s3 import ObjectInfo, ObjectStore, PreconditionFailed, StorageError
 from runner.storage.uri import S3Uri
 
 log = logging.getLogger(__name__)
@@ -48,23 +49,37 @@ class Lease:
                 break
             except PreconditionFailed:
                 pass
-            seen = self.store.head(self.uri)
+            seen = self._await_lapse()
             if seen is None:
                 continue  # released meanwhile
-            holder = _parsed(self.store.get_bytes(self.uri))
-            ttl_s = float(holder.get("ttl_s", self.ttl_s))  # the holder's, as it renews by it
-            if seen.age_s < ttl_s:
-                raise RunLocked(f"{self.uri.parent}: another process is training this run ({holder.get('host', '?')}, "
-                                f"pid {holder.get('pid', '?')}; its lease lapses {ttl_s:.0f} s after it stops "
-                                f"renewing)")
             try:  # lapsed: take it over, unless another trainer just did
                 self.etag = self.store.put_bytes(self.uri, self._body(), if_match=seen.etag)
-                log.warning("%s: took over a lease that lapsed %.0f s ago", self.uri.parent, seen.age_s - ttl_s)
+                log.warning("%s: took over a lease that lapsed", self.uri.parent)
                 break
             except PreconditionFailed:
                 continue
         self._thread = threading.Thread(target=self._renew, name="lease-renewal", daemon=True)
         self._thread.start()
+
+    def _await_lapse(self) -> ObjectInfo | None:
+        """Watch a held lease until it lapses (returned, to take over) or disappears (None); RunLocked
+        as soon as its holder renews it. A live holder renews within a third of its time to live, so
+        a second sweep learns of it in that time, while a retry of a killed trainer (Ray's, on
+        another node) waits for the dead trainer's lease to lapse instead of giving up."""
+        seen = self.store.head(self.uri)
+        held_as = seen.etag if seen else None
+        while seen is not None:
+            holder = _parsed(self.store.get_bytes(self.uri))
+            ttl_s = float(holder.get("ttl_s", self.ttl_s))  # the holder's, as it renews by it
+            if seen.etag != held_as:
+                raise RunLocked(f"{self.uri.parent}: another process is training this run ({holder.get('host', '?')}, "
+                                f"pid {holder.get('pid', '?')}; its lease lapses {ttl_s:.0f} s after it stops "
+                                f"renewing)")
+            if seen.age_s >= ttl_s:
+                return seen
+            time.sleep(min(ttl_s - seen.age_s, max(0.2, ttl_s / 12)))
+            seen = self.store.head(self.uri)
+        return None
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
