@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 EXP    ?= experiments/lil_gatsby.yaml
 RUNS   ?= runs
 
-.PHONY: setup run test test-long test-fast lint sweep index report bench bench-analysis bench-profile bench-storage clean wheelhouse image docker-run docker-sweep cluster-up cluster-down test-container
+.PHONY: setup run test test-long test-fast lint sweep index report bench bench-analysis bench-profile bench-storage clean wheelhouse image s3-image docker-run docker-sweep cluster-up cluster-down test-container
 
 # The venv is rebuilt when pyproject.toml changes. torch==2.13.0 is the CPU build on this project's
 # machines; for CUDA, install a CUDA build of torch 2.13.0 into .venv first (see README, "Getting lilgatsby on your PATH").
@@ -71,8 +71,15 @@ WHEELHOUSE ?= 0
 WORKERS    ?= 2
 COMPOSE    ?= $(CONTAINER) compose
 RAY_TOKEN_FILE ?= docker/cluster-token
+# S3=1: the compose cluster keeps its runs in a bucket on its own SeaweedFS (docker/compose-s3.yaml)
+S3         ?=
+S3_SECRETS ?= docker/s3-secrets
+S3_BUCKET  ?= lilgatsby
+S3_IMAGE   ?= lilgatsby-seaweedfs:latest
+CLUSTER_FILE = docker/compose$(if $(S3),-s3).yaml
 COMPOSE_ENV = IMAGE=$(IMAGE) LILGATSBY_UID=$(shell id -u) LILGATSBY_GID=$(shell id -g) \
-              LILGATSBY_RAY_TOKEN_FILE=$(abspath $(RAY_TOKEN_FILE))
+              LILGATSBY_RAY_TOKEN_FILE=$(abspath $(RAY_TOKEN_FILE)) S3_IMAGE=$(S3_IMAGE) \
+              LILGATSBY_S3_SECRETS=$(abspath $(S3_SECRETS))
 GIT_COMMIT := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 RUN_FLAGS  := --rm --network host --user $(shell id -u):$(shell id -g) -v $(CURDIR)/runs:/work/runs \
               -v $(CURDIR)/experiments:/work/experiments:ro \
@@ -91,6 +98,12 @@ image:
 	$(CONTAINER) build --network host -f docker/Dockerfile -t $(IMAGE) --build-arg BASE_IMAGE=$(BASE_IMAGE) \
 	  --build-arg WHEELHOUSE=$(WHEELHOUSE) --build-arg GIT_COMMIT=$(GIT_COMMIT) --build-arg IMAGE_TAG=$(IMAGE) .
 
+# SeaweedFS for docker/compose-s3.yaml: the tests' pinned `weed` binary on the base image
+s3-image: setup
+	mkdir -p build/seaweedfs && cp $(BIN)/weed build/seaweedfs/weed
+	$(CONTAINER) build --network host -f docker/seaweedfs.Dockerfile -t $(S3_IMAGE) \
+	  --build-arg BASE_IMAGE=$(BASE_IMAGE) build/seaweedfs
+
 docker-run:
 	mkdir -p runs data
 	$(CONTAINER) run $(RUN_FLAGS) $(IMAGE) train $(EXP)
@@ -102,17 +115,22 @@ $(RAY_TOKEN_FILE):
 	umask 077 && python3 -c "import secrets; print(secrets.token_hex(32), end='')" > $@
 
 # COMPOSE: `docker compose`, `podman compose` (podman >= 4.7) or podman-compose.
+# S3=1: also the SeaweedFS image, the S3 credentials (made once, like the token) and the bucket.
 cluster-up:
 	$(if $(NEW_TOKEN),rm -f $(RAY_TOKEN_FILE))
 	$(MAKE) --no-print-directory $(RAY_TOKEN_FILE)
-	mkdir -p runs data
-	$(COMPOSE_ENV) $(COMPOSE) -f docker/compose.yaml up -d --scale ray-worker=$(WORKERS)
+	mkdir -p runs data s3-data
+	$(if $(S3),$(MAKE) --no-print-directory s3-image && $(BIN)/python docker/s3-setup.py secrets $(S3_SECRETS))
+	$(COMPOSE_ENV) $(COMPOSE) -f $(CLUSTER_FILE) up -d --scale ray-worker=$(WORKERS)
+	$(if $(S3),$(BIN)/python docker/s3-setup.py bucket $(S3_SECRETS) $(S3_BUCKET) http://127.0.0.1:8333)
 
 cluster-down:
-	$(COMPOSE_ENV) $(COMPOSE) -f docker/compose.yaml down --remove-orphans
+	$(COMPOSE_ENV) $(COMPOSE) -f $(CLUSTER_FILE) down --remove-orphans
 
+# SWEEP_ARGS: more `lilgatsby sweep` arguments, e.g. --set train.steps=100
 docker-sweep:
-	$(COMPOSE_ENV) $(COMPOSE) -f docker/compose.yaml exec -T ray-head lilgatsby sweep $(EXP) --address auto
+	$(COMPOSE_ENV) $(COMPOSE) -f $(CLUSTER_FILE) exec -T ray-head lilgatsby sweep $(EXP) --address auto \
+	  $(if $(S3),--runs s3://$(S3_BUCKET)/runs) $(SWEEP_ARGS)
 
 test-container: setup
 	CONTAINER=$(CONTAINER) bash docker/test-container.sh

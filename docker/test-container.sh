@@ -3,7 +3,9 @@
 # containers run the smoke experiment (bitwise equal to the same run on the host), the smoke sweep
 # (local Ray inside), and the smoke sweep on a Ray cluster of a head and a worker container with
 # token authentication (clients without the token, or with a wrong one, refused by the GCS and by
-# the dashboard's Jobs API); then the compose cluster, whose ports must listen on loopback only.
+# the dashboard's Jobs API); then the compose cluster, whose ports must listen on loopback only;
+# then the S3 compose cluster: the smoke sweep into its bucket (one run compared with the host's),
+# and a worker killed mid-run whose run resumes on the other worker, bitwise.
 # Every result is checked on the host.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -161,5 +163,78 @@ compose_make docker-sweep EXP=experiments/smoke_sweep.yaml RAY_TOKEN_FILE="$work
 check_index "$work/compose-runs/smoke_sweep/index.jsonl"
 compose_make cluster-down RAY_TOKEN_FILE="$work/compose-token"
 [ -s "$work/compose-token" ] || fail "make cluster-down removed the token file"
+step "the S3 cluster (docker/compose-s3.yaml): SeaweedFS, a head and two workers, no shared runs volume"
+mkdir -p "$work/s3-data"
+s3_make() {
+    compose_make "$@" S3=1 S3_SECRETS="$work/s3-secrets" BASE_IMAGE="$BASE_IMAGE" S3_IMAGE=localhost/lilgatsby-seaweedfs:test \
+        RAY_TOKEN_FILE="$work/compose-token" LILGATSBY_S3_DATA="$work/s3-data" LILGATSBY_LEASE_TTL_S=10
+}
+cleanup_s3() { s3_make cluster-down >/dev/null 2>&1 || true; cleanup_compose; }
+trap cleanup_s3 EXIT
+s3_make cluster-up WORKERS=2
+[ "$(stat -c %a "$work/s3-secrets")" = 700 ] && [ "$(stat -c %a "$work/s3-secrets/credentials")" = 600 ] \
+    || fail "the S3 credentials are not private (directory 0700, files 0600)"
+runs_mounts=()  # the image's VOLUME gives each node an anonymous volume of its own at /work/runs
+for node in $("$CONTAINER" ps --format '{{.Names}}' | grep -E 'ray-(head|worker)'); do
+    "$CONTAINER" inspect "$node" --format '{{.Config.Env}}' | grep -q "$(sed -n 's/^aws_secret_access_key = //p' \
+        "$work/s3-secrets/credentials")" && fail "$node has the S3 secret in its environment"
+    mount=$("$CONTAINER" inspect "$node" \
+        --format '{{range .Mounts}}{{if eq .Destination "/work/runs"}}{{.Type}}:{{.Source}}{{end}}{{end}}')
+    case "$mount" in bind:*) fail "$node mounts a host directory at /work/runs: $mount";; esac
+    runs_mounts+=("$mount")
+done
+[ -z "$(printf '%s\n' "${runs_mounts[@]}" | sort | uniq -d)" ] || fail "nodes share a runs volume: ${runs_mounts[*]}"
+echo "runs directories: one per node (${#runs_mounts[@]} nodes); no node has the S3 secret in its environment"
+published=$("$CONTAINER" ps --format '{{.Names}} {{.Ports}}' | grep -E '[-_]s3[-_]' || true)
+echo "published: $published"
+case "$published" in *127.0.0.1:8333*) ;; *) fail "S3 is not published on 127.0.0.1:8333";; esac
+export AWS_ENDPOINT_URL=http://127.0.0.1:8333 AWS_SHARED_CREDENTIALS_FILE="$work/s3-secrets/credentials" \
+    AWS_DEFAULT_REGION=us-east-1
+s3_make docker-sweep EXP=experiments/smoke_sweep.yaml
+"$lilgatsby" pull s3://lilgatsby/runs/smoke_sweep --runs "$work/pulled" --quiet
+check_index "$work/pulled/smoke_sweep/index.jsonl"
+sweep_run=$("$py" -c "import json, sys; print(next(r['run_id'] for r in map(json.loads, open(sys.argv[1]))
+    if r['train.seed'] == 2 and r['train.precision'] == 'fp32'))" "$work/pulled/smoke_sweep/index.jsonl")
+step "a run of that sweep against the same run trained on the host (one thread, as Ray gives it)"
+"$lilgatsby" train experiments/smoke.yaml --corpus "$corpus" --out "$work/host-s3" --quiet \
+    --set train.seed=2 --set train.precision=fp32 --set train.threads=1
+"$lilgatsby" compare "$work/host-s3" "s3://lilgatsby/runs/smoke_sweep/$sweep_run" \
+    || fail "the S3 cluster's recording differs from the host's"
+
+step "S3 cluster: the worker training a run is killed (SIGKILL); Ray retries it on the other worker, from the bucket"
+long=(--set train.steps=1500 --set train.checkpoint_every=100)
+s3_make docker-sweep EXP=experiments/smoke.yaml SWEEP_ARGS="${long[*]}" > "$work/killed-sweep.log" 2>&1 &
+sweep_pid=$!
+holder=$("$py" - <<'PY' || true
+import json, time
+import boto3
+client, deadline = boto3.client("s3"), time.monotonic() + 300
+while time.monotonic() < deadline:
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket="lilgatsby", Prefix="runs/smoke/").get("Contents", [])]
+    checkpoint = next((k for k in keys if k.endswith("/checkpoint.safetensors")), None)
+    if checkpoint:
+        lease = checkpoint.rsplit("/", 1)[0] + "/.lease"
+        print(json.loads(client.get_object(Bucket="lilgatsby", Key=lease)["Body"].read())["host"])
+        break
+    time.sleep(0.2)
+PY
+)
+[ -n "$holder" ] || { cat "$work/killed-sweep.log"; fail "no checkpoint of the run reached the bucket"; }
+echo "a checkpoint is in the bucket; killing the worker that trains the run: $holder"
+"$CONTAINER" kill --signal KILL "$holder" >/dev/null
+wait "$sweep_pid" || { cat "$work/killed-sweep.log"; fail "the sweep did not complete the run after its worker was killed"; }
+tail -3 "$work/killed-sweep.log"
+"$lilgatsby" pull s3://lilgatsby/runs/smoke --runs "$work/pulled" --quiet
+killed_run=$(ls -d "$work"/pulled/smoke/*/)
+"$py" - "$killed_run/run.json" <<'PY' || fail "the run did not resume from its checkpoint in the bucket"
+import json, sys
+manifest = json.load(open(sys.argv[1]))
+assert manifest["status"] == "complete" and manifest["resumed_from_step"] >= 100, manifest.get("resumed_from_step")
+print(f"resumed from step {manifest['resumed_from_step']} on another worker; complete")
+PY
+"$lilgatsby" train experiments/smoke.yaml --corpus "$corpus" --out "$work/host-long" --quiet "${long[@]}" \
+    --set train.threads=1
+"$lilgatsby" compare "$work/host-long" "$killed_run" || fail "the resumed run differs from an uninterrupted one"
+s3_make cluster-down
 step "done"
-echo "test-container: 7 passed, 0 failed"
+echo "test-container: 9 passed, 0 failed"
