@@ -1,12 +1,15 @@
 """`make bench-storage`: a runs root on a local S3 server (SeaweedFS `weed mini`) against local disk.
 
-Measured side by side on this machine, each training a separate process (peak RSS from wait4):
+Measured side by side on this machine:
   - publishing a recording-sized file (default 943 MiB, the reference run's) with the runner's
     client (64 MiB parts, 4 in parallel) and reading it back: MiB/s each way;
-  - `--seeds` runs of `--steps` steps of the reference model, trained one after another into a local
-    runs root and into the bucket: wall time and peak RSS per run, and their ratios.
+  - a sweep of `--seeds` seeds of the reference model for `--steps` steps (`lilgatsby sweep`, its
+    local Ray, one CPU per run) into a local runs root and into the bucket: wall time, and the
+    bytes the server received for the sweep's bucket (its own counter) over the recordings' size;
+  - one such run with `lilgatsby train` into each, in a process of its own: peak RSS (wait4).
 The issue's targets: an 8-seed, 1,000-step sweep within 10 % of local disk (`--seeds 8 --steps 1000`),
->= 100 MiB/s up on a 2-core machine, peak RSS +<= 50 MiB. Writes bench/results/storage.json.
+>= 100 MiB/s up on a 2-core machine, upload volume <= 2.2x the recording, peak RSS +<= 50 MiB.
+Writes bench/results/storage.json.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -47,15 +49,20 @@ def transfer_rates(work: Path, mib: int) -> dict:
     return {"mib": mib, "upload_mib_s": mib / up, "download_mib_s": mib / down}
 
 
-def trainings(work: Path, root: str, seeds: int, steps: int) -> list[dict]:
-    results = []
-    for seed in range(seeds):
-        experiment = str(REPO / "experiments" / "lil_gatsby.yaml")
-        result = run_measured([sys.executable, "-m", "runner.cli", "train", experiment, "--runs", root,
-                               "--set", f"train.steps={steps}", "--set", f"train.seed={seed}", "--quiet"],
-                              work, {"PYTHONPATH": str(REPO)})
-        results.append({"wall_s": result["wall_s"], "rss_mib": result["rss_mib"]})
-    return results
+def sweep_seconds(work: Path, root: str, seeds: int, steps: int, checkpoint_every: int | None) -> float:
+    experiment = work / "bench_sweep.yaml"
+    experiment.write_text(f"name: bench_sweep\ninclude: {REPO / 'experiments' / 'lil_gatsby.yaml'}\n"
+                          f"grid:\n  train.seed: {list(range(seeds))}\n")
+    cadence = ["--set", f"train.checkpoint_every={checkpoint_every}"] if checkpoint_every else []
+    command = [sys.executable, "-m", "runner.cli", "sweep", str(experiment), "--runs", root,
+               "--set", f"train.steps={steps}", *cadence, "--quiet"]
+    return run_measured(command, work, {"PYTHONPATH": str(REPO)})["wall_s"]
+
+
+def peak_rss_mib(work: Path, root: str, steps: int) -> float:
+    return run_measured([sys.executable, "-m", "runner.cli", "train", str(REPO / "experiments" / "lil_gatsby.yaml"),
+                         "--runs", root, "--set", f"train.steps={steps}", "--quiet"], work,
+                        {"PYTHONPATH": str(REPO)})["rss_mib"]
 
 
 def main() -> None:
@@ -63,6 +70,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--mib", type=int, default=943)
+    parser.add_argument("--checkpoint-every", type=int, help="the sweep's train.checkpoint_every (default: the "
+                        "config's, 1,000 steps); each checkpoint ships the recording's new rows")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "storage.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="lilgatsby-bench-") as tmp:
@@ -72,24 +81,32 @@ def main() -> None:
         try:
             os.environ.update({**ADMIN, "AWS_ENDPOINT_URL": server.endpoint,
                                "LILGATSBY_SCRATCH": str(work / "scratch")})
-            s3.store().client.create_bucket(Bucket="bench")
+            for bucket in ("bench", "sweep"):
+                s3.store().client.create_bucket(Bucket=bucket)
             rates = transfer_rates(work, args.mib)
-            local = trainings(work, str(work / "runs"), args.seeds, args.steps)
-            remote = trainings(work, "s3://bench/runs", args.seeds, args.steps)
+            local_s = sweep_seconds(work, str(work / "runs"), args.seeds, args.steps, args.checkpoint_every)
+            remote_s = sweep_seconds(work, "s3://sweep/runs", args.seeds, args.steps, args.checkpoint_every)
+            uploaded = server.received_bytes("sweep")
+            recordings = sum(size for key, size in s3.store().objects(S3Uri("sweep", "runs")).items()
+                             if key.endswith("/recording.safetensors"))
+            local_rss, remote_rss = peak_rss_mib(work, str(work / "rss"), args.steps), \
+                peak_rss_mib(work, "s3://bench/rss", args.steps)
         finally:
             server.stop()
-    local_s, remote_s = (sum(r["wall_s"] for r in runs) for runs in (local, remote))
-    result = {"cpu": describe_cpu(), "seeds": args.seeds, "steps": args.steps, **rates,
-              "local_wall_s": local_s, "s3_wall_s": remote_s, "s3_over_local": remote_s / local_s,
-              "local_rss_mib": statistics.median(r["rss_mib"] for r in local),
-              "s3_rss_mib": statistics.median(r["rss_mib"] for r in remote)}
+    result = {"cpu": describe_cpu(), "seeds": args.seeds, "steps": args.steps,
+              "checkpoint_every": args.checkpoint_every, **rates,
+              "local_sweep_s": local_s, "s3_sweep_s": remote_s, "s3_over_local": remote_s / local_s,
+              "uploaded_bytes": uploaded, "recording_bytes": recordings, "upload_over_recording": uploaded / recordings,
+              "local_rss_mib": local_rss, "s3_rss_mib": remote_rss}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(result["cpu"])
     print(f"publish {args.mib} MiB: {rates['upload_mib_s']:.0f} MiB/s up, {rates['download_mib_s']:.0f} MiB/s down")
-    print(f"{args.seeds} runs x {args.steps} steps, one after another: local {local_s:.1f} s, S3 {remote_s:.1f} s "
-          f"({result['s3_over_local']:.3f}x); peak RSS per run (median) local {result['local_rss_mib']:.0f} MiB, "
-          f"S3 {result['s3_rss_mib']:.0f} MiB (+{result['s3_rss_mib'] - result['local_rss_mib']:.0f})")
+    cadence = f", checkpoint every {args.checkpoint_every}" if args.checkpoint_every else ""
+    print(f"sweep of {args.seeds} seeds x {args.steps} steps{cadence}: local {local_s:.1f} s, S3 {remote_s:.1f} s "
+          f"({result['s3_over_local']:.3f}x); uploaded {uploaded / 2**20:,.1f} MiB for {recordings / 2**20:,.1f} MiB "
+          f"of recordings ({result['upload_over_recording']:.2f}x)")
+    print(f"peak RSS of one run: local {local_rss:.0f} MiB, S3 {remote_rss:.0f} MiB (+{remote_rss - local_rss:.0f})")
 
 
 if __name__ == "__main__":

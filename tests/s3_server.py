@@ -89,6 +89,18 @@ class SeaweedFS:
             self.last_error = f"{type(e).__name__}: {e}"
             return False
 
+    def received_bytes(self, bucket: str) -> int:
+        """Bytes the server has received for objects of `bucket` since it started (its Prometheus
+        counter SeaweedFS_s3_bucket_traffic_received_bytes_total): an upload volume measured by the server."""
+        import urllib.request
+
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{self.ports['metricsPort']}/metrics", timeout=10)
+        prefix = f'SeaweedFS_s3_bucket_traffic_received_bytes_total{{bucket="{bucket}"}} '
+        for line in metrics.read().decode().splitlines():
+            if line.startswith(prefix):
+                return int(float(line[len(prefix):]))
+        return 0
+
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
