@@ -119,7 +119,7 @@ $(RAY_TOKEN_FILE):
 cluster-up:
 	$(if $(NEW_TOKEN),rm -f $(RAY_TOKEN_FILE))
 	$(MAKE) --no-print-directory $(RAY_TOKEN_FILE)
-	mkdir -p runs data s3-data
+	mkdir -p runs data $(if $(S3),s3-data)
 	$(if $(S3),$(MAKE) --no-print-directory s3-image && $(BIN)/python docker/s3-setup.py secrets $(S3_SECRETS))
 	$(COMPOSE_ENV) $(COMPOSE) -f $(CLUSTER_FILE) up -d --scale ray-worker=$(WORKERS)
 	$(if $(S3),$(BIN)/python docker/s3-setup.py bucket $(S3_SECRETS) $(S3_BUCKET) http://127.0.0.1:8333)

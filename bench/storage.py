@@ -89,8 +89,8 @@ def main() -> None:
             uploaded = server.received_bytes("sweep")
             recordings = sum(size for key, size in s3.store().objects(S3Uri("sweep", "runs")).items()
                              if key.endswith("/recording.safetensors"))
-            local_rss, remote_rss = peak_rss_mib(work, str(work / "rss"), args.steps), \
-                peak_rss_mib(work, "s3://bench/rss", args.steps)
+            local_rss = peak_rss_mib(work, str(work / "rss"), args.steps)
+            remote_rss = peak_rss_mib(work, "s3://bench/rss", args.steps)
         finally:
             server.stop()
     result = {"cpu": describe_cpu(), "seeds": args.seeds, "steps": args.steps,
