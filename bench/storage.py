@@ -31,6 +31,8 @@ from runner.storage import s3  # noqa: E402
 from runner.storage.uri import S3Uri  # noqa: E402
 from runner.training.provenance import describe_cpu  # noqa: E402
 
+REFERENCE = REPO / "experiments" / "lil_gatsby.yaml"
+
 
 def transfer_rates(work: Path, mib: int) -> dict:
     path = work / "blob"
@@ -51,7 +53,7 @@ def transfer_rates(work: Path, mib: int) -> dict:
 
 def sweep_seconds(work: Path, root: str, seeds: int, steps: int, checkpoint_every: int | None) -> float:
     experiment = work / "bench_sweep.yaml"
-    experiment.write_text(f"name: bench_sweep\ninclude: {REPO / 'experiments' / 'lil_gatsby.yaml'}\n"
+    experiment.write_text(f"name: bench_sweep\ninclude: {REFERENCE}\n"
                           f"grid:\n  train.seed: {list(range(seeds))}\n")
     cadence = ["--set", f"train.checkpoint_every={checkpoint_every}"] if checkpoint_every else []
     command = [sys.executable, "-m", "runner.cli", "sweep", str(experiment), "--runs", root,
@@ -60,9 +62,9 @@ def sweep_seconds(work: Path, root: str, seeds: int, steps: int, checkpoint_ever
 
 
 def peak_rss_mib(work: Path, root: str, steps: int) -> float:
-    return run_measured([sys.executable, "-m", "runner.cli", "train", str(REPO / "experiments" / "lil_gatsby.yaml"),
-                         "--runs", root, "--set", f"train.steps={steps}", "--quiet"], work,
-                        {"PYTHONPATH": str(REPO)})["rss_mib"]
+    command = [sys.executable, "-m", "runner.cli", "train", str(REFERENCE), "--runs", root,
+               "--set", f"train.steps={steps}", "--quiet"]
+    return run_measured(command, work, {"PYTHONPATH": str(REPO)})["rss_mib"]
 
 
 def main() -> None:

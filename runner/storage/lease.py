@@ -67,10 +67,12 @@ class Lease:
         a second sweep learns of it in that time, while a retry of a killed trainer (Ray's, on
         another node) waits for the dead trainer's lease to lapse instead of giving up."""
         seen = self.store.head(self.uri)
-        held_as = seen.etag if seen else None
+        if seen is None:
+            return None
+        held_as = seen.etag
+        holder = _parsed(self.store.get_bytes(self.uri))  # once: who holds it and by which time to live
+        ttl_s = float(holder.get("ttl_s", self.ttl_s))  # the holder's, as it renews by it
         while seen is not None:
-            holder = _parsed(self.store.get_bytes(self.uri))
-            ttl_s = float(holder.get("ttl_s", self.ttl_s))  # the holder's, as it renews by it
             if seen.etag != held_as:
                 raise RunLocked(f"{self.uri.parent}: another process is training this run ({holder.get('host', '?')}, "
                                 f"pid {holder.get('pid', '?')}; its lease lapses {ttl_s:.0f} s after it stops "
