@@ -19,10 +19,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.run import LILGATSBY, REPO, run_measured  # noqa: E402
-from runner.analysis.metrics import METRICS, METRICS_SOURCE, write_metrics  # noqa: E402
+from runner.analysis.metrics import write_metrics  # noqa: E402
 from runner.config import build_experiment  # noqa: E402
-from runner.recording.format import RECORDING
-from runner.runs.rundir import MANIFEST, write_manifest  # noqa: E402
+from runner.layout import (  # noqa: E402
+    MANIFEST,  # noqa: E402
+    METRICS,
+    METRICS_SOURCE,
+    RECORDING,
+)
+from runner.runs.rundir import write_manifest  # noqa: E402
 
 METRICS_CHILD = ("import sys, time; from runner.analysis.metrics import compute_metrics; t = time.perf_counter(); "
                  "compute_metrics(sys.argv[1]); print(time.perf_counter() - t)")

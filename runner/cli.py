@@ -12,10 +12,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from runner.config import load_runs
 from runner.errors import ConfigError, UserError
-from runner.recording.format import RECORDING
-from runner.runs.rundir import MANIFEST
+from runner.layout import RunFiles, is_transient
+from runner.storage.location import Location, at
 from runner.storage.s3 import StorageError
-from runner.storage.uri import Location, S3Uri, parse_location
 from runner.text import plural
 
 log = logging.getLogger("runner.cli")
@@ -128,31 +127,23 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from runner.runs.rundir import is_complete
-    from runner.storage.roots import prepare_runs_dir
 
     runs = load_runs(args.experiment, _overrides(args))
     if len(runs) != 1:
         raise ConfigError(f"{args.experiment}: grid: has {plural(len(runs), 'run')}; use `lilgatsby sweep` for grids")
     (spec,) = runs
-    out = parse_location(args.out, "--out") if args.out else None
-    run_dir = out or parse_location(args.runs, "--runs") / spec.experiment.name / spec.run_id
-    if isinstance(run_dir, S3Uri):
-        prepare_runs_dir(run_dir.parent)
+    out = at(args.out, "--out") if args.out else None
+    run_dir = out or at(args.runs, "--runs") / spec.experiment.name / spec.run_id
+    run_dir.parent.probe()
     if not args.force and is_complete(run_dir, spec.experiment):
         log.info("%s is already complete (use --force to train again)", run_dir)
         return 0
     # the training stack (torch, transformers: seconds to import) only once the input is valid
-    from runner.launch.train import run
+    from runner.launch.run_at import train_at
     from runner.runs.index import rebuild_index
 
-    options = {"overrides": spec.overrides, "grid_point": spec.point, "progress": not args.quiet,
-               "restart": args.restart, "force": args.force}
-    if isinstance(run_dir, S3Uri):
-        from runner.storage.remote_run import train_remote
-
-        manifest = train_remote(spec.experiment, run_dir, **options)
-    else:
-        manifest = run(spec.experiment, run_dir, **options)
+    manifest = train_at(spec.experiment, run_dir, overrides=spec.overrides, grid_point=spec.point,
+                        progress=not args.quiet, restart=args.restart, force=args.force)
     if out is None:
         rebuild_index(run_dir.parent)
     for prompt, text in manifest["samples"].items():  # (train.log has them too)
@@ -166,27 +157,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from runner.launch.sweep import sweep
 
-    return sweep(args.experiment, _overrides(args), parse_location(args.runs, "--runs"), address=args.address,
+    return sweep(args.experiment, _overrides(args), at(args.runs, "--runs"), address=args.address,
                  force=args.force, dry_run=args.dry_run, max_retries=args.max_retries, progress=not args.quiet,
                  restart=args.restart)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    import tempfile
-
-    from runner.recording.verify import verify
+    from runner.recording.verify import verify_at
 
     failed = 0
-    for path in [run for given in args.paths for run in _recordings_below(parse_location(given, "path"))]:
-        if isinstance(path, S3Uri):  # a full verify reads every byte: fetched to a temporary file
-            from runner.storage.s3 import store
-
-            with tempfile.TemporaryDirectory(prefix="lilgatsby-verify-") as tmp:
-                local = Path(tmp) / RECORDING
-                store().download(_recording(path), local)
-                problems = [p.replace(str(local), str(path)) for p in verify(local)]
-        else:
-            problems = verify(path)
+    for path in [run for given in args.paths for run in _recordings_below(at(given, "path"))]:
+        problems = verify_at(path)
         for problem in problems:
             print(problem)
         if not problems:
@@ -195,19 +176,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _recording(path: S3Uri) -> S3Uri:
-    return path if path.name.endswith(".safetensors") else path / RECORDING
-
-
 def _recordings_below(path: Location) -> list[Location]:
     """A recording or run directory as it is; an experiment directory (or runs root) as its run
     directories (those whose run is not complete yet are said so and skipped)."""
     from runner.runs.index import experiment_dirs, read_runs
-    from runner.storage.files import read_bytes
 
-    if isinstance(path, Path) and (not path.is_dir() or (path / MANIFEST).exists() or (path / RECORDING).exists()):
-        return [path]
-    if isinstance(path, S3Uri) and (path.name.endswith(".safetensors") or read_bytes(path / MANIFEST) is not None):
+    files = RunFiles(path)
+    if not path.is_dir() or files.manifest.exists() or files.recording.exists():
         return [path]
     runs = [run for exp_dir in experiment_dirs(path) for run in read_runs(exp_dir)]
     if not runs:
@@ -222,8 +197,8 @@ def _recordings_below(path: Location) -> list[Location]:
 def cmd_index(args: argparse.Namespace) -> int:
     from runner.runs.index import experiment_dirs, rebuild_index
 
-    root = parse_location(args.runs_dir, "runs_dir")
-    if isinstance(root, Path) and not root.is_dir():
+    root = at(args.runs_dir, "runs_dir")
+    if not root.is_dir():
         raise ConfigError(f"{root}: not a directory")
     dirs = experiment_dirs(root)
     if not dirs:
@@ -237,7 +212,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from runner.analysis.compare import compare
 
-    lines, identical = compare(parse_location(args.a, "a"), parse_location(args.b, "b"))
+    lines, identical = compare(at(args.a, "a"), at(args.b, "b"))
     print("\n".join(lines))
     return 0 if identical else 1
 
@@ -245,25 +220,23 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from runner.analysis.report import report
 
-    experiment_dir = parse_location(args.experiment, "experiment")
-    if isinstance(experiment_dir, Path) and experiment_dir.suffix in (".yaml", ".yml"):
-        experiment_dir = parse_location(args.runs, "--runs") / load_runs(experiment_dir)[0].experiment.name
+    experiment_dir = at(args.experiment, "experiment")
+    if experiment_dir.local is not None and experiment_dir.local.suffix in (".yaml", ".yml"):
+        experiment_dir = at(args.runs, "--runs") / load_runs(experiment_dir.local)[0].experiment.name
     print(report(experiment_dir, args.out, args.run_id))
     return 0
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
     from runner.runs.index import rebuild_index
-    from runner.storage.files import read_bytes
-    from runner.storage.transfer import download_dir
 
-    source = parse_location(args.source, "source")
-    if not isinstance(source, S3Uri) or not source.key:
+    source = at(args.source, "source")
+    if source.s3 is None or not source.s3.key:
         raise ConfigError(f"source: {args.source}: not s3://bucket/prefix/<experiment>[/<run id>]")
-    single = read_bytes(source / MANIFEST) is not None
+    single = RunFiles(source).manifest.exists()
     experiment_dir = args.runs / (source.parent.name if single else source.name)
     target = experiment_dir / source.name if single else experiment_dir
-    size = download_dir(source, target, progress=not args.quiet)
+    size = source.download_tree(target, skip=is_transient, progress=not args.quiet)
     if size == 0:
         raise UserError(f"{source}: nothing there")
     rows = rebuild_index(experiment_dir)

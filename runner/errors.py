@@ -7,3 +7,7 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A bad experiment file, override or value; the message is one line naming file and key."""
+
+
+class RunLocked(UserError):
+    """Another process is training this run right now (its lock on a disk, its lease in a bucket)."""

@@ -1,3 +1,4 @@
+import argparse
 import json
 import re
 import signal
@@ -6,7 +7,7 @@ import sys
 
 import pytest
 
-from runner.cli import main
+from runner.cli import _parser, main
 from runner.runs.rundir import CANCELLED
 
 from conftest import REPO, sigint_as_in_a_terminal, wait_until
@@ -86,7 +87,9 @@ def test_version_and_examples_in_every_help(capsys):
     with pytest.raises(SystemExit):
         main(["--version"])
     assert re.fullmatch(r"lilgatsby \d+\.\d+\.\d+\n", capsys.readouterr().out)
-    for command in ("train", "sweep", "verify", "index", "compare", "report"):
+    subcommands = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert "pull" in subcommands  # the parser's own list, so a new subcommand is checked too
+    for command in subcommands:
         with pytest.raises(SystemExit):
             main([command, "--help"])
         examples = capsys.readouterr().out.split("examples:")[1]

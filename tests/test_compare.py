@@ -9,7 +9,7 @@ import pytest
 
 from runner.cli import main
 from runner.launch.train import run
-from runner.recording.format import RECORDING
+from runner.layout import RECORDING
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ from transformers.models.gpt2.modeling_gpt2 import eager_attention_forward
 
 from runner.config import ModelConfig
 from runner.launch.train import run
+from runner.layout import RECORDING
 from runner.model import bf16_via_fp32, kernels
 from runner.model.gpt2 import build_model
-from runner.recording.format import RECORDING
 
 from conftest import load_recording
 

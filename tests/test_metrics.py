@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from runner.analysis.metrics import compute_metrics, dead_row_norms, dead_token_summary, load_metrics
-from runner.recording.format import RECORDING
+from runner.layout import RECORDING
 from runner.recording.rows import RowReader
 
 from conftest import load_recording

@@ -67,6 +67,7 @@ def _settled_step_faults(setting: str) -> list[int]:
     return [int(n) for n in done.stdout.split()][8:]
 
 
+@pytest.mark.long  # a bound on the kernel's page faults: timing-free, but noisy on a loaded machine
 def test_freed_step_memory_is_reused_without_page_faults():
     """With keep_freed_memory_mapped, a training step reuses the memory the previous one freed;
     glibc's adaptive default trims the heap after most steps and faults it back in (thousands per

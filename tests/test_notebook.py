@@ -9,7 +9,7 @@ import torch
 from runner.config import load_runs
 from runner.data.batches import NotebookSampler
 from runner.launch.train import run
-from runner.recording.format import RECORDING
+from runner.layout import RECORDING
 
 from conftest import REPO, load_recording
 

@@ -17,9 +17,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from runner.analysis.metrics import compute_metrics
 from runner.data.corpus import load_corpus
 from runner.launch.train import run
+from runner.layout import RECORDING
 from runner.model import bf16_via_fp32, kernels
 from runner.model.gpt2 import parameters_sha256
-from runner.recording.format import PARAMETER_FINGERPRINTS, RECORDING, UPDATE_TENSORS
+from runner.recording.format import PARAMETER_FINGERPRINTS, UPDATE_TENSORS
 from runner.recording.verify import adam_violations, read_metadata, verify
 
 from conftest import load_recording
@@ -290,7 +291,13 @@ def test_metrics_of_an_untied_run(runs):
     m = compute_metrics(run_dir / RECORDING)
     assert {"E_dead_norm", "E_live_norm", "E_dead_cosine", "E_dead_grad_norm", "E_dead_update", "lr",
             "grad_norm"} <= set(m.columns)
-    assert m["lr"].tolist() == rec["lr"].tolist() and (m["E_dead_grad_norm"] == 0).all()
+    # the schedule written out from KNOBS (not TrainConfig.learning_rate, which metrics use too)
+    steps, warmup, peak, floor = exp.train.steps, KNOBS["warmup_steps"], KNOBS["lr"], KNOBS["min_lr"]
+    schedule = [0.0] + [peak * s / warmup if s <= warmup else
+                        floor + (peak - floor) * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup))) / 2
+                        for s in range(1, steps + 1)]
+    assert m["lr"].tolist() == pytest.approx(schedule, rel=1e-6) and m["lr"].tolist() == rec["lr"].tolist()
+    assert m["grad_norm"].tolist() == rec["grad_norm"].tolist() and (m["E_dead_grad_norm"] == 0).all()
 
 
 def test_stride_and_subset(make_experiment, tmp_path):

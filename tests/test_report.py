@@ -11,7 +11,7 @@ import pytest
 
 from runner.analysis.figures import CURVES, TRAJECTORIES
 from runner.cli import main
-from runner.recording.format import RECORDING, partial_path
+from runner.layout import RECORDING, partial
 
 from conftest import REPO
 
@@ -117,7 +117,7 @@ def test_one_run_a_moved_in_run_and_a_running_run(two_configs, tmp_path, small_b
     shutil.copytree(run_b, running)
     manifest = json.loads((running / "run.json").read_text())
     (running / "run.json").write_text(json.dumps({**manifest, "status": "running"}))
-    (running / RECORDING).rename(partial_path(running / RECORDING))
+    (running / RECORDING).rename(partial(running / RECORDING))
     (running / "progress.json").write_text(json.dumps({"step": 12, "steps": 20, "loss": 3.0, "rows_written": 9}))
     assert main(["report", str(exp), "--out", str(exp / "report")]) == 0
     page = (exp / "report" / "report.html").read_text()

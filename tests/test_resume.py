@@ -17,8 +17,9 @@ import torch
 import runner.data.corpus
 import runner.recording.writer
 from runner.launch.train import run
+from runner.layout import CHECKPOINT, RECORDING
 from runner.model.bf16_via_fp32 import FORCE_ENV, native_bf16_gemm
-from runner.recording.format import PARAMETER_FINGERPRINTS, RECORDING
+from runner.recording.format import PARAMETER_FINGERPRINTS
 from runner.recording.verify import read_metadata
 
 from conftest import REPO, load_recording, wait_until
@@ -274,7 +275,7 @@ def test_an_unreadable_checkpoint_is_retried_then_fails_the_run_and_is_kept(make
     monkeypatch.setattr(checkpoint, "safe_open", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EIO, "EIO")))
     with pytest.raises(CheckpointUnreadable, match="kept"):
         run(exp, tmp_path / "broken", progress=False)
-    assert (tmp_path / "broken" / checkpoint.CHECKPOINT).exists()
+    assert (tmp_path / "broken" / CHECKPOINT).exists()
     assert json.loads((tmp_path / "broken" / "run.json").read_text())["status"] == "failed"
 
 

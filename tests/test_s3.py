@@ -20,7 +20,7 @@ from runner.cli import main
 from runner.runs.index import load_index
 from runner.storage import s3
 from runner.storage.lease import Lease
-from runner.storage.roots import prepare_runs_dir
+from runner.storage.location import at
 from runner.storage.uri import S3Uri, parse_location
 
 from conftest import REPO, wait_until
@@ -151,7 +151,7 @@ def test_the_probe_names_a_server_that_ignores_conditional_writes(s3_root, monke
 
     monkeypatch.setattr(s3.store().client, "put_object", ignoring_conditions)
     with caplog.at_level(logging.WARNING):
-        prepare_runs_dir(s3_root)
+        at(s3_root).probe()
     assert "ignores conditional writes" in caplog.text and "train the same run twice" in caplog.text
 
 

@@ -5,7 +5,7 @@ import torch
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast, pipeline
 
 from runner.launch.train import run
-from runner.recording.format import RECORDING
+from runner.layout import RECORDING
 from runner.training.snapshots import snapshot_dir, snapshot_steps
 
 from conftest import load_recording

@@ -6,7 +6,7 @@ import re
 import signal
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -15,6 +15,7 @@ from runner.cli import main
 from runner.config import build_experiment
 from runner.launch import ray_session
 from runner.launch.sweep import task_options
+from runner.layout import CHECKPOINT
 from runner.runs.index import load_index
 
 from conftest import REPO, load_recording, sigint_as_in_a_terminal, wait_until
@@ -114,21 +115,24 @@ def long_sweep(tmp_path, small_book):
 def test_killed_worker_is_retried_and_resumes(long_sweep, tmp_path):
     runs = tmp_path / "runs"
     sweep = subprocess.Popen(_sweep_cmd(long_sweep, runs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline, killed = time.monotonic() + 120, None
-    while killed is None and time.monotonic() < deadline and sweep.poll() is None:
+    killed: list[Path] = []
+
+    def kill_a_trainer_after_its_checkpoint() -> bool:
         for manifest_path in runs.glob("long/*/run.json"):
             manifest = json.loads(manifest_path.read_text())
-            if (manifest_path.parent / "checkpoint.safetensors").exists() and manifest["status"] == "running":
+            if (manifest_path.parent / CHECKPOINT).exists() and manifest["status"] == "running":
                 os.kill(manifest["environment"]["pid"], signal.SIGKILL)  # the Ray worker training it
-                killed = manifest_path.parent
-                break
-        time.sleep(0.05)
+                killed.append(manifest_path.parent)
+                return True
+        assert sweep.poll() is None, f"the sweep ended before a trainer could be killed: {sweep.stdout.read()}"
+        return False
+
+    wait_until(kill_a_trainer_after_its_checkpoint, "a run with a checkpoint", poll_s=0.05)
     out, _ = sweep.communicate(timeout=300)
-    assert killed is not None, out
     assert sweep.returncode == 0, out
     rows = index_records(runs / "long")
     assert len(rows) == 2 and {r["status"] for r in rows} == {"complete"}
-    assert json.loads((killed / "run.json").read_text())["resumed_from_step"] >= 20
+    assert json.loads((killed[0] / "run.json").read_text())["resumed_from_step"] >= 20
 
 
 @pytest.mark.long

@@ -9,7 +9,7 @@ import torch
 
 from runner.cli import main
 from runner.launch.train import run
-from runner.recording.format import RECORDING
+from runner.layout import RECORDING
 from runner.recording.verify import verify
 from runner.recording.writer import DiskSpaceError
 from runner.runs.index import rebuild_index

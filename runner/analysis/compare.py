@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from runner.config import RECORDED_TENSORS
-from runner.recording.format import PARAMETER_FINGERPRINTS, RECORDING
+from runner.layout import recording_of
+from runner.recording.format import PARAMETER_FINGERPRINTS
 from runner.recording.rows import RowReader, as_fp32
 from runner.runs.index import flatten_config
-from runner.storage.uri import S3Uri, parse_location
+from runner.storage.location import Location, at
 
 CHUNK_ROWS = 64
 # Metadata: SHA-256 of every parameter as training held it (full precision), before the first
@@ -109,10 +110,10 @@ def _parameters_line(fingerprints: dict[str, tuple[str | None, str | None]]) -> 
     return f"{'parameters':<16} full precision   " + (", ".join(states) or "not recorded")
 
 
-def compare(path_a: str | Path | S3Uri, path_b: str | Path | S3Uri) -> tuple[list[str], bool]:
+def compare(path_a: str | Path | Location, path_b: str | Path | Location) -> tuple[list[str], bool]:
     """Report lines and whether the recordings are identical: every tensor, and the full-precision
     parameters where both fingerprint them. Paths are recordings or run directories, local or `s3://`."""
-    paths = [recording_at(p) for p in (path_a, path_b)]
+    paths = [recording_of(at(p)) for p in (path_a, path_b)]
     with RowReader(paths[0]) as a, RowReader(paths[1]) as b:
         names = list(a.tensors) + [n for n in b.tensors if n not in a.tensors]
         diffs = [compare_tensor(a, b, name) for name in names]
@@ -144,10 +145,3 @@ def compare(path_a: str | Path | S3Uri, path_b: str | Path | S3Uri) -> tuple[lis
                  + ("; the full-precision parameters differ" if parameters_differ else ""))
     return lines, same == len(diffs) and not parameters_differ
 
-
-def recording_at(path: str | Path | S3Uri) -> Path | S3Uri:
-    """A recording given as itself or as its run directory (local or in a bucket)."""
-    where = parse_location(path) if isinstance(path, str) else path
-    if isinstance(where, S3Uri):
-        return where if where.name.endswith(".safetensors") else where / RECORDING
-    return where / RECORDING if where.is_dir() else where

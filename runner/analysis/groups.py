@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from runner.config import build_experiment, non_identity_keys
 from runner.errors import ConfigError
 from runner.runs.index import flatten_config, value_order
-from runner.storage.uri import S3Uri
+from runner.storage.location import Location
 
 SEED = "train.seed"
 
@@ -25,7 +24,7 @@ SEED = "train.seed"
 class RunEntry:
     """One run directory of a report: where it is, its index row, and its full config, flattened."""
 
-    run_dir: Path | S3Uri
+    run_dir: Location
     row: dict
     config: dict[str, Any]
 

@@ -12,21 +12,18 @@ import hashlib
 import io
 import json
 import logging
-import struct
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from runner.config import build_experiment
-from runner.recording.format import MAX_HEADER_BYTES, RECORDING, recorded_steps
+from runner.layout import RunFiles
+from runner.recording.format import experiment_of, header_bytes, recorded_steps
 from runner.recording.rows import RowReader
-from runner.storage.blob import open_blob, read
-from runner.storage.files import read_bytes, write_text
-from runner.storage.uri import S3Uri, parse_location
+from runner.storage.blob import read
+from runner.storage.location import Location, at
 
 log = logging.getLogger(__name__)
-METRICS, METRICS_SOURCE = "metrics.csv", "metrics.source.json"
 CHUNK_ROWS = 64  # rows per read: 64 x 128 x 64 fp32 = 2 MiB per tensor (measured fastest, ~100 MiB peak)
 
 
@@ -87,12 +84,12 @@ def _prefixed(prefix: str, columns: dict[str, np.ndarray]) -> dict[str, np.ndarr
     return {prefix + name: values for name, values in columns.items()}
 
 
-def compute_metrics(path: str | Path | S3Uri, chunk_rows: int = CHUNK_ROWS, rows: int | None = None) -> pd.DataFrame:
+def compute_metrics(path: str | Path | Location, chunk_rows: int = CHUNK_ROWS, rows: int | None = None) -> pd.DataFrame:
     """One row per recorded step of a recording (see the module docstring); metrics whose tensors
     were not recorded are absent. `rows`: only the first rows (of a recording still being written)."""
     chunks = []
     with RowReader(path) as f:
-        exp = build_experiment(json.loads(f.metadata["config"]))
+        exp = experiment_of(f.metadata)
         dead = np.array(json.loads(f.metadata["token_counts"])) == 0
         steps = recorded_steps(exp.train.steps, exp.record.every)[:rows]
         (b1, b2), eps = exp.train.betas, exp.train.eps
@@ -131,11 +128,11 @@ def compute_metrics(path: str | Path | S3Uri, chunk_rows: int = CHUNK_ROWS, rows
     return pd.concat(chunks, ignore_index=True)
 
 
-def dead_row_norms(path: str | Path | S3Uri, chunk_rows: int = CHUNK_ROWS) -> pd.DataFrame:
+def dead_row_norms(path: str | Path | Location, chunk_rows: int = CHUNK_ROWS) -> pd.DataFrame:
     """Each dead token's row norm of W at every recorded step: a `step` column, then one column per
     dead token named by its character (as Python writes it in a string, e.g. `\\x00`)."""
     with RowReader(path) as f:
-        exp = build_experiment(json.loads(f.metadata["config"]))
+        exp = experiment_of(f.metadata)
         dead = [i for i, count in enumerate(json.loads(f.metadata["token_counts"])) if count == 0]
         steps = recorded_steps(exp.train.steps, exp.record.every)
         norms = np.concatenate([np.linalg.norm(f.rows("W", start, min(start + chunk_rows, len(steps)))[:, dead],
@@ -145,37 +142,37 @@ def dead_row_norms(path: str | Path | S3Uri, chunk_rows: int = CHUNK_ROWS) -> pd
     return table
 
 
-def _fingerprint(recording: Path | S3Uri) -> dict:
+def _fingerprint(recording: Location) -> dict:
     """What identifies a recording's content cheaply, wherever it is (a disk, a bucket, a copy):
     its size and its header's hash (the header holds the run id, start time and final metrics)."""
-    blob = open_blob(recording)
+    blob = recording.open_blob()
     try:
-        (size,) = struct.unpack("<Q", read(blob, 0, 8))
-        header = read(blob, 0, 8 + min(size, MAX_HEADER_BYTES))
-        return {"recording": RECORDING, "bytes": blob.size, "header_sha256": hashlib.sha256(header).hexdigest()}
+        header = header_bytes(lambda offset, n: read(blob, offset, n))
+        return {"recording": recording.name, "bytes": blob.size, "header_sha256": hashlib.sha256(header).hexdigest()}
     finally:
         blob.close()
 
 
-def write_metrics(run_dir: Path | S3Uri) -> pd.DataFrame:
+def write_metrics(run_dir: Path | Location) -> pd.DataFrame:
     """Compute the run's metrics and store them beside its recording (with the recording's
     fingerprint, so a changed recording is noticed)."""
-    recording = run_dir / RECORDING
-    source = _fingerprint(recording)
-    table = compute_metrics(recording)
-    write_text(run_dir / METRICS, table.to_csv(index=False))
-    write_text(run_dir / METRICS_SOURCE, json.dumps(source) + "\n")
+    files = RunFiles(at(run_dir))
+    source = _fingerprint(files.recording)
+    table = compute_metrics(files.recording)
+    files.metrics.write_text(table.to_csv(index=False))
+    files.metrics_source.write_text(json.dumps(source) + "\n")
     return table
 
 
-def load_metrics(run_dir: str | Path | S3Uri) -> pd.DataFrame:
+def load_metrics(run_dir: str | Path | Location) -> pd.DataFrame:
     """The run's per-step metrics (a local run directory or `s3://…/<experiment>/<run id>`): from
     `metrics.csv` when it was computed from the recording as it is now, else computed from the
     recording (streamed by ranged reads from a bucket) and stored beside it."""
-    where = parse_location(run_dir) if isinstance(run_dir, str) else run_dir
+    where = at(run_dir)
+    files = RunFiles(where)
     try:
-        cached = json.loads(read_bytes(where / METRICS_SOURCE) or b"null")
-        table_bytes = read_bytes(where / METRICS) if cached == _fingerprint(where / RECORDING) else None
+        cached = json.loads(files.metrics_source.read_bytes() or b"null")
+        table_bytes = files.metrics.read_bytes() if cached == _fingerprint(files.recording) else None
         if table_bytes is not None:
             table = pd.read_csv(io.BytesIO(table_bytes))
             return table.astype({c: "float32" for c in table.columns if c != "step"})  # as computed

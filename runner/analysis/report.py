@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import html
 import logging
-import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -20,21 +19,19 @@ from runner.analysis import figures
 from runner.analysis.groups import SEED, Group, RunEntry, full_config, group_runs, shared_config, varying_keys
 from runner.analysis.metrics import compute_metrics, dead_row_norms, load_metrics
 from runner.errors import UserError
-from runner.recording.format import RECORDING, partial_path
+from runner.layout import MANIFEST, REPORT, REPORT_PAGE, RunFiles
 from runner.runs.index import index_row, read_runs, write_index
-from runner.runs.rundir import MANIFEST, read_manifest
-from runner.storage.transfer import upload_dir
-from runner.storage.uri import S3Uri
+from runner.runs.rundir import read_manifest, read_progress
+from runner.storage.location import Location
 from runner.text import plural
-from runner.training.progress import read_progress
 
 log = logging.getLogger(__name__)
 TABLE_COLUMNS = ["final_loss", "dead_tokens", "dead_row_norm", "live_row_norm", "dead_cosine"]
 
 
-def read_entries(path: Path | S3Uri) -> tuple[list[RunEntry], bool]:
+def read_entries(path: Location) -> tuple[list[RunEntry], bool]:
     """The runs of an experiment directory, or the one run of a run directory (True)."""
-    if isinstance(path, Path) and not path.is_dir():
+    if not path.is_dir():
         raise UserError(f"{path}: not an experiment directory (runs/<name>/) or run directory")
     manifest = read_manifest(path)
     if manifest is not None:
@@ -48,33 +45,30 @@ def read_entries(path: Path | S3Uri) -> tuple[list[RunEntry], bool]:
 
 def _running_so_far(entry: RunEntry) -> tuple[pd.DataFrame, str] | None:
     """A running run's metrics over the rows its recording has so far, and its progress note."""
-    if isinstance(entry.run_dir, S3Uri):
+    partial = RunFiles(entry.run_dir).partial_recording
+    if partial.local is None:
         return None  # in a bucket the partial recording is in row objects until the run completes
     progress = read_progress(entry.run_dir)
-    if not progress or not progress.get("rows_written") or not partial_path(entry.run_dir / RECORDING).exists():
+    if not progress or not progress.get("rows_written") or not partial.exists():
         return None
     try:
-        table = compute_metrics(partial_path(entry.run_dir / RECORDING), rows=progress["rows_written"])
+        table = compute_metrics(partial, rows=progress["rows_written"])
     except (UserError, OSError, ValueError, KeyError):
         return None  # it finished or restarted meanwhile: reported as it is next time
     return table, f"running, step {progress['step']}/{progress['steps']}"
 
 
-def report(path: Path | S3Uri, out: Path | None = None, run_id: str | None = None) -> Path | S3Uri:
+def report(path: Location, out: Path | None = None, run_id: str | None = None) -> Path | Location:
     """Write the report of an experiment directory or one run directory into `out` (default:
     `<path>/report/`, uploaded there when `path` is in a bucket); returns where report.html is."""
-    if isinstance(path, S3Uri) and out is None:
-        with tempfile.TemporaryDirectory(prefix="lilgatsby-report-") as tmp:
-            page = _report(path, Path(tmp), run_id)
-            upload_dir(Path(tmp), path / "report")
-        return path / "report" / page.name
-    if out is None:
-        assert isinstance(path, Path)
-        out = path / "report"
-    return _report(path, out, run_id)
+    if out is not None:
+        return _report(path, out, run_id)
+    with (path / REPORT).staged_dir() as staged:
+        _report(path, staged, run_id)
+    return path / REPORT / REPORT_PAGE
 
 
-def _report(path: Path | S3Uri, out: Path, run_id: str | None) -> Path:
+def _report(path: Location, out: Path, run_id: str | None) -> Path:
     entries, single = read_entries(path)
     complete = [e for e in entries if e.status == "complete"]
     running = {e.row["run_id"]: so_far for e in entries if e.status == "running" and (so_far := _running_so_far(e))}
@@ -97,10 +91,10 @@ def _report(path: Path | S3Uri, out: Path, run_id: str | None) -> Path:
             drawn.append((spec.stem, spec.title))
     if chosen is not None and "W" in chosen.config.get("record.tensors", ()):
         title = f"Each dead token's row norm: run {chosen.row['run_id']} ({_describe(chosen, groups)})"
-        figures.save(figures.trajectory_figure(dead_row_norms(chosen.run_dir / RECORDING), title), out,
+        figures.save(figures.trajectory_figure(dead_row_norms(RunFiles(chosen.run_dir).recording), title), out,
                      figures.TRAJECTORIES)
         drawn.append((figures.TRAJECTORIES, title))
-    page = out / "report.html"
+    page = out / REPORT_PAGE
     page.write_text(_html(path, entries, shown, groups, keys, running, drawn, single), encoding="utf-8")
     log.info("%s: %s, %s (%d complete, %d running)", page, plural(len(drawn), "figure"),
              plural(len(entries), "run"), len(complete), len(running))
@@ -108,7 +102,7 @@ def _report(path: Path | S3Uri, out: Path, run_id: str | None) -> Path:
 
 
 def _chosen_run(complete: list[RunEntry], groups: list[Group], run_id: str | None,
-                path: Path | S3Uri) -> RunEntry | None:
+                path: Location) -> RunEntry | None:
     """The run whose dead tokens are drawn one by one: `--run` (a run id or directory name), else
     the first complete run in group order."""
     in_order = [e for g in groups for e in g.runs if e.status == "complete"]
@@ -129,7 +123,7 @@ def _group_of(entry: RunEntry, groups: list[Group]) -> str:
     return next((g.label for g in groups if entry in g.runs), "")
 
 
-def _html(path: Path | S3Uri, entries: list[RunEntry], shown: list[RunEntry], groups: list[Group], keys: list[str],
+def _html(path: Location, entries: list[RunEntry], shown: list[RunEntry], groups: list[Group], keys: list[str],
           running: dict[str, tuple[pd.DataFrame, str]], drawn: list[tuple[str, str]], single: bool) -> str:
     """The page: figures, the groups, every run (failed and incomplete ones too) and the config of
     the runs shown (complete and running)."""

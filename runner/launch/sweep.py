@@ -2,7 +2,7 @@
 
 With `ray_session`, the only modules that import Ray. Each task trains one run directory under the
 runs root: a local directory (`runner.launch.train.run`; local disk for the embedded instance, a
-volume every node mounts in a cluster) or `s3://bucket/prefix` (`runner.storage.remote_run`: each
+volume every node mounts in a cluster) or `s3://bucket/prefix` (`runner.launch.run_at`: each
 worker stages the run on its own disk and publishes it to the bucket; no shared filesystem).
 """
 
@@ -13,23 +13,21 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any
 
 import ray
 from tqdm import tqdm
 
 from runner.config import Experiment, Run, build_experiment, load_runs
 from runner.data.corpus import load_corpus, resolve_path
-from runner.errors import ConfigError, UserError
+from runner.errors import ConfigError, RunLocked, UserError
 from runner.launch.ray_session import start_or_join
+from runner.layout import INDEX_JSONL, RunFiles
 from runner.recording.format import recording_size
 from runner.runs.estimate import estimate_seconds, measured_speeds
 from runner.runs.index import rebuild_index
-from runner.runs.rundir import CANCELLED, RunLocked, is_complete, new_manifest, read_manifest, write_manifest
-from runner.storage.roots import prepare_runs_dir
-from runner.storage.uri import Location, S3Uri, parse_location
+from runner.runs.rundir import CANCELLED, is_complete, new_manifest, read_manifest, read_progress, write_manifest
+from runner.storage.location import Location, at
 from runner.text import format_duration, plural
-from runner.training.progress import read_progress
 
 log = logging.getLogger(__name__)
 STATUS_EVERY_S = 30.0
@@ -72,24 +70,18 @@ def assigned_device() -> tuple[str, int]:
 
 @ray.remote
 def _train_task(config: dict, overrides: dict, grid_point: dict, run_dir: str, restart: bool, force: bool) -> dict:
-    from runner.launch.train import run  # the model stack is imported by workers only (ray_session)
+    from runner.launch.run_at import train_at  # the model stack is imported by workers only (ray_session)
 
     exp = build_experiment(config)
     device, threads = assigned_device()
-    home = parse_location(run_dir)
-    options: dict[str, Any] = {"overrides": overrides, "grid_point": grid_point, "device": device, "threads": threads,
-               "progress": False, "restart": restart, "force": force}
-    if isinstance(home, S3Uri):
-        from runner.storage.remote_run import train_remote
-
-        manifest = train_remote(exp, home, **options)
-    else:
-        try:
-            home.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise RuntimeError(f"worker {socket.gethostname()} cannot write the run directory {run_dir} "
-                               f"({e.strerror}): the runs root must be storage every worker can reach") from None
-        manifest = run(exp, home, **options)
+    home = at(run_dir)
+    try:
+        home.make_dir()
+    except ConfigError as e:
+        raise RuntimeError(f"worker {socket.gethostname()}: {e}: the runs root must be storage every worker "
+                           f"can reach") from None
+    manifest = train_at(exp, home, overrides=overrides, grid_point=grid_point, device=device, threads=threads,
+                        progress=False, restart=restart, force=force)
     producer = manifest.get("environment", {})  # another sweep on the same runs root may have trained it meanwhile
     trained_here = (producer.get("host"), producer.get("pid")) == (socket.gethostname(), os.getpid())
     return {"run_id": manifest["run_id"], "device": manifest["device"], "trained_here": trained_here,
@@ -99,7 +91,7 @@ def _train_task(config: dict, overrides: dict, grid_point: dict, run_dir: str, r
 def plan(path: Path, overrides: list[str], runs_root: Location, force: bool) -> tuple[list[Run], list[Run], Location]:
     """All runs of the experiment, those still to train, and the experiment's directory."""
     runs = load_runs(path, overrides)
-    exp_dir = (runs_root if isinstance(runs_root, S3Uri) else runs_root.resolve()) / runs[0].experiment.name
+    exp_dir = runs_root.resolve() / runs[0].experiment.name
     todo = [r for r in runs if force or not is_complete(exp_dir / r.run_id, r.experiment)]
     return runs, todo, exp_dir
 
@@ -108,7 +100,7 @@ def describe(runs: list[Run], todo: list[Run], runs_root: Location) -> str:
     """The dry-run listing: one line per run, the count, the disk the recordings need and the time
     their training takes on this machine, where runs of the same shape were measured here."""
     pending = {r.run_id for r in todo}
-    measured = measured_speeds(runs_root) if isinstance(runs_root, Path) else []
+    measured = measured_speeds(runs_root)
     estimates = {r.run_id: estimate_seconds(r.experiment, measured) for r in todo}
     lines = []
     for r in runs:
@@ -160,8 +152,7 @@ def _mark(run_dir: Location, r: Run, status: str, error: str) -> None:
         manifest = read_manifest(run_dir) or new_manifest(r.experiment, r.overrides, r.point)
         if manifest.get("status") in ("complete", "failed"):
             return
-        if isinstance(run_dir, Path):
-            run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir.make_dir()
         write_manifest(run_dir, {**manifest, "status": status, "error": error})
     except (UserError, RuntimeError) as e:  # UnreadableManifest; StorageError
         log.warning("%s: run.json not updated: %s", run_dir, e)
@@ -171,8 +162,7 @@ def sweep(path: Path, overrides: list[str], runs_root: Location, *, address: str
           dry_run: bool = False, max_retries: int = 2, progress: bool = True, restart: bool = False) -> int:
     """Run every point of the experiment's grid that is not complete; returns the exit code
     (0: every run complete, 1: some failed or are being trained by another process)."""
-    if isinstance(runs_root, S3Uri):
-        prepare_runs_dir(runs_root)  # reach, credentials, bucket, permission: before anything is read there
+    runs_root.probe()  # a bucket's reach, credentials, permission: before anything is read there
     runs, todo, exp_dir = plan(path, overrides, runs_root, force)
     if dry_run:
         print(describe(runs, todo, runs_root))
@@ -183,8 +173,7 @@ def sweep(path: Path, overrides: list[str], runs_root: Location, *, address: str
               f"(--force trains {'it' if len(runs) == 1 else 'them'} again)")
         return 0
     todo = _resolve_corpora(todo)
-    if isinstance(exp_dir, Path):
-        prepare_runs_dir(exp_dir)
+    exp_dir.make_dir()
 
     start_or_join(address)
     try:
@@ -229,7 +218,7 @@ def _collect(pending: dict, exp_dir: Location, already_done: int, progress: bool
                     failed.append(r.run_id)
                     _mark(exp_dir / r.run_id, r, "failed", f"{type(cause).__name__}: {cause}".splitlines()[0])
                     tqdm.write(f"{r.label} ({r.run_id}) FAILED: {str(cause).splitlines()[0]} "
-                               f"(see {exp_dir / r.run_id / 'run.json'})")
+                               f"(see {RunFiles(exp_dir / r.run_id).manifest})")
             rebuild_index(exp_dir)
             bar.set_postfix(done=bar.n + 1 - len(failed) - len(busy), failed=len(failed), refresh=False)
             bar.update()
@@ -245,5 +234,5 @@ def _collect(pending: dict, exp_dir: Location, already_done: int, progress: bool
     print(f"{exp_dir}: {total - len(failed) - len(busy)}/{plural(total, 'run')} complete"
           + (f", {len(failed)} failed: {' '.join(failed)}" if failed else "")
           + (f", {len(busy)} being trained by another process: {' '.join(busy)}" if busy else "")
-          + f"; index: {exp_dir / 'index.jsonl'}")
+          + f"; index: {exp_dir / INDEX_JSONL}")
     return 1 if failed or busy else 0

@@ -16,7 +16,7 @@ import torch
 from runner.analysis.metrics import dead_token_summary, write_metrics
 from runner.config import Experiment
 from runner.data.corpus import Corpus, load_corpus
-from runner.recording.format import RECORDING, partial_path
+from runner.layout import RunFiles
 from runner.recording.writer import check_free_space
 from runner.runs.rundir import CANCELLED, is_complete, new_manifest, read_manifest, run_lock, write_manifest
 from runner.training.host import keep_freed_memory_mapped, resolve_device, thread_count
@@ -58,7 +58,7 @@ def prepare_worker() -> None:
 
 
 class Publisher(Protocol):
-    """Ships a run trained in a local scratch directory to where it lives (`runner.storage.staging`)."""
+    """Ships a run trained in a local scratch directory to where it lives (`runner.launch.staging`)."""
 
     def checkpoint_saved(self, step: int) -> None: ...
 
@@ -78,13 +78,13 @@ def run(exp: Experiment, run_dir: Path, *, overrides: dict | None = None, grid_p
     `publisher` is told of every checkpoint and manifest written (a run whose home is a bucket)."""
     torch_device = resolve_device(device or exp.train.device)
     corpus = load_corpus(exp.corpus.path, exp.corpus.ascii)
-    check_free_space(run_dir / RECORDING, exp)
+    check_free_space(RunFiles(run_dir).recording, exp)
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(run_dir):
         if not force and is_complete(run_dir, exp):
             return read_manifest(run_dir) or {}
         if restart:
-            partial_path(run_dir / RECORDING).unlink(missing_ok=True)
+            RunFiles(run_dir).partial_recording.unlink(missing_ok=True)
         manifest = new_manifest(exp, overrides, grid_point)
         return _run_locked(exp, run_dir, corpus, torch_device, manifest, thread_count(exp.train.threads, threads),
                            progress, restart, publisher)
@@ -99,7 +99,7 @@ def _run_locked(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: to
 
     manifest = {**manifest, "status": "running", "started_at": _now(), "environment": environment(torch_device)}
     save(manifest)
-    with _log_to(run_dir / "train.log"):
+    with _log_to(RunFiles(run_dir).train_log):
         try:
             result, model = train(exp, run_dir, corpus, torch_device, threads, progress, restart,
                                   manifest["environment"], manifest["started_at"],
@@ -108,7 +108,7 @@ def _run_locked(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: to
             manifest["status"] = "complete"
             metrics = manifest["metrics"]
             log.info("run %s complete: final loss %.4f, %.1f steps/s, %s", exp.run_id, metrics["final_loss"],
-                     metrics["steps_per_s"], run_dir / RECORDING)
+                     metrics["steps_per_s"], RunFiles(run_dir).recording)
         except KeyboardInterrupt:
             manifest["status"], manifest["error"] = CANCELLED
             log.warning("run %s %s", exp.run_id, CANCELLED[1])

@@ -88,14 +88,6 @@ def use_kernels(model: torch.nn.Module, kernels: Kernels) -> None:
             block.mlp.act = TanhGelu()
 
 
-def adam(params, kernels: Kernels, lr: float, betas: tuple[float, float], eps: float) -> torch.optim.Adam:
-    """torch's Adam, single-tensor or fused (one kernel per parameter; it rounds once per stored
-    value). Not `foreach`: with fp32 parameters (bf16-mixed) its update was seen to differ in the last
-    bit from run to run within one process, depending on what ran before."""
-    fused = kernels.adam == "fused"
-    return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, foreach=False, fused=fused or None)
-
-
 class _CausalAttention(torch.autograd.Function):
     """softmax(QK^T * scale + causal mask) V over (batch * heads) sequences, forward and backward
     with one pass per product; the mask is -inf above the diagonal (its probabilities are exactly 0).

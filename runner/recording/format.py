@@ -1,9 +1,10 @@
-"""The recording's format: its file name, the tensors it holds (names, dtypes, shapes) and its header.
+"""The recording's format: the tensors it holds (names, dtypes, shapes), its header and byte layout.
 
 A recording is a safetensors file: 8 bytes of little-endian header length, a JSON header (each
 tensor's dtype, shape and byte range, and `__metadata__`: string keys and values), then the raw
-tensor bytes. docs/recording.md documents every tensor and metadata key. This module imports
-neither torch nor numpy, so the sweep driver and the index can use it.
+tensor bytes. docs/recording.md documents every tensor and metadata key. This module is the only
+one outside the writer that knows where those bytes are; it imports neither torch nor numpy, so the
+sweep driver and the index can use it.
 """
 
 from __future__ import annotations
@@ -12,25 +13,20 @@ import json
 import math
 import struct
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
 
-from runner.config import Experiment
+from runner.config import Experiment, build_experiment
 from runner.data.corpus import Corpus
 
-RECORDING = "recording.safetensors"
 FORMAT_VERSION = "1"
 HEADER_SLACK = 4096  # bytes reserved for metadata only known at the end (final loss, timings)
 ITEM_BYTES = {"BF16": 2, "F32": 4}
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
+LENGTH_BYTES = 8  # the header's length, before it
 # Metadata keys of the full-precision parameter fingerprints (before the first update, after the last)
 PARAMETER_FINGERPRINTS = {"initial": "parameters_initial_sha256", "final": "parameters_final_sha256"}
 
 Layout = dict[str, tuple[str, tuple[int, ...]]]  # tensor name -> (safetensors dtype, shape)
-
-
-def partial_path(path: Path) -> Path:
-    """Where a recording lives until it is complete (a file with the final name always is)."""
-    return path.with_name(path.name + ".partial")
 
 
 def recorded_steps(steps: int, every: int) -> range:
@@ -95,13 +91,60 @@ def recording_size(exp: Experiment) -> int:
     return sum(tensor_bytes(dtype, shape) for dtype, shape in expected_layout(exp).values())
 
 
-def read_header(read: Callable[[int, int], bytes]) -> tuple[int, dict]:
-    """The header's length and its parsed JSON (tensors and `__metadata__`) of a safetensors file,
-    given `read(offset, size)` of its bytes. Raises struct.error or ValueError for a file that is not one."""
-    (size,) = struct.unpack("<Q", read(0, 8))
+@dataclass(frozen=True)
+class Header:
+    """A safetensors header as read back: where the data starts and ends, each tensor, the metadata."""
+
+    length: int  # bytes of JSON (reserved space included)
+    tensors: dict[str, dict]  # name -> {"dtype", "shape", "data_offsets"} (offsets from data_start)
+    metadata: dict[str, str]
+
+    @property
+    def data_start(self) -> int:
+        return LENGTH_BYTES + self.length
+
+    @property
+    def end(self) -> int:
+        """The file's length as the header describes it."""
+        return self.data_start + max((t["data_offsets"][1] for t in self.tensors.values()), default=0)
+
+    def row_ranges(self, names: tuple[str, ...], first: int, stop: int) -> list[tuple[int, int]]:
+        """(file offset, length) of rows first..stop-1 of each per-step tensor `names`, in file order."""
+        ranges = []
+        for name in names:
+            begin, end = self.tensors[name]["data_offsets"]
+            row_bytes = (end - begin) // self.tensors[name]["shape"][0]
+            ranges.append((self.data_start + begin + first * row_bytes, (stop - first) * row_bytes))
+        return ranges
+
+
+def header_length(read: Callable[[int, int], bytes]) -> int:
+    """The header's length in bytes, from `read(offset, size)` of the file (struct.error or ValueError
+    for a file that is not a safetensors one)."""
+    (size,) = struct.unpack("<Q", read(0, LENGTH_BYTES))
     if size > MAX_HEADER_BYTES:
         raise ValueError(f"header of {size:,} bytes")
-    return size, json.loads(read(8, size))
+    return size
+
+
+def read_header(read: Callable[[int, int], bytes]) -> Header:
+    """The header of a safetensors file, given `read(offset, size)` of its bytes. Raises
+    struct.error or ValueError for a file that is not one."""
+    size = header_length(read)
+    tensors = json.loads(read(LENGTH_BYTES, size))
+    metadata = tensors.pop("__metadata__", None) or {}
+    return Header(size, tensors, metadata)
+
+
+def header_bytes(read: Callable[[int, int], bytes]) -> bytes:
+    """The file's first bytes up to its data (length and header as stored): they hold the run id,
+    the start time and the final metrics, so they identify a recording's content cheaply."""
+    return read(0, LENGTH_BYTES + header_length(read))
+
+
+def experiment_of(metadata: dict[str, str]) -> Experiment:
+    """The experiment a recording was made by, from its metadata's config."""
+    return build_experiment(json.loads(metadata["config"]))
 
 
 def header_metadata(exp: Experiment, corpus: Corpus, env: dict, started_at: str, n_params: int,

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from runner.errors import UserError
-from runner.recording.format import ITEM_BYTES, read_header
-from runner.storage.blob import open_blob, read
-from runner.storage.uri import S3Uri
+from runner.errors import ConfigError, UserError
+from runner.recording.format import ITEM_BYTES, expected_layout, experiment_of, read_header
+from runner.storage.blob import read
+from runner.storage.location import Location, at
 
 BITS: dict[str, np.dtype] = {"BF16": np.dtype("<u2"), "F32": np.dtype("<u4")}
 
@@ -32,15 +32,13 @@ class RowReader:
     """`with RowReader(path) as f: f.rows("W", 0, 256)` -> fp32 array of rows 0..255. `path` is a
     local file or an `s3://` object (read by ranges)."""
 
-    def __init__(self, path: str | Path | S3Uri):
-        self.path = path
-        self.blob = open_blob(path)
+    def __init__(self, path: str | Path | Location):
+        self.path = at(path)
+        self.blob = self.path.open_blob()
         try:
-            size, header = read_header(lambda offset, n: read(self.blob, offset, n))
-            self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
-            self.tensors: dict[str, dict] = header
-            self.data_start = 8 + size
-            need = self.data_start + max((t["data_offsets"][1] for t in header.values()), default=0)
+            header = read_header(lambda offset, n: read(self.blob, offset, n))
+            self.metadata, self.tensors = header.metadata, header.tensors
+            self.data_start, need = header.data_start, header.end
         except (struct.error, ValueError, KeyError, TypeError, AttributeError, EOFError):
             self.blob.close()
             raise UserError(f"{self.path}: not a safetensors recording (unreadable header)") from None
@@ -67,3 +65,15 @@ class RowReader:
         buffer = bytearray((stop - start) * row_bytes)
         self.blob.read_into(self.data_start + info["data_offsets"][0] + start * row_bytes, memoryview(buffer))
         return np.frombuffer(buffer, dtype=BITS[dtype]).reshape(stop - start, *shape[1:])
+
+
+def layout_matches(recording: Location) -> bool:
+    """The quick check of a recording by its header alone (one ranged read in a bucket): it parses,
+    its tensors are those its own config records (names, dtypes, shapes), and the file is as long
+    as the header says."""
+    try:
+        with RowReader(recording) as f:
+            layout = {name: (info["dtype"], tuple(info["shape"])) for name, info in f.tensors.items()}
+            return layout == expected_layout(experiment_of(f.metadata))
+    except (UserError, ConfigError, KeyError, ValueError):
+        return False

@@ -6,14 +6,21 @@ without torch, for analyses whose memory must stay bounded.)
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from runner.config import Experiment, build_experiment
-from runner.recording.format import FORMAT_VERSION, RECORDING, expected_layout, recorded_steps, recorded_tensors
+from runner.config import Experiment
+from runner.layout import recording_of
+from runner.recording.format import (
+    FORMAT_VERSION,
+    expected_layout,
+    experiment_of,
+    recorded_steps,
+    recorded_tensors,
+)
+from runner.storage.location import Local, Location
 
 
 def layout_problems(path: Path, expected: dict) -> list[str]:
@@ -61,9 +68,7 @@ def verify(path: Path, full: bool = True) -> list[str]:
     Always: the header parses, the metadata is there, names/shapes/dtypes match the recorded
     config, and Adam's relation holds between rows at a sample of steps. `full` also scans every
     value for NaN/Inf (reads the whole file)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / RECORDING
+    path = recording_of(Local(Path(path))).path
     try:
         meta = read_metadata(path)
     except FileNotFoundError:
@@ -74,7 +79,7 @@ def verify(path: Path, full: bool = True) -> list[str]:
     if meta.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
         problems.append(f"{path}: format_version {meta['format_version']}, expected {FORMAT_VERSION}")
     try:
-        exp = build_experiment(json.loads(meta["config"]))
+        exp = experiment_of(meta)
     except (KeyError, ValueError) as e:
         return problems + [f"{path}: metadata: config unusable ({e})"]
     wrong_layout = layout_problems(path, expected_layout(exp))
@@ -121,3 +126,12 @@ def _lr_problems(path: Path, exp: Experiment, lr: torch.Tensor) -> list[str]:
 def read_metadata(path: Path) -> dict[str, str]:
     with safe_open(str(path), framework="pt") as f:
         return f.metadata() or {}
+
+
+def verify_at(recording: Location) -> list[str]:
+    """`verify` of a recording (or a run directory's) wherever it is (one in a bucket is fetched to
+    a temporary file, as a full check reads every byte); problems name the recording where it is."""
+    recording = recording_of(recording)
+    with recording.local_copy() as local:
+        return [problem.replace(str(local), str(recording)) for problem in verify(local)]
+

@@ -23,13 +23,14 @@ import torch
 from runner.config import Experiment
 from runner.errors import UserError
 from runner.files import publish
+from runner.layout import partial
 from runner.recording.format import (
     FORMAT_VERSION,
     HEADER_SLACK,
+    LENGTH_BYTES,
     UPDATE_TENSORS,
     expected_layout,
-    partial_path,
-    read_header,
+    header_length,
     recorded_tensors,
     recording_size,
     tensor_bytes,
@@ -44,7 +45,7 @@ class DiskSpaceError(UserError):
 
 def check_free_space(path: Path, exp: Experiment) -> None:
     """Refuse a recording that cannot fit on the disk (a resumed one already has its space)."""
-    if partial_path(path).exists():
+    if partial(path).exists():
         return
     existing = next(p for p in (path, *path.parents) if p.exists())
     needed, free = recording_size(exp) + HEADER_SLACK, shutil.disk_usage(existing).free
@@ -69,7 +70,7 @@ class RecordingWriter:
     def __init__(self, path: Path, exp: Experiment, *, metadata: dict[str, str], device: torch.device,
                  first_row: int = 0, chunk_rows: int = 64):
         """`first_row` > 0 continues an existing `.partial` file whose rows before it are written."""
-        self.path, self.partial = path, partial_path(path)
+        self.path, self.partial = path, partial(path)
         self.every, self.names = exp.record.every, recorded_tensors(exp)
         self.layout = expected_layout(exp)
         self.offsets: dict[str, int] = {}
@@ -80,18 +81,18 @@ class RecordingWriter:
         self.metadata = {"format_version": FORMAT_VERSION, **metadata}
         if first_row:
             self.fd = os.open(self.partial, os.O_RDWR)
-            self.header_size, _ = read_header(lambda offset, size: os.pread(self.fd, size, offset))
+            self.header_size = header_length(lambda offset, size: os.pread(self.fd, size, offset))
         else:
             self.header_size = (len(self._header_bytes()) + HEADER_SLACK + 7) // 8 * 8
             path.parent.mkdir(parents=True, exist_ok=True)
             self.fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                os.posix_fallocate(self.fd, 0, 8 + self.header_size + end)  # ENOSPC now, not mid-run
+                os.posix_fallocate(self.fd, 0, LENGTH_BYTES + self.header_size + end)  # ENOSPC now, not mid-run
                 self._write_header()
             except BaseException:
                 os.close(self.fd)
                 raise
-        self.data_start = 8 + self.header_size
+        self.data_start = LENGTH_BYTES + self.header_size
         rows = min(chunk_rows, self.layout[self.names[0]][1][0]) if self.names else 1
         self._buffers = [{n: torch.empty((rows, *self.layout[n][1][1:]), dtype=TORCH_DTYPES[self.layout[n][0]],
                                       device=device)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import socket
 import statistics
-from pathlib import Path
 
 from runner.config import Experiment
 from runner.runs.index import flatten_config
 from runner.runs.rundir import UnreadableManifest, read_manifest
+from runner.storage.location import Location
 
 # The config keys that set a run's speed (beyond train.steps, which sets its length).
 SPEED_KEYS = ("model.", "train.batch_size", "train.precision", "train.kernels", "train.device", "train.threads",
@@ -24,11 +24,12 @@ def _speed_shape(config: dict) -> dict:
     return {k: v for k, v in flatten_config(config).items() if k.startswith(SPEED_KEYS)}
 
 
-def measured_speeds(runs_root: Path, host: str | None = None) -> list[tuple[dict, float]]:
-    """(speed shape, steps/s) of every complete run under `runs_root` trained on `host` (this one)."""
+def measured_speeds(runs_root: Location, host: str | None = None) -> list[tuple[dict, float]]:
+    """(speed shape, steps/s) of every complete run under a local `runs_root` trained on `host`
+    (this one). Runs in a bucket were trained on the cluster's nodes: none is this host's."""
     host = host or socket.gethostname()
     found = []
-    for manifest_dir in runs_root.glob("*/*/"):
+    for manifest_dir in runs_root.local.glob("*/*/") if runs_root.local else ():
         try:
             manifest = read_manifest(manifest_dir)
         except UnreadableManifest:

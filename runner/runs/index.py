@@ -16,12 +16,10 @@ import pandas as pd
 
 from runner.config import point_label
 from runner.errors import UserError
-from runner.recording.format import RECORDING
-from runner.runs.rundir import MANIFEST, UnreadableManifest, read_manifest, recording_ok
-from runner.storage.files import read_bytes, write_text
-from runner.storage.uri import S3Uri, parse_location
+from runner.layout import INDEX_CSV, INDEX_JSONL, MANIFEST, RECORDING
+from runner.runs.rundir import UnreadableManifest, read_manifest, recording_ok
+from runner.storage.location import Location, at
 
-INDEX_JSONL, INDEX_CSV = "index.jsonl", "index.csv"
 UNREADABLE = "unreadable"  # the status of a run whose run.json does not parse
 # Leading columns of the index, in order; the flattened config (dotted keys) follows them.
 COLUMNS = ("run_id", "name", "status", "grid_point", "swept", "seed", "device", "host", "started_at", "ended_at",
@@ -40,7 +38,7 @@ def flatten_config(config: dict, prefix: str = "") -> dict:
     return flat
 
 
-def index_row(run_dir: Path | S3Uri, manifest: dict) -> dict:
+def index_row(run_dir: Location, manifest: dict) -> dict:
     metrics = manifest.get("metrics", {})
     recording = manifest.get("recording", {})
     status = manifest.get("status")
@@ -90,11 +88,11 @@ def grid_order(row: dict) -> tuple:
     return (row.get("name") or "", tuple(value_order(row.get(k)) for k in keys), row["run_id"])
 
 
-def read_runs(experiment_dir: Path | S3Uri) -> list[tuple[Path | S3Uri, dict | None, dict]]:
+def read_runs(experiment_dir: Location) -> list[tuple[Location, dict | None, dict]]:
     """(run directory, manifest, index row) of every run directory below `experiment_dir`, in grid
     order. A run.json that does not parse gives the row of an `unreadable` run and no manifest."""
-    runs: list[tuple[Path | S3Uri, dict | None, dict]] = []
-    for run_dir in run_dirs(experiment_dir):
+    runs: list[tuple[Location, dict | None, dict]] = []
+    for run_dir in experiment_dir.children():
         try:
             manifest = read_manifest(run_dir)
         except UnreadableManifest as e:
@@ -105,57 +103,39 @@ def read_runs(experiment_dir: Path | S3Uri) -> list[tuple[Path | S3Uri, dict | N
     return sorted(runs, key=lambda run: grid_order(run[2]))
 
 
-def run_dirs(experiment_dir: Path | S3Uri) -> list[Path | S3Uri]:
-    """The directories below an experiment directory (in a bucket: its 'directories')."""
-    if isinstance(experiment_dir, S3Uri):
-        from runner.storage.s3 import store
-
-        return [experiment_dir / name for name in store().children(experiment_dir)]
-    return [d for d in experiment_dir.iterdir() if d.is_dir()]
-
-
-def rebuild_index(experiment_dir: Path | S3Uri) -> list[dict]:
+def rebuild_index(experiment_dir: Path | Location) -> list[dict]:
     """Rewrite index.jsonl and index.csv (atomically) from the run manifests below `experiment_dir`."""
-    rows = [row for _, _, row in read_runs(experiment_dir)]
-    write_index(experiment_dir, rows)
+    rows = [row for _, _, row in read_runs(at(experiment_dir))]
+    write_index(at(experiment_dir), rows)
     return rows
 
 
-def write_index(experiment_dir: Path | S3Uri, rows: list[dict]) -> None:
-    write_text(experiment_dir / INDEX_JSONL, "".join(json.dumps(r) + "\n" for r in rows))
+def write_index(experiment_dir: Location, rows: list[dict]) -> None:
+    (experiment_dir / INDEX_JSONL).write_text("".join(json.dumps(r) + "\n" for r in rows))
     columns = list(COLUMNS) + sorted({k for r in rows for k in r} - set(COLUMNS))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
     for row in rows:
         writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()})
-    write_text(experiment_dir / INDEX_CSV, buffer.getvalue())
+    (experiment_dir / INDEX_CSV).write_text(buffer.getvalue())
 
 
-def experiment_dirs(root: Path | S3Uri) -> list[Path | S3Uri]:
-    """`root` itself if it holds run directories, else its subdirectories that do."""
-    if isinstance(root, S3Uri):
-        from runner.storage.s3 import store
-
-        manifests = [key.split("/") for key in store().objects(root) if key.endswith(f"/{MANIFEST}")]
-        if any(len(parts) == 2 for parts in manifests):
-            return [root]
-        return [root / name for name in sorted({parts[0] for parts in manifests if len(parts) == 3})]
-
-    def holds_runs(d: Path) -> bool:
-        return any((p / MANIFEST).exists() for p in d.iterdir() if p.is_dir())
-    if holds_runs(root):
+def experiment_dirs(root: Location) -> list[Location]:
+    """`root` itself if it holds run directories, else its subdirectories that do (from one listing)."""
+    manifests = [key.split("/") for key in root.files() if key.endswith(f"/{MANIFEST}")]
+    if any(len(parts) == 2 for parts in manifests):
         return [root]
-    return [d for d in sorted(root.iterdir()) if d.is_dir() and holds_runs(d)]
+    return [root / name for name in sorted({parts[0] for parts in manifests if len(parts) == 3})]
 
 
 def load_index(path: str | Path) -> pd.DataFrame:
     """Rows of an index (index.jsonl, or an experiment directory holding one; local or
     `s3://bucket/prefix/<experiment>`) as a DataFrame."""
-    where = parse_location(path) if isinstance(path, str) else path
-    if isinstance(where, Path) and where.is_dir() or isinstance(where, S3Uri) and where.name != INDEX_JSONL:
+    where = at(path)
+    if where.is_dir():
         where = where / INDEX_JSONL
-    data = read_bytes(where)
+    data = where.read_bytes()
     if data is None:
         raise UserError(f"{where}: no such index (lilgatsby index rebuilds it)")
     return pd.read_json(io.BytesIO(data), lines=True, dtype=False)

@@ -1,5 +1,5 @@
-"""Run directories: their manifest (run.json, the source of truth), their lock and their
-completeness. Training, the sweep's driver, the index and the CLI use it; it imports no model code
+"""Run directories: their manifest (run.json, the source of truth), their lock, their progress
+and their completeness. Training, the sweep's driver, the index and the CLI use it; it imports no model code
 (checking a recording imports torch, when it is first needed)."""
 
 from __future__ import annotations
@@ -10,12 +10,11 @@ import json
 from pathlib import Path
 
 from runner.config import Experiment
-from runner.errors import UserError
-from runner.recording.format import RECORDING
-from runner.storage.files import read_bytes, write_text
-from runner.storage.uri import S3Uri
+from runner.errors import RunLocked, UserError
+from runner.layout import RunFiles
+from runner.recording.rows import layout_matches
+from runner.storage.location import Location, at
 
-MANIFEST = "run.json"
 # The status and error of a run the user interrupted (train and sweep alike); it resumes from its
 # last checkpoint when trained again.
 CANCELLED = "cancelled", "cancelled by the user (Ctrl-C); resumable"
@@ -28,8 +27,8 @@ def new_manifest(exp: Experiment, overrides: dict | None, grid_point: dict | Non
             "config": exp.to_dict()}
 
 
-def write_manifest(run_dir: Path | S3Uri, manifest: dict) -> None:
-    write_text(run_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+def write_manifest(run_dir: Path | Location, manifest: dict) -> None:
+    RunFiles(at(run_dir)).manifest.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
 
 
 class UnreadableManifest(UserError):
@@ -47,25 +46,21 @@ def _parse_manifest(data: bytes | str, where: object) -> dict:
                                  f"remove it") from None
 
 
-def read_manifest(run_dir: Path | S3Uri) -> dict | None:
+def read_manifest(run_dir: Path | Location) -> dict | None:
     """The run's manifest, or None when there is none yet. One that exists but does not parse raises
     UnreadableManifest: the index names it, and nothing writes over it."""
-    path = run_dir / MANIFEST
+    path = RunFiles(at(run_dir)).manifest
     try:
-        data = read_bytes(path)
+        data = path.read_bytes()
     except OSError as e:
         raise UnreadableManifest(f"{path}: unreadable ({e.strerror}); left as it is") from None
     return None if data is None else _parse_manifest(data, path)
 
 
-class RunLocked(UserError):
-    """Another process is training this run right now."""
-
-
 @contextlib.contextmanager
 def run_lock(run_dir: Path):
     """One trainer per run directory at a time (an advisory lock, released when the process dies)."""
-    with open(run_dir / ".lock", "w") as lock:
+    with open(RunFiles(run_dir).lock, "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -79,13 +74,12 @@ def run_lock(run_dir: Path):
 _verified: dict[tuple[str, int, int], bool] = {}
 
 
-def recording_ok(path: Path | S3Uri) -> bool:
+def recording_ok(recording: Location) -> bool:
     """The quick `verify` of a recording, remembered by (path, size, mtime). In a bucket: its header
     and size (a ranged read; the recording is not downloaded)."""
-    if isinstance(path, S3Uri):
-        from runner.storage.remote import remote_recording_ok
-
-        return remote_recording_ok(path)
+    path = recording.local
+    if path is None:
+        return layout_matches(recording)
     from runner.recording.verify import verify  # torch: imported when a recording is checked, not by `load_index`
 
     try:
@@ -98,9 +92,19 @@ def recording_ok(path: Path | S3Uri) -> bool:
     return _verified[key]
 
 
-def is_complete(run_dir: Path | S3Uri, exp: Experiment) -> bool:
+def is_complete(run_dir: Path | Location, exp: Experiment) -> bool:
     """A finished run: its manifest says complete and its recording has the expected tensors."""
     manifest = read_manifest(run_dir)
     if not manifest or manifest.get("status") != "complete" or manifest.get("run_id") != exp.run_id:
         return False
-    return recording_ok(run_dir / RECORDING)
+    return recording_ok(RunFiles(at(run_dir)).recording)
+
+
+def read_progress(run_dir: Location) -> dict | None:
+    """The run's last progress update (`runner.training.progress` writes it), or None before its
+    first (or when unreadable). In a bucket, the one its last checkpoint shipped."""
+    try:
+        data = RunFiles(run_dir).progress.read_bytes()
+        return None if data is None else json.loads(data)
+    except (OSError, ValueError):
+        return None

@@ -1,1 +1,2 @@
-"""Where runs live: a local directory or an S3 bucket (`s3://bucket/prefix`)."""
+"""Transport: where bytes live (a local directory or an S3 bucket, behind `location.Location`), how
+they move, and the bucket's lease. Nothing here knows what a run is beyond its file names."""

@@ -1,6 +1,6 @@
-"""A recording's bytes wherever it is: a local file (positional reads) or an S3 object (ranged
-reads). `RowReader` reads rows through this, so metrics, `compare` and the report stream a
-recording from a bucket with the same bounded memory as from a disk."""
+"""A file's bytes wherever it is: a local file (positional reads) or an S3 object (ranged reads).
+`Location.open_blob` gives one; `RowReader` reads rows through it, so metrics, `compare` and the
+report stream a recording from a bucket with the same bounded memory as from a disk."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Protocol
 
 from runner.errors import UserError
-from runner.storage.uri import S3Uri, parse_location
+from runner.storage.uri import S3Uri
 
 
 class Blob(Protocol):
@@ -59,11 +59,6 @@ class S3Blob:
 
     def close(self) -> None:
         pass
-
-
-def open_blob(location: str | Path | S3Uri) -> Blob:
-    where = parse_location(location) if isinstance(location, str) else location
-    return S3Blob(where) if isinstance(where, S3Uri) else LocalBlob(where)
 
 
 def read(blob: Blob, offset: int, size: int) -> bytes:

@@ -18,12 +18,12 @@ import threading
 import time
 import uuid
 
-from runner.runs.rundir import RunLocked
+from runner.errors import RunLocked
+from runner.layout import RunFiles
 from runner.storage.s3 import ObjectInfo, ObjectStore, PreconditionFailed, StorageError
 from runner.storage.uri import S3Uri
 
 log = logging.getLogger(__name__)
-LEASE = ".lease"
 TTL_ENV = "LILGATSBY_LEASE_TTL_S"  # seconds a lease outlives its trainer's last renewal (default 60)
 
 
@@ -31,7 +31,7 @@ class Lease:
     """`with Lease(store, run): ...` holds the run's lease (RunLocked when another trainer holds it)."""
 
     def __init__(self, store: ObjectStore, run: S3Uri, ttl_s: float | None = None):
-        self.store, self.uri = store, run / LEASE
+        self.store, self.uri = store, RunFiles(run).lease
         self.ttl_s = ttl_s or float(os.environ.get(TTL_ENV) or 60)
         self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
         self.etag: str | None = None

@@ -106,12 +106,11 @@ class ObjectStore:
                 return None
             raise
 
-    def stream_to(self, uri: S3Uri, write, chunk: int = 1 << 20) -> None:
-        """Pass the object's bytes to `write(bytes)` in chunks (bounded memory)."""
+    def stream(self, uri: S3Uri, chunk: int = 1 << 20) -> Iterator[bytes]:
+        """The object's bytes in chunks (bounded memory)."""
         with self._errors("read", uri):
             body = self.client.get_object(Bucket=uri.bucket, Key=uri.key)["Body"]
-            for block in body.iter_chunks(chunk):
-                write(block)
+            yield from body.iter_chunks(chunk)
 
     def download(self, uri: S3Uri, path: Path) -> None:
         """The object into a local file (parallel ranged reads for a large one)."""
@@ -122,11 +121,13 @@ class ObjectStore:
             self.client.download_file(uri.bucket, uri.key, str(path), Config=TransferConfig(
                 multipart_threshold=PART_BYTES, multipart_chunksize=PART_BYTES, max_concurrency=CONCURRENCY))
 
-    def objects(self, uri: S3Uri) -> dict[str, int]:
-        """Every object below `uri` (recursively): key relative to `uri` -> size."""
+    def objects(self, uri: S3Uri, limit: int | None = None) -> dict[str, int]:
+        """Every object below `uri` (recursively; the first `limit` of them): key relative to `uri` -> size."""
         found: dict[str, int] = {}
+        pages = {"PaginationConfig": {"MaxItems": limit}} if limit else {}
         with self._errors("list", uri):
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=uri.bucket, Prefix=uri.prefix):
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=uri.bucket, Prefix=uri.prefix,
+                                                                                 **pages):
                 for item in page.get("Contents", []):
                     found[item["Key"][len(uri.prefix):]] = item["Size"]
         return found

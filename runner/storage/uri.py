@@ -45,14 +45,9 @@ class S3Uri:
         return f"{SCHEME}{self.bucket}/{self.key}" if self.key else f"{SCHEME}{self.bucket}"
 
 
-Location = Path | S3Uri
-
-
-def parse_location(text: str | Path, what: str = "path") -> Location:
+def parse_location(text: str, what: str = "path") -> Path | S3Uri:
     """A local path as a Path, `s3://bucket/prefix` as an S3Uri; any other scheme, or an S3 URI
     that is not one, is a one-line ConfigError naming `what` (e.g. `--runs`)."""
-    if isinstance(text, Path):
-        return text
     match = _SCHEME.match(text)
     if not match:
         return Path(text)
@@ -67,6 +62,3 @@ def parse_location(text: str | Path, what: str = "path") -> Location:
         raise ConfigError(f"{what}: {text}: empty, '.' or '..' parts in the key prefix")
     return S3Uri(bucket, key)
 
-
-def is_s3(location: object) -> bool:
-    return isinstance(location, S3Uri) or (isinstance(location, str) and location.startswith(SCHEME))

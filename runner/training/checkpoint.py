@@ -21,10 +21,10 @@ from safetensors.torch import save_file
 from runner.config import Experiment
 from runner.errors import UserError
 from runner.files import atomic_path
+from runner.layout import RunFiles
 
 log = logging.getLogger(__name__)
 progress_log = logging.getLogger("runner.progress")  # train.log only
-CHECKPOINT = "checkpoint.safetensors"
 READ_ATTEMPTS, RETRY_S = 3, 1.0
 
 
@@ -75,7 +75,8 @@ def save(run_dir: Path, run_id: str, step: int, train_s: float, model: torch.nn.
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = state
     tensors["losses"] = losses[:step].detach().cpu()
-    with atomic_path(run_dir / CHECKPOINT, run_dir / (CHECKPOINT + ".tmp")) as tmp:
+    files = RunFiles(run_dir)
+    with atomic_path(files.checkpoint, files.checkpoint_tmp) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
                   metadata={"run_id": run_id, "step": str(step), "train_s": repr(train_s),
                             "threads": str(torch.get_num_threads())})
@@ -85,7 +86,7 @@ def load(run_dir: Path, run_id: str, model: torch.nn.Module, optimizer: torch.op
     """Restore model, optimizer and RNG from the run's checkpoint; None when there is none (or it
     is another run's). A checkpoint that cannot be read is retried and then fails the run, kept:
     a transient error (a network volume, a flaky disk) must not cost the run its progress."""
-    path = run_dir / CHECKPOINT
+    path = RunFiles(run_dir).checkpoint
     for attempt in range(1, READ_ATTEMPTS + 1):
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -120,5 +121,6 @@ def load(run_dir: Path, run_id: str, model: torch.nn.Module, optimizer: torch.op
 
 
 def remove(run_dir: Path) -> None:
-    for name in (CHECKPOINT, CHECKPOINT + ".tmp"):
-        (run_dir / name).unlink(missing_ok=True)
+    files = RunFiles(run_dir)
+    for path in (files.checkpoint, files.checkpoint_tmp):
+        path.unlink(missing_ok=True)

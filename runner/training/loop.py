@@ -18,6 +18,7 @@ from runner.config import Experiment
 from runner.data.batches import NotebookSampler, make_sampler
 from runner.data.corpus import Corpus
 from runner.data.tokenizer import encode, save_tokenizer
+from runner.layout import RunFiles
 from runner.model.gpt2 import (
     batch_loss,
     build_model,
@@ -27,7 +28,7 @@ from runner.model.gpt2 import (
     parameters_sha256,
 )
 from runner.model.kernels import choose
-from runner.recording.format import PARAMETER_FINGERPRINTS, RECORDING, expected_layout, header_metadata, partial_path
+from runner.recording.format import PARAMETER_FINGERPRINTS, expected_layout, header_metadata
 from runner.recording.verify import layout_problems, read_metadata
 from runner.recording.writer import RecordingWriter
 from runner.training import checkpoint
@@ -71,12 +72,13 @@ def build_model_and_optimizer(exp: Experiment, device: torch.device
 def _open_recording(exp: Experiment, run_dir: Path, model, optimizer, restart: bool, header: dict,
                     device: torch.device) -> tuple[RecordingWriter, checkpoint.Checkpoint | None]:
     """Continue from the run's checkpoint when it and the partial recording are usable, else start over."""
-    path = run_dir / RECORDING
-    resumable = not restart and (run_dir / checkpoint.CHECKPOINT).exists()
-    if resumable and layout_problems(partial_path(path), expected_layout(exp)):
+    files = RunFiles(run_dir)
+    partial = files.partial_recording
+    resumable = not restart and files.checkpoint.exists()
+    if resumable and layout_problems(partial, expected_layout(exp)):
         log.warning("run %s: a checkpoint but no usable partial recording; starting over", exp.run_id)
         resumable = False
-    elif resumable and (before := read_metadata(partial_path(path)).get("implementation")) != header["implementation"]:
+    elif resumable and (before := read_metadata(partial).get("implementation")) != header["implementation"]:
         log.warning("run %s: started with other kernels (%s; now %s): the bits would mix, so starting over",
                     exp.run_id, before, header["implementation"])
         resumable = False
@@ -84,7 +86,7 @@ def _open_recording(exp: Experiment, run_dir: Path, model, optimizer, restart: b
     if ckpt is None:
         checkpoint.remove(run_dir)
     first_row = ckpt.step // exp.record.every + 1 if ckpt else 0
-    writer = RecordingWriter(path, exp, metadata=header, device=device, first_row=first_row)
+    writer = RecordingWriter(files.recording, exp, metadata=header, device=device, first_row=first_row)
     return writer, ckpt
 
 
@@ -105,7 +107,7 @@ def train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.de
     if threads:
         torch.set_num_threads(threads)
     sampler = make_sampler(cfg.batch_order, _tokens(corpus), exp.model.context_length, cfg.batch_size, cfg.seed)
-    save_tokenizer(run_dir / "tokenizer")
+    save_tokenizer(RunFiles(run_dir).tokenizer)
     model, optimizer, impl, optimizer_description = build_model_and_optimizer(exp, torch_device)
     n_params = count_parameters(model)
     header = {**header_metadata(exp, corpus, env, started_at, n_params, str(torch_device)),
@@ -197,4 +199,4 @@ def _finish(exp: Experiment, run_dir: Path, model, optimizer, writer: RecordingW
                         {**{k: repr(v) for k, v in metrics.items()},
                          PARAMETER_FINGERPRINTS["final"]: parameters_sha256(model)})
     checkpoint.remove(run_dir)
-    return {"metrics": metrics, "recording": {"path": RECORDING, "bytes": path.stat().st_size}}
+    return {"metrics": metrics, "recording": {"path": path.name, "bytes": path.stat().st_size}}

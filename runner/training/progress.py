@@ -1,6 +1,7 @@
 """A run's progress while it trains: the console bar, a line in train.log, and `progress.json`.
 
-`progress.json` in the run directory is the channel a sweep's driver reads (docs/recording.md):
+`progress.json` in the run directory is the channel a sweep's driver reads
+(`runner.runs.rundir.read_progress`; docs/recording.md):
 `{"step": 500, "steps": 10000, "loss": 2.4312, "steps_per_s": 37.9, "rows_written": 448}`, replaced
 whole at most 20 times per run and at its last step (`rows_written`: the rows of the partial
 recording already in the file, which a report of the running run reads). Each update costs one
@@ -19,13 +20,11 @@ from tqdm import tqdm
 
 from runner.config import Experiment
 from runner.files import write_atomic
-from runner.storage.files import read_bytes
-from runner.storage.uri import S3Uri
+from runner.layout import RunFiles
 
 if TYPE_CHECKING:
     import torch
 
-PROGRESS = "progress.json"
 UPDATES_PER_RUN = 20
 progress_log = logging.getLogger("runner.progress")  # train.log only; the console has the bar
 
@@ -33,7 +32,7 @@ progress_log = logging.getLogger("runner.progress")  # train.log only; the conso
 class Progress:
     def __init__(self, exp: Experiment, run_dir: Path, start: int, enabled: bool):
         """`start`: the first step this process trains (a resumed run starts after its checkpoint)."""
-        self.path, self.steps, self.start = run_dir / PROGRESS, exp.train.steps, start
+        self.path, self.steps, self.start = RunFiles(run_dir).progress, exp.train.steps, start
         self.every = -(-self.steps // UPDATES_PER_RUN)
         self.bar = tqdm(total=self.steps, initial=start - 1, desc=f"{exp.name}/{exp.run_id}", unit="step",
                         disable=not enabled, mininterval=1.0, dynamic_ncols=True)
@@ -54,12 +53,3 @@ class Progress:
     def close(self) -> None:
         self.bar.close()
 
-
-def read_progress(run_dir: Path | S3Uri) -> dict | None:
-    """The run's last progress update, or None before its first (or when unreadable). In a bucket,
-    the one its last checkpoint shipped."""
-    try:
-        data = read_bytes(run_dir / PROGRESS)
-        return None if data is None else json.loads(data)
-    except (OSError, ValueError):
-        return None

@@ -15,8 +15,8 @@ from transformers.utils import logging as hf_logging
 from runner.config import Experiment
 from runner.data.tokenizer import save_tokenizer
 from runner.files import atomic_path
+from runner.layout import PARTIAL, RunFiles, partial
 
-MODELS = "models"
 PYTHIA_EARLY_STEPS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # EleutherAI Pythia's log-spaced checkpoints
 PYTHIA_EVERY = 1000
 
@@ -35,7 +35,7 @@ def snapshot_steps(schedule: str | tuple[int, ...], steps: int) -> list[int]:
 
 
 def snapshot_dir(run_dir: Path, step: int) -> Path:
-    return run_dir / MODELS / f"step-{step}"
+    return RunFiles(run_dir).snapshot(step)
 
 
 class Snapshots:
@@ -51,10 +51,10 @@ class Snapshots:
         final = snapshot_dir(self.run_dir, step)
         if step not in self.steps or final.exists():
             return
-        with atomic_path(final, final.with_name(final.name + ".partial")) as partial:
-            model.save_pretrained(partial)
-            save_tokenizer(partial)
+        with atomic_path(final, partial(final)) as being_written:
+            model.save_pretrained(being_written)
+            save_tokenizer(being_written)
 
     def saved(self) -> list[str]:
-        return sorted((p.name for p in (self.run_dir / MODELS).glob("step-*") if not p.name.endswith(".partial")),
+        return sorted((p.name for p in RunFiles(self.run_dir).models.glob("step-*") if not p.name.endswith(PARTIAL)),
                       key=lambda name: int(name.removeprefix("step-")))
