@@ -1,10 +1,11 @@
+import hashlib
 import logging
 import urllib.request
 
 import pytest
 
 from runner.data import corpus as corpus_mod
-from runner.data.corpus import CorpusError, clean, load_corpus, resolve_path
+from runner.data.corpus import Book, CorpusError, clean, corpus_of, load_corpus, read_book, resolve_path
 
 from conftest import SMALL_BOOK
 
@@ -129,3 +130,19 @@ def test_loaded_once_per_process_until_the_file_changes(tmp_path):
     path.write_text(SMALL_BOOK.replace("my father", "my grandfather"), encoding="utf-8")
     changed = load_corpus(str(path), "drop")
     assert "grandfather" in changed.text and "grandfather" not in first.text
+
+
+def test_a_book_that_changed_on_the_way_is_refused_naming_both_hashes(small_book):
+    """What a sweep's task does with the bytes the driver sent: they clean to the same corpus as the
+    file when intact; one byte changed after the driver hashed them is one line naming both hashes."""
+    book = read_book(small_book)
+    assert book.sha256 == hashlib.sha256(small_book.read_bytes()).hexdigest()
+    sent = corpus_of(book, "drop")
+    assert sent == load_corpus(str(small_book), "drop") and sent.file_sha256 == book.sha256
+    assert sent.summary()["file_sha256"] == book.sha256
+    tampered = Book(book.data[:100] + bytes([book.data[100] ^ 1]) + book.data[101:], book.source, book.sha256)
+    with pytest.raises(CorpusError) as refused:
+        corpus_of(tampered, "drop")
+    message = str(refused.value)
+    actual = hashlib.sha256(tampered.data).hexdigest()
+    assert "\n" not in message and book.sha256 in message and actual in message and str(small_book) in message

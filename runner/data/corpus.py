@@ -1,7 +1,9 @@
-"""The Great Gatsby (Project Gutenberg eBook #64317): find it, clean it to 7-bit ASCII.
+"""The Great Gatsby (Project Gutenberg eBook #64317): find it, read it, clean it to 7-bit ASCII.
 
 Resolution order: explicit path (experiment or CLI) -> $LILGATSBY_CORPUS -> the copy cached
-under data/ -> download from Project Gutenberg (cached under data/ for next time).
+under data/ -> download from Project Gutenberg (cached under data/ for next time). A sweep's
+driver reads the book once and sends its bytes to every task with their SHA-256 (a `Book`):
+a worker checks the hash and cleans the bytes itself, never needing the file or the internet.
 """
 
 from __future__ import annotations
@@ -37,12 +39,22 @@ class CorpusError(UserError):
 
 
 @dataclass(frozen=True)
+class Book:
+    """The raw book as read from its file: its bytes, where they came from and their SHA-256."""
+
+    data: bytes
+    source: str
+    sha256: str
+
+
+@dataclass(frozen=True)
 class Corpus:
     text: str  # cleaned, 7-bit ASCII
     source: str  # where the raw book came from
     mode: str  # "drop" or "map"
     dropped: int  # non-ASCII characters removed
     replaced: int  # characters rewritten (map mode's punctuation, NFKD decompositions)
+    file_sha256: str = ""  # of the raw book's bytes (the text's own hash is `sha256`)
 
     @property
     def sha256(self) -> str:
@@ -58,7 +70,8 @@ class Corpus:
         """What run.json says of the corpus a run trained on."""
         counts = self.token_counts
         return {"source": self.source, "ascii": self.mode, "length": len(self.text), "sha256": self.sha256,
-                "dropped": self.dropped, "replaced": self.replaced, "token_counts": counts,
+                "file_sha256": self.file_sha256, "dropped": self.dropped, "replaced": self.replaced,
+                "token_counts": counts,
                 "dead_tokens": [i for i, c in enumerate(counts) if c == 0]}
 
 
@@ -90,30 +103,46 @@ def to_ascii(text: str, mode: str) -> tuple[str, int, int]:
     return "".join(out), dropped, replaced
 
 
-def clean(raw: str, mode: str, source: str = "<text>") -> Corpus:
+def clean(raw: str, mode: str, source: str = "<text>", file_sha256: str = "") -> Corpus:
     body = strip_gutenberg(raw.replace("\r\n", "\n"), source)
     text, dropped, replaced = to_ascii(body, mode)
     if not text:
         raise CorpusError(f"{source}: no text left after cleaning")
-    return Corpus(text=text, source=source, mode=mode, dropped=dropped, replaced=replaced)
+    return Corpus(text=text, source=source, mode=mode, dropped=dropped, replaced=replaced, file_sha256=file_sha256)
 
 
-def read_text(path: Path) -> str:
-    """Read a UTF-8 text file, refusing empty, binary and non-UTF-8 files with a clear message."""
+def read_book(path: Path) -> Book:
+    """The book's bytes from its file (a one-line CorpusError when it cannot be read)."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         raise CorpusError(f"{path}: corpus file not found") from None
     except OSError as e:
         raise CorpusError(f"{path}: cannot read corpus: {e.strerror}") from None
+    return Book(data, str(path), hashlib.sha256(data).hexdigest())
+
+
+def decode(book: Book) -> str:
+    """The book as text, refusing empty, binary and non-UTF-8 files with a clear message."""
+    data, where = book.data, book.source
     if not data.strip():
-        raise CorpusError(f"{path}: corpus file is empty")
+        raise CorpusError(f"{where}: corpus file is empty")
     if b"\x00" in data:
-        raise CorpusError(f"{path}: corpus file is binary (contains NUL bytes), expected UTF-8 text")
+        raise CorpusError(f"{where}: corpus file is binary (contains NUL bytes), expected UTF-8 text")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise CorpusError(f"{path}: corpus is not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+        raise CorpusError(f"{where}: corpus is not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+
+
+def corpus_of(book: Book, mode: str) -> Corpus:
+    """The cleaned corpus of a book whose bytes may have travelled (from a sweep's driver to its
+    worker): refused in one line, naming both hashes, when they no longer hash to `book.sha256`."""
+    actual = hashlib.sha256(book.data).hexdigest()
+    if actual != book.sha256:
+        raise CorpusError(f"{book.source}: the book's bytes hash to sha256 {actual} here, not the {book.sha256} "
+                          f"the driver read: changed on the way; the run is not trained on them")
+    return clean(decode(book), mode, book.source, book.sha256)
 
 
 def _download(url: str, dest: Path) -> None:
@@ -148,7 +177,7 @@ def load_corpus(path: str | None, mode: str) -> Corpus:
     try:
         stat = source.stat()
     except OSError:
-        return _load(source, mode)  # read_text says what is wrong
+        return _load(source, mode)  # read_book says what is wrong
     return _load_unchanged(source, mode, stat.st_mtime_ns, stat.st_size)
 
 
@@ -158,7 +187,7 @@ def _load_unchanged(source: Path, mode: str, mtime_ns: int, size: int) -> Corpus
 
 
 def _load(source: Path, mode: str) -> Corpus:
-    corpus = clean(read_text(source), mode, str(source))
+    corpus = corpus_of(read_book(source), mode)
     log.info("corpus %s (%s): %d characters, %d dropped, %d replaced, %d dead tokens",
              source, mode, len(corpus.text), corpus.dropped, corpus.replaced, corpus.token_counts.count(0))
     return corpus

@@ -22,7 +22,6 @@ from typing import Any
 import ray
 import torch
 
-from runner.data.corpus import ENV_VAR
 from runner.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -32,23 +31,25 @@ TOKEN_HELP = ("set RAY_AUTH_TOKEN_PATH to the cluster's token file (`make cluste
               "or RAY_AUTH_TOKEN to the token")
 
 
-def start_or_join(address: str | None) -> None:
+def start_or_join(address: str | None) -> bool:
     """Join the cluster at `address` (or $RAY_ADDRESS), else start an embedded instance sized to
-    this machine (never another one found running; a Mac offers its GPU as `mps`)."""
+    this machine (never another one found running; a Mac offers its GPU as `mps`). Returns
+    whether it joined a cluster. Workers get nothing of the driver's environment: the book
+    travels with the tasks."""
     address = address or os.environ.get("RAY_ADDRESS")
     env: dict = {"worker_process_setup_hook": WORKER_SETUP_HOOK}
-    if os.environ.get(ENV_VAR):
-        env["env_vars"] = {ENV_VAR: os.environ[ENV_VAR]}
     options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING,
                                "runtime_env": env}
     token_mode_on()
     if address:
         _connect(address, options)
+        return True
     else:
         if not os.environ.get("RAY_AUTH_TOKEN") and not os.environ.get("RAY_AUTH_TOKEN_PATH"):
             os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # this instance's; its processes inherit it
         mps: dict[str, float] | None = {"mps": 1} if torch.backends.mps.is_available() else None
         ray.init(address="local", num_cpus=os.cpu_count(), resources=mps, **options)
+        return False
 
 
 def token_mode_on() -> None:

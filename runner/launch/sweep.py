@@ -1,9 +1,12 @@
 """Sweeps on Ray: one task per run, placed on a GPU, an Apple MPS worker or CPUs.
 
-With `ray_session`, the only modules that import Ray. Each task trains one run directory under the
-runs root: a local directory (`runner.launch.train.run`; local disk for the embedded instance, a
-volume every node mounts in a cluster) or `s3://bucket/prefix` (`runner.launch.run_at`: each
-worker stages the run on its own disk and publishes it to the bucket; no shared filesystem).
+With `ray_session` and `nodes`, the only modules that import Ray. Each task trains one run
+directory under the runs root: a local directory (`runner.launch.train.run`; local disk for the
+embedded instance, a volume every node mounts in a cluster) or `s3://bucket/prefix`
+(`runner.launch.run_at`: each worker stages the run on its own disk and publishes it to the
+bucket; no shared filesystem). The book travels with the tasks: the driver reads each distinct
+book once and puts its bytes in Ray's object store; each task checks their SHA-256 before it
+trains. On a cluster every node is checked first (`runner.launch.nodes`).
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import ray
 from tqdm import tqdm
 
 from runner.config import Experiment, Run, build_experiment, load_runs
-from runner.data.corpus import load_corpus, resolve_path
+from runner.data.corpus import Book, corpus_of, read_book, resolve_path
 from runner.errors import ConfigError, RunLocked, UserError
+from runner.launch.nodes import check_nodes, check_this_node, identity
 from runner.launch.ray_session import start_or_join
 from runner.layout import INDEX_JSONL, RunFiles
 from runner.recording.format import recording_size
@@ -69,10 +73,15 @@ def assigned_device() -> tuple[str, int]:
 
 
 @ray.remote
-def _train_task(config: dict, overrides: dict, grid_point: dict, run_dir: str, restart: bool, force: bool) -> dict:
+def _train_task(driver: dict[str, str], book: bytes, book_sha256: str, config: dict, overrides: dict,
+                grid_point: dict, run_dir: str, restart: bool, force: bool) -> dict:
+    """One run on the node Ray chose; `book` is the book's bytes from the object store, `driver`
+    the driver's identity (plain values, so a node of another version fails the check, not a pickle)."""
+    check_this_node(driver)
     from runner.launch.run_at import train_at  # the model stack is imported by workers only (ray_session)
 
     exp = build_experiment(config)
+    corpus = corpus_of(Book(book, exp.corpus.path or "the book", book_sha256), exp.corpus.ascii)
     device, threads = assigned_device()
     home = at(run_dir)
     try:
@@ -81,7 +90,7 @@ def _train_task(config: dict, overrides: dict, grid_point: dict, run_dir: str, r
         raise RuntimeError(f"worker {socket.gethostname()}: {e}: the runs root must be storage every worker "
                            f"can reach") from None
     manifest = train_at(exp, home, overrides=overrides, grid_point=grid_point, device=device, threads=threads,
-                        progress=False, restart=restart, force=force)
+                        progress=False, restart=restart, force=force, corpus=corpus)
     producer = manifest.get("environment", {})  # another sweep on the same runs root may have trained it meanwhile
     trained_here = (producer.get("host"), producer.get("pid")) == (socket.gethostname(), os.getpid())
     return {"run_id": manifest["run_id"], "device": manifest["device"], "trained_here": trained_here,
@@ -119,21 +128,22 @@ def describe(runs: list[Run], todo: list[Run], runs_root: Location) -> str:
     return "\n".join(lines)
 
 
-def _resolve_corpora(todo: list[Run]) -> list[Run]:
-    """Check each distinct corpus once, before Ray starts (downloading it once, not in every task),
-    and hand the tasks its absolute path. corpus.path is not part of the run id."""
-    checked: dict[tuple[str | None, str], str] = {}
+def _read_books(todo: list[Run]) -> tuple[list[Run], dict[str, Book]]:
+    """Read each distinct book once and check that it cleans, before Ray starts (downloading it
+    once, not in every task): the runs with corpus.path set to where the driver read it (not part
+    of the run id; run.json says it), and the books by that path."""
+    books: dict[str, Book] = {}
     resolved = []
     for r in todo:
         corpus = r.experiment.corpus
-        key = (corpus.path, corpus.ascii)
-        if key not in checked:
-            checked[key] = str(resolve_path(corpus.path).resolve())
-            load_corpus(checked[key], corpus.ascii)
+        path = str(resolve_path(corpus.path).resolve())
+        if path not in books:
+            books[path] = read_book(Path(path))
+        corpus_of(books[path], corpus.ascii)  # a book that does not clean is refused here, not in a task
         config = r.experiment.to_dict()
-        config["corpus"]["path"] = checked[key]
+        config["corpus"]["path"] = path
         resolved.append(Run(build_experiment(config), r.point, r.settings))
-    return resolved
+    return resolved, books
 
 
 def _status_line(running: list[Run], exp_dir: Location) -> str:
@@ -172,18 +182,23 @@ def sweep(path: Path, overrides: list[str], runs_root: Location, *, address: str
         print(f"{exp_dir}: {'the run is' if len(runs) == 1 else f'all {len(runs)} runs'} complete; nothing to train "
               f"(--force trains {'it' if len(runs) == 1 else 'them'} again)")
         return 0
-    todo = _resolve_corpora(todo)
-    exp_dir.make_dir()
-
-    start_or_join(address)
+    todo, books = _read_books(todo)
+    joined = start_or_join(address)
     try:
-        cluster = ray.cluster_resources()
+        if joined:
+            check_nodes(exp_dir.parent)
+        exp_dir.make_dir()
+        cluster, driver = ray.cluster_resources(), identity()
+        sent = {where: ray.put(book.data) for where, book in books.items()}  # once each, not once per task
         pending = {}
         for r in todo:
             options = task_options(r.experiment, cluster)
+            book = r.experiment.corpus.path  # where the driver read it (_read_books)
+            assert book is not None
             ref = _train_task.options(**options, max_retries=max_retries, retry_exceptions=False,
                                       name=f"{r.experiment.name}/{r.run_id}").remote(
-                r.experiment.to_dict(), r.overrides, r.point, str(exp_dir / r.run_id), restart, force)
+                driver, sent[book], books[book].sha256, r.experiment.to_dict(), r.overrides, r.point,
+                str(exp_dir / r.run_id), restart, force)
             pending[ref] = r
         return _collect(pending, exp_dir, len(runs) - len(todo), progress)
     finally:

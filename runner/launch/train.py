@@ -67,7 +67,7 @@ class Publisher(Protocol):
 
 def run(exp: Experiment, run_dir: Path, *, overrides: dict | None = None, grid_point: dict | None = None,
         device: str | None = None, threads: int | None = None, progress: bool = True, restart: bool = False,
-        force: bool = False, publisher: Publisher | None = None) -> dict:
+        force: bool = False, publisher: Publisher | None = None, corpus: Corpus | None = None) -> dict:
     """Train `exp` into `run_dir` (recording, run.json, train.log); returns the manifest. An
     interrupted run continues from its last checkpoint unless `restart`. A run found complete once
     its lock is held (another process may have finished it) is not trained again unless `force`.
@@ -75,9 +75,10 @@ def run(exp: Experiment, run_dir: Path, *, overrides: dict | None = None, grid_p
     `device` overrides the config's; `threads` is the CPUs the caller offers (a sweep passes what
     Ray assigned; see `host.thread_count`). Bad input (corpus, device, disk space) raises before
     anything is written; a failure during training is written to run.json with its traceback and re-raised.
-    `publisher` is told of every checkpoint and manifest written (a run whose home is a bucket)."""
+    `publisher` is told of every checkpoint and manifest written (a run whose home is a bucket).
+    `corpus`: the book as a sweep's driver sent it (default: read from `corpus.path`)."""
     torch_device = resolve_device(device or exp.train.device)
-    corpus = load_corpus(exp.corpus.path, exp.corpus.ascii)
+    corpus = corpus or load_corpus(exp.corpus.path, exp.corpus.ascii)
     check_free_space(RunFiles(run_dir).recording, exp)
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(run_dir):
