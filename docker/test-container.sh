@@ -4,8 +4,9 @@
 # (local Ray inside), and the smoke sweep on a Ray cluster of a head and a worker container with
 # token authentication (clients without the token, or with a wrong one, refused by the GCS and by
 # the dashboard's Jobs API); then the compose cluster, whose ports must listen on loopback only;
-# then the S3 compose cluster: the smoke sweep into its bucket (one run compared with the host's),
-# and a worker killed mid-run whose run resumes on the other worker, bitwise.
+# and a worker of other code refused in one line; then the S3 compose cluster, whose workers mount
+# no book and no runs directory: the smoke sweep into its bucket (one run compared with the
+# host's), and a worker killed mid-run whose run resumes on the other worker, bitwise.
 # Every result is checked on the host.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -28,7 +29,7 @@ step "image $IMAGE"
 make --no-print-directory image CONTAINER="$CONTAINER" IMAGE="$IMAGE" BASE_IMAGE="$BASE_IMAGE" WHEELHOUSE=1
 
 work=$(mktemp -d)
-cleanup() { "$CONTAINER" rm -f lg-test-head lg-test-worker >/dev/null 2>&1 || true; rm -rf "$work"; }
+cleanup() { "$CONTAINER" rm -f lg-test-head lg-test-worker lg-test-other >/dev/null 2>&1 || true; rm -rf "$work"; }
 trap cleanup EXIT
 mkdir -p "$work/runs"
 run_in_container() {
@@ -62,30 +63,50 @@ PY
 }
 check_index "$work/runs/smoke_sweep/index.jsonl"
 
-step "smoke sweep on a Ray cluster with token authentication: head + worker containers"
+step "smoke sweep on a Ray cluster with token authentication: head + worker containers (the book on the head only)"
 ray_port=6391 dashboard_port=8291
 (umask 077 && python3 -c "import secrets; print(secrets.token_hex(32), end='')" > "$work/token")
-cluster_node() {  # name, ray start arguments...
+cluster_node() {  # name, extra `run` arguments up to --, ray start arguments...
     local name=$1; shift
+    local extra=()
+    while [ "$1" != -- ]; do extra+=("$1"); shift; done
+    shift
     "$CONTAINER" run -d --name "$name" --network host --user "$(id -u):$(id -g)" -v "$work/runs:/work/runs" \
-        -v "$corpus:/work/data/pg64317.txt:ro" -e LILGATSBY_CORPUS=/work/data/pg64317.txt \
         -v "$work/token:/run/lilgatsby/ray-token:ro" -e RAY_AUTH_MODE=token \
-        -e RAY_AUTH_TOKEN_PATH=/run/lilgatsby/ray-token \
+        -e RAY_AUTH_TOKEN_PATH=/run/lilgatsby/ray-token "${extra[@]}" \
         --entrypoint ray "$IMAGE" start --block --num-cpus 1 --disable-usage-stats "$@" >/dev/null
 }
-cluster_node lg-test-head --head --port "$ray_port" --include-dashboard true --dashboard-host 127.0.0.1 \
-    --dashboard-port "$dashboard_port"
-cluster_node lg-test-worker --address "127.0.0.1:$ray_port"
-for _ in $(seq 60); do
-    nodes=$("$CONTAINER" exec lg-test-head python3 -c \
-        "import ray; ray.init(address='127.0.0.1:$ray_port', logging_level='ERROR'); print(len([n for n in ray.nodes() if n['Alive']]))" 2>/dev/null || true)
-    [ "$nodes" = 2 ] && break
-    sleep 2
-done
-[ "$nodes" = 2 ] || fail "the worker did not join the head (nodes: ${nodes:-none})"
+alive_nodes() {
+    "$CONTAINER" exec lg-test-head python3 -c \
+        "import ray; ray.init(address='127.0.0.1:$ray_port', logging_level='ERROR'); print(len([n for n in ray.nodes() if n['Alive']]))" 2>/dev/null || true
+}
+await_nodes() {  # count
+    for _ in $(seq 60); do nodes=$(alive_nodes); [ "$nodes" = "$1" ] && return; sleep 2; done
+    fail "the cluster has ${nodes:-no} alive nodes, not $1"
+}
+cluster_node lg-test-head -v "$corpus:/work/data/pg64317.txt:ro" -e LILGATSBY_CORPUS=/work/data/pg64317.txt -- \
+    --head --port "$ray_port" --include-dashboard true --dashboard-host 127.0.0.1 --dashboard-port "$dashboard_port"
+cluster_node lg-test-worker -- --address "127.0.0.1:$ray_port"
+await_nodes 2
 "$CONTAINER" exec lg-test-head lilgatsby sweep /opt/lilgatsby/experiments/smoke_sweep.yaml \
     --address "127.0.0.1:$ray_port" --runs /work/runs/cluster --quiet
 check_index "$work/runs/cluster/smoke_sweep/index.jsonl"
+
+step "a worker whose lilgatsby code differs (one comment added) is refused in one line"
+installed=$("$CONTAINER" run --rm --entrypoint python3 "$IMAGE" -c "import runner.text; print(runner.text.__file__)")
+"$CONTAINER" run --rm --entrypoint cat "$IMAGE" "$installed" > "$work/other-text.py"
+echo "# another build" >> "$work/other-text.py"
+cluster_node lg-test-other -v "$work/other-text.py:$installed:ro" -- --address "127.0.0.1:$ray_port"
+await_nodes 3
+set +e
+out=$("$CONTAINER" exec lg-test-head lilgatsby sweep /opt/lilgatsby/experiments/smoke_sweep.yaml \
+    --address "127.0.0.1:$ray_port" --runs /work/runs/other --quiet 2>&1)
+code=$?
+set -e
+echo "exit $code: $(printf '%s\n' "$out" | grep 'lilgatsby: error:')"
+[ "$code" = 2 ] && [ "$(printf '%s\n' "$out" | grep -c "lilgatsby: error: node .*: lilgatsby .* differs from the driver's")" = 1 ] \
+    || fail "a worker of other code was not refused in one line: $out"
+"$CONTAINER" rm -f lg-test-other >/dev/null
 
 step "clients without the token, with a wrong one, and with it (GCS, lilgatsby sweep, Jobs API)"
 mkdir -p "$work/stranger-home"
@@ -175,6 +196,11 @@ s3_make cluster-up WORKERS=2
 [ "$(stat -c %a "$work/s3-secrets")" = 700 ] && [ "$(stat -c %a "$work/s3-secrets/credentials")" = 600 ] \
     || fail "the S3 credentials are not private (directory 0700, files 0600)"
 runs_mounts=()  # the image's VOLUME gives each node an anonymous volume of its own at /work/runs
+for node in $("$CONTAINER" ps --format '{{.Names}}' | grep -E 'ray-worker'); do
+    data=$("$CONTAINER" inspect "$node" \
+        --format '{{range .Mounts}}{{if eq .Destination "/work/data"}}{{.Type}}:{{.Source}}{{end}}{{end}}')
+    case "$data" in bind:*) fail "$node mounts the host's book directory: $data";; esac
+done
 for node in $("$CONTAINER" ps --format '{{.Names}}' | grep -E 'ray-(head|worker)'); do
     "$CONTAINER" inspect "$node" --format '{{.Config.Env}}' | grep -q "$(sed -n 's/^aws_secret_access_key = //p' \
         "$work/s3-secrets/credentials")" && fail "$node has the S3 secret in its environment"
@@ -184,7 +210,7 @@ for node in $("$CONTAINER" ps --format '{{.Names}}' | grep -E 'ray-(head|worker)
     runs_mounts+=("$mount")
 done
 [ -z "$(printf '%s\n' "${runs_mounts[@]}" | sort | uniq -d)" ] || fail "nodes share a runs volume: ${runs_mounts[*]}"
-echo "runs directories: one per node (${#runs_mounts[@]} nodes); no node has the S3 secret in its environment"
+echo "runs directories: one per node (${#runs_mounts[@]} nodes); no worker mounts the book; no node has the S3 secret in its environment"
 published=$("$CONTAINER" ps --format '{{.Names}} {{.Ports}}' | grep -E '[-_]s3[-_]' || true)
 echo "published: $published"
 case "$published" in *127.0.0.1:8333*) ;; *) fail "S3 is not published on 127.0.0.1:8333";; esac
@@ -237,4 +263,4 @@ PY
 "$lilgatsby" compare "$work/host-long" "$killed_run" || fail "the resumed run differs from an uninterrupted one"
 s3_make cluster-down
 step "done"
-echo "test-container: 9 passed, 0 failed"
+echo "test-container: 10 passed, 0 failed"

@@ -84,13 +84,29 @@ def test_the_check_finds_misspelt_and_mistyped_fields(rayjob_schema):
     assert len(problems(mistyped, rayjob_schema)) == 1
 
 
-def test_the_s3_example_has_no_volume_and_its_credentials_come_from_a_secret():
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_only_the_head_has_the_book(path):
+    """The driver (in the head pod) reads the book from a ConfigMap and sends it to the tasks."""
+    manifest = yaml.safe_load(path.read_text())
+    assert manifest["spec"]["entrypoint"].split().count("--corpus") == 1
+    book = manifest["spec"]["entrypoint"].split("--corpus ")[1].split()[0]
+    cluster = manifest["spec"]["rayClusterSpec"]
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    assert {"name": "book", "configMap": {"name": "lilgatsby-book"}} in head["volumes"]
+    (mount,) = [m for m in head["containers"][0]["volumeMounts"] if m["name"] == "book"]
+    assert book == f"{mount['mountPath']}/pg64317.txt"
+    for group in cluster["workerGroupSpecs"]:
+        assert all(v["name"] != "book" for v in group["template"]["spec"].get("volumes", []))
+
+
+def test_the_s3_example_has_no_shared_volume_and_its_credentials_come_from_a_secret():
     manifest = yaml.safe_load(EXAMPLES[1].read_text())
     assert "--runs s3://" in manifest["spec"]["entrypoint"]
     cluster = manifest["spec"]["rayClusterSpec"]
     for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
         pod = group["template"]["spec"]
-        assert "volumes" not in pod  # no claim: the bucket is the only shared storage
+        # no claim: the bucket is the only shared storage (the head's one volume is the book's ConfigMap)
+        assert all("configMap" in volume for volume in pod.get("volumes", []))
         for container in pod["containers"]:
             assert container["envFrom"] == [{"secretRef": {"name": "lilgatsby-s3"}}]
             assert not any(env["name"].startswith("AWS_") for env in container.get("env", []))
