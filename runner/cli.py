@@ -12,8 +12,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from runner.config import load_runs
 from runner.errors import ConfigError, UserError
-from runner.layout import RunFiles, is_transient
-from runner.storage.location import Location, at
+from runner.layout import INDEX_JSONL, RunFiles, is_transient
+from runner.settings import check_environment
+from runner.storage.location import Location, at, unless_read_only
 from runner.storage.s3 import StorageError
 from runner.text import plural
 
@@ -126,7 +127,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from runner.runs.rundir import is_complete
+    from runner.runs.rundir import is_complete, tidy_complete
 
     runs = load_runs(args.experiment, _overrides(args))
     if len(runs) != 1:
@@ -136,6 +137,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_dir = out or at(args.runs, "--runs") / spec.experiment.name / spec.run_id
     run_dir.parent.probe()
     if not args.force and is_complete(run_dir, spec.experiment):
+        tidy_complete(run_dir)
         log.info("%s is already complete (use --force to train again)", run_dir)
         return 0
     # the training stack (torch, transformers: seconds to import) only once the input is valid
@@ -195,7 +197,7 @@ def _recordings_below(path: Location) -> list[Location]:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from runner.runs.index import experiment_dirs, rebuild_index
+    from runner.runs.index import experiment_dirs, read_runs, write_index
 
     root = at(args.runs_dir, "runs_dir")
     if not root.is_dir():
@@ -204,8 +206,12 @@ def cmd_index(args: argparse.Namespace) -> int:
     if not dirs:
         raise ConfigError(f"{root}: no run directories (with run.json) found")
     for d in dirs:
-        rows = rebuild_index(d)
-        print(f"{d}: {plural(len(rows), 'run')} indexed")
+        rows = [row for _, _, row in read_runs(d)]
+        with unless_read_only(d / INDEX_JSONL):  # a reader still sees what it would hold
+            write_index(d, rows)
+        statuses = {status: sum(row["status"] == status for row in rows) for status in {r["status"] for r in rows}}
+        print(f"{d}: {plural(len(rows), 'run')} indexed ("
+              + ", ".join(f"{n} {status}" for status, n in sorted(statuses.items())) + ")")
     return 0
 
 
@@ -253,14 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"train": cmd_train, "sweep": cmd_sweep, "verify": cmd_verify, "index": cmd_index,
                 "compare": cmd_compare, "report": cmd_report, "pull": cmd_pull}
     try:
+        check_environment()
         with logging_redirect_tqdm():
             return commands[args.command](args)
-    except UserError as e:
+    except (UserError, StorageError) as e:  # bad input, or the environment (a bucket's server, after retries)
         print(f"lilgatsby: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except StorageError as e:  # the bucket's server failed mid-way (after retries); what it has is kept
-        print(f"lilgatsby: error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("lilgatsby: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

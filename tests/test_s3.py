@@ -3,6 +3,7 @@ resuming on another node, faults and bad input."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import logging
 import os
@@ -10,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 
 import boto3
 import pytest
@@ -244,7 +246,7 @@ def test_the_server_stopping_mid_run_fails_it_and_the_next_run_resumes(tmp_path,
         wait_until(lambda: _checkpoint_step(run) >= 10, "a checkpoint in the bucket", timeout_s=120, poll_s=0.1)
         server.stop()
         out, _ = trainer.communicate(timeout=300)
-        assert trainer.returncode == 1 and f"S3 server {server.endpoint}" in out.splitlines()[-1], out
+        assert trainer.returncode == 2 and f"S3 server {server.endpoint}" in out.splitlines()[-1], out
         server.start()
         assert json.loads(s3.store().get_bytes(run / "run.json"))["status"] != "complete"
         assert "recording.safetensors" not in _objects(run)
@@ -301,3 +303,118 @@ def test_uris():
     assert parse_location("s3://bucket") / "x" == S3Uri("bucket", "x")
     assert str(S3Uri("bucket", "a") / "b") == "s3://bucket/a/b"
     assert parse_location("runs/x").as_posix() == "runs/x"
+
+
+# --- the bucket's edges: read-only credentials, environment faults, bad variables, leftovers ---------------------
+
+def _as(monkeypatch, identity: dict) -> None:
+    for key, value in identity.items():
+        monkeypatch.setenv(key, value)
+    s3.store.cache_clear()
+
+
+def test_read_only_credentials_read_everything_and_write_nothing(s3_root, tmp_path, small_book, monkeypatch, capsys):
+    """report (to a local --out), verify, compare, index, pull, load_index and load_metrics with an
+    identity that may read and list only; what they would write back is skipped with one line."""
+    assert main(_train(str(s3_root), small_book)) == 0
+    (run_id,) = s3.store().children(s3_root / "smoke")
+    remote = s3_root / "smoke" / run_id
+    expected = load_metrics(str(remote))
+    s3.store().delete([remote / "metrics.csv", remote / "metrics.source.json", s3_root / "smoke" / "index.jsonl"])
+    before = _objects(s3_root)
+    _as(monkeypatch, READER)
+    capsys.readouterr()
+    commands = [["report", str(s3_root / "smoke"), "--out", str(tmp_path / "report")], ["verify", str(remote)],
+                ["compare", str(remote), str(remote)], ["index", str(s3_root)],
+                ["pull", str(s3_root / "smoke"), "--runs", str(tmp_path / "copy"), "--quiet"]]
+    for command in commands:
+        assert main(command) == 0, (command, capsys.readouterr())
+        said = capsys.readouterr().err
+        assert "rror" not in said and "Denied" not in said, said  # what it skipped, it said in one line each:
+        skipped = [line for line in said.splitlines() if "not written" in line]
+        assert all(line.endswith(": not written: these credentials may only read there") for line in skipped)
+    assert (tmp_path / "report" / "report.html").exists() and (tmp_path / "copy" / "smoke" / run_id).is_dir()
+    assert load_metrics(str(remote)).equals(expected)  # computed from the recording there, not stored
+    with pytest.raises(Exception, match="no such index"):
+        load_index(str(s3_root / "smoke"))  # nothing wrote one: the reader could not
+    assert _objects(s3_root) == before
+    _as(monkeypatch, {"AWS_ACCESS_KEY_ID": "lilgatsby-test", "AWS_SECRET_ACCESS_KEY": "lilgatsby-test-secret"})
+    assert main(["index", str(s3_root)]) == 0
+    _as(monkeypatch, READER)
+    assert load_index(str(s3_root / "smoke"))["status"].tolist() == ["complete"]
+
+
+class _Answers500(http.server.BaseHTTPRequestHandler):
+    def _fail(self) -> None:
+        self.send_response(500)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _fail
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def server_answering_500():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answers500)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.mark.parametrize("fault", ["down", "500", "no bucket"])
+def test_every_read_command_exits_2_for_an_environment_fault(fault, s3_root, tmp_path, monkeypatch, capsys,
+                                                              server_answering_500):
+    where = {"down": "http://127.0.0.1:9", "500": server_answering_500}.get(fault)
+    root = S3Uri("no-such-bucket", "runs") if fault == "no bucket" else s3_root
+    if where:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", where)
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    s3.store.cache_clear()
+    for command in (["report", str(root / "smoke"), "--out", str(tmp_path / "r")], ["verify", str(root / "smoke")],
+                    ["index", str(root)], ["pull", str(root / "smoke"), "--runs", str(tmp_path / "p"), "--quiet"]):
+        capsys.readouterr()
+        assert main(command) == 2, command
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and err.startswith("lilgatsby: error: "), (command, err)
+    assert not (tmp_path / "r").exists() and not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("value", ["abc", "-5", "0", "inf"])
+def test_a_bad_lease_time_to_live_is_one_line_before_anything_is_written(value, tmp_path, small_book, monkeypatch,
+                                                                         capsys):
+    monkeypatch.setenv("LILGATSBY_LEASE_TTL_S", value)
+    assert main(_train(str(tmp_path / "runs"), small_book)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"LILGATSBY_LEASE_TTL_S={value!r}: must be a number of seconds" in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_leftovers_of_a_complete_run_are_removed_and_scratch_stays_bounded(s3_root, tmp_path, small_book):
+    """A trainer killed after publishing run.json leaves its lease, checkpoint and row objects in the
+    bucket; one killed mid-run leaves its scratch directory on the node. The next train removes
+    the lapsed ones, keeps a live lease's, and leaves no empty folders behind."""
+    scratch = tmp_path / "scratch"  # the s3_root fixture's LILGATSBY_SCRATCH
+    stale = scratch / "other-bucket" / "runs" / "x" / "0123456789ab"
+    (stale / "models").mkdir(parents=True)
+    (stale / "recording.safetensors.partial").write_bytes(b"\0" * 1000)
+    stale.with_name(stale.name + ".claim").touch()  # its trainer died: no one holds the lock
+    assert main(_train(str(s3_root), small_book)) == 0
+    assert not (scratch / "other-bucket").exists()  # removed, with the folders above it
+    assert [p for p in scratch.rglob("*")] == []  # and the run's own scratch: not even empty folders
+    (run_id,) = s3.store().children(s3_root / "smoke")
+    run = s3_root / "smoke" / run_id
+    for name in ("checkpoint.safetensors", "recording.safetensors.parts/rows-00000000-00000005"):
+        s3.store().put_bytes(run / name, b"left behind")
+    s3.store().put_bytes(run / ".lease", json.dumps({"host": "dead", "pid": 1, "ttl_s": 1}).encode())
+    wait_until(lambda: s3.store().head(run / ".lease").age_s >= 1, "the dead trainer's lease to lapse", poll_s=0.2)
+    assert main(_train(str(s3_root), small_book)) == 0  # "already complete"
+    assert not {".lease", "checkpoint.safetensors"} & set(_objects(run))
+    assert not any(key.startswith("recording.safetensors.parts/") for key in _objects(run))
+    s3.store().put_bytes(run / "checkpoint.safetensors", b"a live trainer's")
+    s3.store().put_bytes(run / ".lease", json.dumps({"host": "alive", "pid": 1, "ttl_s": 600}).encode())
+    assert main(_train(str(s3_root), small_book)) == 0
+    assert {".lease", "checkpoint.safetensors"} <= set(_objects(run))  # a live lease's run is left alone

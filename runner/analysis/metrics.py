@@ -21,7 +21,7 @@ from runner.layout import RunFiles
 from runner.recording.format import experiment_of, header_bytes, recorded_steps
 from runner.recording.rows import RowReader
 from runner.storage.blob import read
-from runner.storage.location import Location, at
+from runner.storage.location import Location, at, unless_read_only
 
 log = logging.getLogger(__name__)
 CHUNK_ROWS = 64  # rows per read: 64 x 128 x 64 fp32 = 2 MiB per tensor (measured fastest, ~100 MiB peak)
@@ -159,8 +159,9 @@ def write_metrics(run_dir: Path | Location) -> pd.DataFrame:
     files = RunFiles(at(run_dir))
     source = _fingerprint(files.recording)
     table = compute_metrics(files.recording)
-    files.metrics.write_text(table.to_csv(index=False))
-    files.metrics_source.write_text(json.dumps(source) + "\n")
+    with unless_read_only(files.metrics):  # a reader gets the table all the same
+        files.metrics.write_text(table.to_csv(index=False))
+        files.metrics_source.write_text(json.dumps(source) + "\n")
     return table
 
 

@@ -19,10 +19,10 @@ from runner.analysis import figures
 from runner.analysis.groups import SEED, Group, RunEntry, full_config, group_runs, shared_config, varying_keys
 from runner.analysis.metrics import compute_metrics, dead_row_norms, load_metrics
 from runner.errors import UserError
-from runner.layout import MANIFEST, REPORT, REPORT_PAGE, RunFiles
+from runner.layout import INDEX_JSONL, MANIFEST, REPORT, REPORT_PAGE, RunFiles
 from runner.runs.index import index_row, read_runs, write_index
 from runner.runs.rundir import read_manifest, read_progress
-from runner.storage.location import Location
+from runner.storage.location import Location, unless_read_only
 from runner.text import plural
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,8 @@ def read_entries(path: Location) -> tuple[list[RunEntry], bool]:
     runs = read_runs(path)
     if not runs:
         raise UserError(f"{path}: no run directories (with {MANIFEST}) found")
-    write_index(path, [row for _, _, row in runs])
+    with unless_read_only(path / INDEX_JSONL):  # the report is read from the runs; the index is a by-product
+        write_index(path, [row for _, _, row in runs])
     return [RunEntry(d, row, full_config(manifest) if manifest else {}) for d, manifest, row in runs], False
 
 

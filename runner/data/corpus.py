@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import os
 import unicodedata
 import urllib.request
 from collections import Counter
@@ -20,10 +19,11 @@ from pathlib import Path
 
 from runner.errors import UserError
 from runner.files import write_atomic
+from runner.settings import CORPUS, corpus_path
 
 log = logging.getLogger(__name__)
 
-ENV_VAR = "LILGATSBY_CORPUS"
+ENV_VAR = CORPUS
 GUTENBERG_URL = "https://www.gutenberg.org/cache/epub/64317/pg64317.txt"
 CACHE_PATH = Path("data") / "pg64317.txt"
 DOWNLOAD_TIMEOUT_S = 30
@@ -163,8 +163,9 @@ def resolve_path(path: str | None) -> Path:
     """Where the raw book is, downloading it into the cache if there is no local copy."""
     if path:
         return Path(path)
-    if os.environ.get(ENV_VAR):
-        return Path(os.environ[ENV_VAR])
+    from_environment = corpus_path()
+    if from_environment:
+        return from_environment
     if not CACHE_PATH.exists():
         _download(GUTENBERG_URL, CACHE_PATH)
     return CACHE_PATH

@@ -29,7 +29,15 @@ from runner.layout import INDEX_JSONL, RunFiles
 from runner.recording.format import recording_size
 from runner.runs.estimate import estimate_seconds, measured_speeds
 from runner.runs.index import rebuild_index
-from runner.runs.rundir import CANCELLED, is_complete, new_manifest, read_manifest, read_progress, write_manifest
+from runner.runs.rundir import (
+    CANCELLED,
+    is_complete,
+    new_manifest,
+    read_manifest,
+    read_progress,
+    tidy_complete,
+    write_manifest,
+)
 from runner.storage.location import Location, at
 from runner.text import format_duration, plural
 
@@ -177,6 +185,10 @@ def sweep(path: Path, overrides: list[str], runs_root: Location, *, address: str
     if dry_run:
         print(describe(runs, todo, runs_root))
         return 0
+    pending_ids = {r.run_id for r in todo}
+    for r in runs:
+        if r.run_id not in pending_ids:
+            tidy_complete(exp_dir / r.run_id)
     if not todo:
         rebuild_index(exp_dir)
         print(f"{exp_dir}: {'the run is' if len(runs) == 1 else f'all {len(runs)} runs'} complete; nothing to train "

@@ -19,17 +19,15 @@ on any machine (tests, benchmarks), and the run records the choice (`implementat
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch.amp import custom_bwd, custom_fwd
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 from transformers.pytorch_utils import Conv1D
 
-from runner.errors import UserError
+from runner.settings import BF16_GEMM, bf16_gemm
 
-FORCE_ENV = "LILGATSBY_BF16_GEMM"
-CHOICES = ("native", "fp32")
+FORCE_ENV = BF16_GEMM
 _C = math.sqrt(2 / math.pi)
 
 
@@ -37,9 +35,7 @@ def native_bf16_gemm(device: torch.device) -> bool:
     """Whether bf16 products on `device` use torch's own bf16 GEMM: everywhere but on CPUs where
     oneDNN has no bf16 GEMM (the check torch's own compiler makes), unless LILGATSBY_BF16_GEMM
     forces a path."""
-    forced = os.environ.get(FORCE_ENV, "")
-    if forced and forced not in CHOICES:
-        raise UserError(f"{FORCE_ENV}={forced!r}: expected one of {', '.join(CHOICES)} (or unset: the CPU decides)")
+    forced = bf16_gemm()
     if forced:
         return forced == "native"
     return device.type != "cpu" or cpu_has_native_bf16_gemm()

@@ -13,7 +13,7 @@ from runner.config import Experiment
 from runner.errors import RunLocked, UserError
 from runner.layout import RunFiles
 from runner.recording.rows import layout_matches
-from runner.storage.location import Location, at
+from runner.storage.location import Location, at, unless_read_only
 
 # The status and error of a run the user interrupted (train and sweep alike); it resumes from its
 # last checkpoint when trained again.
@@ -98,6 +98,20 @@ def is_complete(run_dir: Path | Location, exp: Experiment) -> bool:
     if not manifest or manifest.get("status") != "complete" or manifest.get("run_id") != exp.run_id:
         return False
     return recording_ok(RunFiles(at(run_dir)).recording)
+
+
+def tidy_complete(run_dir: Location) -> None:
+    """A complete bucket run's leftovers from a trainer killed between publishing its run.json and
+    its cleanup (its lease, checkpoint, row objects): removed, unless a live trainer holds the
+    lease (one training it again with --force). Credentials that may only read leave them."""
+    if run_dir.s3 is None:
+        return  # a local run leaves no lease, and its lock goes with its process
+    from runner.storage.lease import lease_is_live, remove_transients
+    from runner.storage.s3 import store
+
+    if not lease_is_live(store(), run_dir.s3):
+        with unless_read_only(f"{run_dir}'s leftovers"):
+            remove_transients(store(), run_dir.s3)
 
 
 def read_progress(run_dir: Location) -> dict | None:

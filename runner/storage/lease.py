@@ -20,11 +20,11 @@ import uuid
 
 from runner.errors import RunLocked
 from runner.layout import RunFiles
+from runner.settings import lease_ttl_s
 from runner.storage.s3 import ObjectInfo, ObjectStore, PreconditionFailed, StorageError
 from runner.storage.uri import S3Uri
 
 log = logging.getLogger(__name__)
-TTL_ENV = "LILGATSBY_LEASE_TTL_S"  # seconds a lease outlives its trainer's last renewal (default 60)
 
 
 class Lease:
@@ -32,7 +32,7 @@ class Lease:
 
     def __init__(self, store: ObjectStore, run: S3Uri, ttl_s: float | None = None):
         self.store, self.uri = store, RunFiles(run).lease
-        self.ttl_s = ttl_s or float(os.environ.get(TTL_ENV) or 60)
+        self.ttl_s = ttl_s or lease_ttl_s()  # seconds it outlives its trainer's last renewal
         self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
         self.etag: str | None = None
         self.lost = threading.Event()
@@ -124,3 +124,21 @@ def _parsed(body: bytes | None) -> dict:
         return holder if isinstance(holder, dict) else {}
     except ValueError:
         return {}
+
+
+def lease_is_live(store: ObjectStore, run: S3Uri) -> bool:
+    """Whether a trainer holds the run's lease now (it is there and younger than its time to live)."""
+    uri = RunFiles(run).lease
+    seen = store.head(uri)
+    if seen is None:
+        return False
+    return seen.age_s < float(_parsed(store.get_bytes(uri)).get("ttl_s", lease_ttl_s()))
+
+
+def remove_transients(store: ObjectStore, run: S3Uri) -> None:
+    """What a run keeps in the bucket only while it trains: its checkpoint, row objects (and any
+    unfinished upload there) and lease."""
+    files = RunFiles(run)
+    store.delete([files.checkpoint])
+    store.delete_below(files.parts)
+    store.delete([files.lease])

@@ -316,6 +316,18 @@ class Bucket(Location):
         self._store().download(self.uri, target)
 
 
+@contextlib.contextmanager
+def unless_read_only(what: object) -> Iterator[None]:
+    """Around a write that only saves work for later (an index, a metrics cache): with credentials
+    that may only read, the write is skipped and one line says so; the command goes on."""
+    from runner.storage.s3 import AccessDenied
+
+    try:
+        yield
+    except AccessDenied:
+        log.warning("%s: not written: these credentials may only read there", what)
+
+
 def at(where: str | Path | S3Uri | Location, what: str = "path") -> Location:
     """The location `where` names: a Location as it is, a local path, or `s3://bucket/prefix` (a
     malformed URI or another scheme is a one-line ConfigError naming `what`, e.g. `--runs`)."""

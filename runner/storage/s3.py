@@ -34,6 +34,13 @@ class PreconditionFailed(StorageError):
     """A conditional write lost: the object exists (If-None-Match) or changed (If-Match)."""
 
 
+class AccessDenied(StorageError):
+    """These credentials may not do this (e.g. write, with a read-only identity)."""
+
+
+ACCESS_DENIED = {"AccessDenied", "403"}
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     size: int
@@ -70,8 +77,10 @@ class ObjectStore:
         try:
             yield
         except ClientError as e:
-            cls = PreconditionFailed if _code(e) in PRECONDITION_FAILED else StorageError
-            raise cls(f"S3 server {self.endpoint}: {action} {uri}: {_code(e)}: "
+            code = _code(e)
+            cls = (PreconditionFailed if code in PRECONDITION_FAILED else AccessDenied if code in ACCESS_DENIED
+                   else StorageError)
+            raise cls(f"S3 server {self.endpoint}: {action} {uri}: {code}: "
                       f"{e.response.get('Error', {}).get('Message', e)}") from e
         except BotoCoreError as e:
             raise StorageError(f"S3 server {self.endpoint}: {action} {uri}: {e}") from e
@@ -210,7 +219,7 @@ def _explain(code: str) -> str:
         return "the bucket does not exist"
     if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"):
         return f"the server refused the credentials ({code}): check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
-    if code in ("AccessDenied", "403"):
+    if code in ACCESS_DENIED:
         return f"access denied ({code}): these credentials may not read and write this bucket and prefix"
     return f"the server refused the request ({code})"
 
