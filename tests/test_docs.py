@@ -4,11 +4,12 @@ and every module, and their relative links resolve."""
 import argparse
 import dataclasses
 import re
+import shlex
 import typing
 
 import yaml
 
-from runner.cli import _parser
+from runner.cli import _parser, main
 from runner.config import Experiment
 from runner.runs.index import flatten_config
 
@@ -80,3 +81,46 @@ def test_every_relative_link_resolves():
             if anchor and linked.suffix == ".md":
                 headings = re.findall(r"^#+ (.+)$", linked.read_text(encoding="utf-8"), re.M)
                 assert anchor in {slug(h) for h in headings}, f"{page.name}: {target}"
+
+
+def fenced_lines(prefix: str) -> list[tuple[str, str]]:
+    """(page name, line) of every line starting with `prefix` in a ```sh block of the pages."""
+    found = []
+    for page, text in PAGES.items():
+        for block in re.findall(r"```sh\n(.*?)```", text, re.S):
+            found += [(page.name, line.split("  #")[0].strip()) for line in block.splitlines()
+                      if line.startswith(prefix)]
+    return found
+
+
+def test_every_documented_lilgatsby_command_parses_and_dry_runs_run(capsys, monkeypatch, tmp_path):
+    """Each `lilgatsby ...` line of a shell block parses with the real parser; the `sweep --dry-run`
+    ones run (they read experiment files only) and exit 0."""
+    commands = fenced_lines("lilgatsby ")
+    assert len(commands) > 20
+    monkeypatch.chdir(REPO)
+    for page, line in commands:
+        args = shlex.split(line)[1:]
+        try:
+            _parser().parse_args(args)
+        except SystemExit:
+            raise AssertionError(f"{page}: {line}: does not parse: {capsys.readouterr().err}") from None
+        if args[0] == "sweep" and "--dry-run" in args:
+            assert main([*args, "--runs", str(tmp_path / "runs")]) == 0, f"{page}: {line}"
+    assert not (tmp_path / "runs").exists()  # a dry run writes nothing
+
+
+def test_every_documented_make_target_exists():
+    makefile = (REPO / "Makefile").read_text(encoding="utf-8")
+    targets = set(re.findall(r"^([a-z][\w-]*):", makefile, re.M))
+    named = {word for _, line in fenced_lines("make ") for word in line.split()[1:2]}
+    named |= set(re.findall(r"`make ([a-z][\w-]*)", "\n".join(PAGES.values())))
+    assert named and named <= targets, named - targets
+
+
+def test_every_speed_figure_in_the_readme_names_its_cpu():
+    """A paragraph of the README that quotes a speed or a time names the CPU kind it was measured on."""
+    figure = re.compile(r"\d[\d.,]*\s*(steps/s|MiB/s|minutes|hours?|s vs)\b|\d\.\d+×")
+    for paragraph in README.split("\n\n"):
+        if figure.search(paragraph) and not paragraph.lstrip().startswith(("```", "|")):
+            assert re.search(r"AVX|AMD EPYC|Apple|GPU", paragraph), paragraph

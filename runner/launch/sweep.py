@@ -141,13 +141,16 @@ def _read_books(todo: list[Run]) -> tuple[list[Run], dict[str, Book]]:
     once, not in every task): the runs with corpus.path set to where the driver read it (not part
     of the run id; run.json says it), and the books by that path."""
     books: dict[str, Book] = {}
+    cleaned: set[tuple[str, str]] = set()
     resolved = []
     for r in todo:
         corpus = r.experiment.corpus
         path = str(resolve_path(corpus.path).resolve())
         if path not in books:
             books[path] = read_book(Path(path))
-        corpus_of(books[path], corpus.ascii)  # a book that does not clean is refused here, not in a task
+        if (path, corpus.ascii) not in cleaned:  # a book that does not clean is refused here, not in a task
+            corpus_of(books[path], corpus.ascii)
+            cleaned.add((path, corpus.ascii))
         config = r.experiment.to_dict()
         config["corpus"]["path"] = path
         resolved.append(Run(build_experiment(config), r.point, r.settings))

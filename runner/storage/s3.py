@@ -230,4 +230,5 @@ def store() -> ObjectStore:
     try:
         return ObjectStore()
     except ImportError:
-        raise UserError("an s3:// runs root needs boto3: pip install 'lilgatsby[s3]'") from None
+        raise UserError("an s3:// runs root needs boto3: make setup, or pip install -e '.[s3]' in the "
+                        "checkout") from None
