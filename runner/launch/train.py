@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import traceback
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,7 +29,7 @@ file_log = logging.getLogger("runner.progress")  # train.log only (`lilgatsby tr
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 @contextlib.contextmanager
