@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runner.errors import ConfigError, UserError
+from runner.layout import PROBE_PREFIX
 from runner.storage.uri import S3Uri
 
 log = logging.getLogger(__name__)
@@ -192,7 +193,7 @@ class ObjectStore:
             self.client.list_objects_v2(Bucket=uri.bucket, Prefix=uri.prefix, MaxKeys=1)
             if not write:
                 return True
-            probe = uri / f".lilgatsby-probe-{uuid.uuid4().hex}"
+            probe = uri / f"{PROBE_PREFIX}{uuid.uuid4().hex}"
             self.client.put_object(Bucket=uri.bucket, Key=probe.key, Body=b"probe", IfNoneMatch="*")
             try:
                 self.client.put_object(Bucket=uri.bucket, Key=probe.key, Body=b"probe", IfNoneMatch="*")
