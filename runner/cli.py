@@ -207,7 +207,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         raise ConfigError(f"{root}: no run directories (with run.json) found")
     for d in dirs:
         rows = [row for _, _, row in read_runs(d)]
-        with unless_read_only(d / INDEX_JSONL):  # a reader still sees what it would hold
+        with unless_read_only(d / INDEX_JSONL):  # a reader is told the count; the index is not written back
             write_index(d, rows)
         print(f"{d}: {plural(len(rows), 'run')} indexed")
     return 0
