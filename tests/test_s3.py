@@ -313,6 +313,7 @@ def _as(monkeypatch, identity: dict) -> None:
     s3.store.cache_clear()
 
 
+@pytest.mark.slow  # trains into the bucket
 def test_read_only_credentials_read_everything_and_write_nothing(s3_root, tmp_path, small_book, monkeypatch, capsys):
     """report (to a local --out), verify, compare, index, pull, load_index and load_metrics with an
     identity that may read and list only; what they would write back is skipped with one line."""
@@ -393,6 +394,7 @@ def test_a_bad_lease_time_to_live_is_one_line_before_anything_is_written(value, 
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow  # trains into the bucket
 def test_leftovers_of_a_complete_run_are_removed_and_scratch_stays_bounded(s3_root, tmp_path, small_book):
     """A trainer killed after publishing run.json leaves its lease, checkpoint and row objects in the
     bucket; one killed mid-run leaves its scratch directory on the node. The next train removes
