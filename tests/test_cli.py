@@ -96,6 +96,7 @@ def test_version_and_examples_in_every_help(capsys):
         assert f"lilgatsby {command} " in examples, command
 
 
+@pytest.mark.slow  # a training in a subprocess
 def test_ctrl_c_cancels_the_run_like_a_sweep_and_the_same_command_resumes_it(tmp_path, small_book):
     """Ctrl-C: exit code 130, the run `cancelled` and resumable (as in a sweep); the samples are printed once."""
     out = tmp_path / "run"

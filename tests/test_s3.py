@@ -43,6 +43,7 @@ def _client(endpoint: str):
     return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
 
 
+@pytest.mark.slow  # trains two runs
 def test_a_run_in_a_bucket_has_the_local_layout_and_every_command_reads_it(s3_root, s3_server, tmp_path, small_book,
                                                                           capsys):
     assert main(_train(str(s3_root), small_book)) == 0
@@ -366,6 +367,7 @@ def server_answering_500():
     server.shutdown()
 
 
+@pytest.mark.slow  # boto3 retries each request with back-off
 @pytest.mark.parametrize("fault", ["down", "500", "no bucket"])
 def test_every_read_command_exits_2_for_an_environment_fault(fault, s3_root, tmp_path, monkeypatch, capsys,
                                                               server_answering_500):
