@@ -40,6 +40,10 @@ EXAMPLES = {
   lilgatsby index runs/smoke_sweep""",
     "compare": """
   lilgatsby compare runs/smoke/30509a8442aa /tmp/smoke        # exit 0: bit-identical""",
+    "rm": """
+  lilgatsby rm runs/smoke_sweep --status failed --dry-run     # what would go
+  lilgatsby rm runs/smoke_sweep 04704f7edb7e                  # one run, by id
+  lilgatsby rm s3://lab-runs/sweeps/seed_sweep --where train.seed=3""",
     "pull": """
   lilgatsby pull s3://lab-runs/sweeps/seed_sweep                # -> runs/seed_sweep/
   lilgatsby pull s3://lab-runs/sweeps/seed_sweep/0f3a9c1e2b4d --runs /data/runs""",
@@ -104,6 +108,14 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--run", dest="run_id", metavar="RUN_ID",
                         help="the run (id or directory name) whose dead tokens are drawn one by one "
                              "(default: the first complete run in group order)")
+
+    rm = command("rm", "delete runs of an experiment by id, status or config value (never one that is training)")
+    rm.add_argument("experiment_dir", help="an experiment's directory (local or s3://)")
+    rm.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="runs to delete")
+    rm.add_argument("--status", action="append", default=[], help="runs with this status (repeatable)")
+    rm.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                    help="runs whose index column KEY holds VALUE, e.g. train.seed=3 (repeatable)")
+    rm.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
 
     pull = command("pull", "bring an experiment (or one run) down from a bucket to a local runs root")
     pull.add_argument("source", help="s3://bucket/prefix/<name> or s3://bucket/prefix/<name>/<run id>")
@@ -231,6 +243,20 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rm(args: argparse.Namespace) -> int:
+    from runner.runs.remove import choose, remove
+
+    experiment_dir = at(args.experiment_dir, "experiment_dir")
+    doomed = choose(experiment_dir, args.run_ids, args.status, args.where)
+    for d in doomed:
+        print(f"{'would remove' if args.dry_run else 'removing'} {d.run_dir} ({d.row.get('status')}, "
+              f"{d.size / 2**20:,.1f} MiB)")
+    if not args.dry_run:
+        remove(doomed, experiment_dir)
+        print(f"{experiment_dir}: {plural(len(doomed), 'run')} removed; index rebuilt")
+    return 0
+
+
 def cmd_pull(args: argparse.Namespace) -> int:
     from runner.runs.index import rebuild_index
 
@@ -255,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         handler.addFilter(lambda record: not record.name.startswith("runner.progress"))
     logging.getLogger("runner").setLevel(logging.INFO)
     commands = {"train": cmd_train, "sweep": cmd_sweep, "verify": cmd_verify, "index": cmd_index,
-                "compare": cmd_compare, "report": cmd_report, "pull": cmd_pull}
+                "compare": cmd_compare, "report": cmd_report, "pull": cmd_pull, "rm": cmd_rm}
     try:
         check_environment()
         with logging_redirect_tqdm():

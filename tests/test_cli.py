@@ -1,4 +1,5 @@
 import argparse
+import fcntl
 import json
 import re
 import signal
@@ -143,3 +144,33 @@ def test_unavailable_device_is_refused(tmp_path, small_book):
     assert main(["train", str(REPO / "experiments" / "smoke.yaml"), "--runs", str(tmp_path / "runs"),
                  "--corpus", str(small_book), "--set", "train.device=cuda"]) == 2
     assert not (tmp_path / "runs").exists()
+
+
+def test_rm_deletes_the_runs_it_names_never_one_being_trained(tmp_path, small_book, capsys):
+    runs = tmp_path / "runs"
+    for seed in (1, 2):
+        assert main(["train", str(REPO / "experiments" / "smoke.yaml"), "--runs", str(runs), "--corpus",
+                     str(small_book), "--set", f"train.seed={seed}", "--set", "train.steps=3", "--quiet"]) == 0
+    exp_dir = runs / "smoke"
+    by_seed = {json.loads(line)["train.seed"]: json.loads(line)["run_id"]
+               for line in (exp_dir / "index.jsonl").read_text().splitlines()}
+    capsys.readouterr()
+    for args, message in ((["rm", str(exp_dir)], "name the runs"),
+                          (["rm", str(exp_dir), "0123456789ab"], "no run 0123456789ab"),
+                          (["rm", str(exp_dir), "--where", "train.nope=1"], "--where train.nope: not a column"),
+                          (["rm", str(exp_dir), "--status", "failed"], "no run matches")):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    assert main(["rm", str(exp_dir), "--where", "train.seed=2", "--dry-run"]) == 0
+    assert capsys.readouterr().out.startswith(f"would remove {exp_dir / by_seed[2]} (complete, ")
+    assert {d.name for d in exp_dir.iterdir() if d.is_dir()} == set(by_seed.values())
+    with open(exp_dir / by_seed[2] / ".lock", "w") as held:  # as its trainer holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert main(["rm", str(exp_dir), by_seed[2]]) == 2
+        assert "being trained by another process (nothing removed)" in capsys.readouterr().err
+    assert (exp_dir / by_seed[2]).is_dir()
+    assert main(["rm", str(exp_dir), "--where", "train.seed=2", "--status", "complete"]) == 0
+    assert not (exp_dir / by_seed[2]).exists() and (exp_dir / by_seed[1]).is_dir()
+    rows = [json.loads(line) for line in (exp_dir / "index.jsonl").read_text().splitlines()]
+    assert [r["run_id"] for r in rows] == [by_seed[1]]

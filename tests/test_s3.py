@@ -422,3 +422,17 @@ def test_leftovers_of_a_complete_run_are_removed_and_scratch_stays_bounded(s3_ro
     s3.store().put_bytes(run / ".lease", json.dumps({"host": "alive", "pid": 1, "ttl_s": 600}).encode())
     assert main(_train(str(s3_root), small_book)) == 0
     assert {".lease", "checkpoint.safetensors"} <= set(_objects(run))  # a live lease's run is left alone
+
+
+@pytest.mark.slow  # trains into the bucket
+def test_rm_in_a_bucket_waits_for_no_live_lease_and_leaves_nothing(s3_root, small_book, capsys):
+    assert main(_train(str(s3_root), small_book)) == 0
+    (run_id,) = s3.store().children(s3_root / "smoke")
+    run = s3_root / "smoke" / run_id
+    s3.store().put_bytes(run / ".lease", json.dumps({"host": "alive", "pid": 1, "ttl_s": 600}).encode())
+    capsys.readouterr()
+    assert main(["rm", str(s3_root / "smoke"), run_id]) == 2
+    assert "being trained by another process" in capsys.readouterr().err and "run.json" in _objects(run)
+    s3.store().delete([run / ".lease"])
+    assert main(["rm", str(s3_root / "smoke"), run_id]) == 0
+    assert _objects(run) == {} and load_index(str(s3_root / "smoke")).empty
