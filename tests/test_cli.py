@@ -34,12 +34,17 @@ def test_smoke_experiment_end_to_end(tmp_path, small_book, capsys):
     assert (run_dir / "recording.safetensors").stat().st_mtime_ns == mtime
 
 
-def test_index_command_rebuilds_from_manifests(tmp_path, small_book, capsys):
-    runs = tmp_path / "runs"
+def _two_smoke_runs(runs, small_book):
+    """Two 3-step smoke runs (seeds 1 and 2) under `runs`; returns their experiment directory."""
     for seed in (1, 2):
         assert main(["train", str(REPO / "experiments" / "smoke.yaml"), "--runs", str(runs), "--corpus",
                      str(small_book), "--set", f"train.seed={seed}", "--set", "train.steps=3", "--quiet"]) == 0
-    exp_dir = runs / "smoke"
+    return runs / "smoke"
+
+
+def test_index_command_rebuilds_from_manifests(tmp_path, small_book, capsys):
+    runs = tmp_path / "runs"
+    exp_dir = _two_smoke_runs(runs, small_book)
     expected = (exp_dir / "index.jsonl").read_text()
     for name in ("index.jsonl", "index.csv"):
         (exp_dir / name).unlink()
@@ -148,10 +153,7 @@ def test_unavailable_device_is_refused(tmp_path, small_book):
 
 def test_rm_deletes_the_runs_it_names_never_one_being_trained(tmp_path, small_book, capsys):
     runs = tmp_path / "runs"
-    for seed in (1, 2):
-        assert main(["train", str(REPO / "experiments" / "smoke.yaml"), "--runs", str(runs), "--corpus",
-                     str(small_book), "--set", f"train.seed={seed}", "--set", "train.steps=3", "--quiet"]) == 0
-    exp_dir = runs / "smoke"
+    exp_dir = _two_smoke_runs(runs, small_book)
     by_seed = {json.loads(line)["train.seed"]: json.loads(line)["run_id"]
                for line in (exp_dir / "index.jsonl").read_text().splitlines()}
     capsys.readouterr()
