@@ -13,6 +13,9 @@ baseline and the runner alternate. Modes:
   --packed       N = 1, 4, 8, 16 reference models trained as one stacked model (bench/packed.py, all
                  cores) vs today's sweep (`lilgatsby sweep`, one run per core), fp32 and bf16-true,
                  recording off on both sides: steps/s per seed and 10,000-step runs per hour
+  --live         live metrics and TensorBoard events (`record.live`) on vs off, alternating, on the
+                 reference experiment (--steps, default 1000): one run on every core, and a sweep of
+                 one run per core; with peak RSS at --steps and 3x as many steps
 Prints the CPU and a table, and writes the results as JSON (bench/results/<mode>.json by default).
 """
 
@@ -62,11 +65,11 @@ def baseline(steps: int, precision: str, work: Path, seed: int = 42) -> dict:
 
 
 def runner(steps: int, precision: str, work: Path, record: bool = True, kernels: str = "fast",
-           bf16_gemm: str | None = None) -> dict:
-    out = work / f"run-{precision}-{record}-{kernels}-{bf16_gemm}"
+           bf16_gemm: str | None = None, live: bool = True) -> dict:
+    out = work / f"run-{precision}-{record}-{kernels}-{bf16_gemm}-{live}"
     cmd = [*LILGATSBY, "train", str(REPO / "experiments" / "lil_gatsby.yaml"), "--out", str(out), "--force",
            "--quiet", "--set", f"train.steps={steps}", "--set", f"train.precision={precision}",
-           "--set", f"train.kernels={kernels}"]
+           "--set", f"train.kernels={kernels}", "--set", f"record.live={str(live).lower()}"]
     if not record:
         cmd += ["--set", "record.tensors=[]"]
     result = run_measured(cmd, work, {FORCE_ENV: bf16_gemm} if bf16_gemm else None)
@@ -107,6 +110,15 @@ def steps_mode(steps: int, rounds: int, work: Path) -> dict:
     return rows
 
 
+def reference_sweep(work: Path, name: str, settings: str) -> tuple[dict, list[dict]]:
+    """`lilgatsby sweep` of the reference experiment with `settings` (YAML lines) added, timed; and
+    the manifests of its runs."""
+    exp = work / f"{name}.yaml"
+    exp.write_text(f"include: {REPO / 'experiments' / 'lil_gatsby.yaml'}\nname: {name}\n{settings}")
+    result = run_measured([*LILGATSBY, "sweep", str(exp), "--runs", str(work / "runs"), "--force", "--quiet"], work)
+    return result, [json.loads(p.read_text()) for p in (work / "runs" / name).glob("*/run.json")]
+
+
 def sweep_mode(steps: int, seeds: int, work: Path) -> dict:
     """The notebook's loop run `seeds` times in a row against `lilgatsby sweep` over as many seeds,
     once with each run on one CPU (two runs side by side on two cores) and once on all of them."""
@@ -116,19 +128,39 @@ def sweep_mode(steps: int, seeds: int, work: Path) -> dict:
     base_s = time.perf_counter() - t0
     results: dict = {"seeds": seeds, "steps": steps, "baseline_sequential_s": base_s, "sweeps": {}}
     for cpus in sorted({1, os.cpu_count() or 1}):
-        exp = work / f"bench_sweep_{cpus}.yaml"
-        exp.write_text(f"include: {REPO / 'experiments' / 'lil_gatsby.yaml'}\nname: bench_sweep_{cpus}\n"
-                       f"train: {{steps: {steps}}}\nresources: {{cpus_per_run: {cpus}}}\n"
-                       f"grid: {{train.seed: {{range: [0, {seeds}]}}}}\n")
-        result = run_measured([*LILGATSBY, "sweep", str(exp), "--runs", str(work / "runs"), "--force", "--quiet"],
-                              work)
-        runs = [json.loads(p.read_text()) for p in (work / "runs" / f"bench_sweep_{cpus}").glob("*/run.json")]
+        result, runs = reference_sweep(work, f"bench_sweep_{cpus}", f"train: {{steps: {steps}}}\n"
+                                       f"resources: {{cpus_per_run: {cpus}}}\n"
+                                       f"grid: {{train.seed: {{range: [0, {seeds}]}}}}\n")
         results["sweeps"][cpus] = {"sweep_s": result["wall_s"], "speedup": base_s / result["wall_s"],
                                    "driver_rss_mib": result["rss_mib"],
                                    "run_steps_per_s": sum(r["metrics"]["steps_per_s"] for r in runs) / len(runs),
                                    "run_setup_s": sum(r["metrics"]["wall_s"] - r["metrics"]["train_s"]
                                                                  for r in runs) / len(runs)}
     return results
+
+
+def live_mode(steps: int, rounds: int, work: Path) -> dict:
+    """`record.live` off and on, alternating `rounds` times (the best of each kept): one reference
+    run on every core, then a sweep of one run per core (steps/s averaged over its runs); then the
+    peak RSS of a live run of 3x the steps, beside the one of `steps`."""
+    cores = os.cpu_count() or 1
+    single: dict[str, list] = {"off": [], "on": []}
+    swept: dict[str, list] = {"off": [], "on": []}
+    for _ in range(rounds):
+        for state in ("off", "on"):
+            single[state].append(runner(steps, "bf16-true", work, live=state == "on"))
+    for _ in range(rounds):
+        for state in ("off", "on"):
+            result, runs = reference_sweep(work, f"bench_live_{state}", f"train: {{steps: {steps}}}\n"
+                                           f"record: {{live: {str(state == 'on').lower()}}}\n"
+                                           f"resources: {{cpus_per_run: 1}}\n"
+                                           f"grid: {{train.seed: {{range: [0, {cores}]}}}}\n")
+            swept[state].append({"steps": steps, "runs": len(runs), "sweep_s": result["wall_s"],
+                                 "steps_per_s": sum(r["metrics"]["steps_per_s"] for r in runs) / len(runs)})
+    longer = runner(3 * steps, "bf16-true", work, live=True)
+    return {"single": {state: best(results) for state, results in single.items()},
+            "sweep": {state: best(results) for state, results in swept.items()},
+            "longer_live": longer}
 
 
 PACKS = (1, 4, 8, 16)
@@ -140,14 +172,10 @@ def packed_mode(steps: int, work: Path) -> dict:
     timed in processes of their own; runs/hour of 10,000-step runs, training time only."""
     cores, results = os.cpu_count() or 1, {}
     for precision in ("fp32", "bf16-true"):
-        exp = work / f"packed_baseline_{precision}.yaml"
-        exp.write_text(f"include: {REPO / 'experiments' / 'lil_gatsby.yaml'}\nname: packed_baseline\n"
-                       f"train: {{steps: {steps}, precision: {precision}}}\n"
-                       f"record: {{tensors: [], model_steps: none}}\nresources: {{cpus_per_run: 1}}\n"
-                       f"grid: {{train.seed: {{range: [0, {cores}]}}}}\n")
-        run_measured([*LILGATSBY, "sweep", str(exp), "--runs", str(work / "runs"), "--force", "--quiet"], work)
-        runs = [json.loads(p.read_text()) for p in (work / "runs" / "packed_baseline").glob("*/run.json")
-                if json.loads(p.read_text())["config"]["train"]["precision"] == precision]
+        _, runs = reference_sweep(work, f"packed_baseline_{precision.replace('-', '_')}",
+                                  f"train: {{steps: {steps}, precision: {precision}}}\n"
+                                  f"record: {{tensors: [], model_steps: none}}\nresources: {{cpus_per_run: 1}}\n"
+                                  f"grid: {{train.seed: {{range: [0, {cores}]}}}}\n")
         per_run = sum(r["metrics"]["steps_per_s"] for r in runs) / len(runs)
         rows = {"sweep": {"models": cores, "steps_per_s_per_seed": per_run,
                           "runs_per_hour": cores * per_run * 3600 / REFERENCE_STEPS}}
@@ -163,6 +191,22 @@ def packed_mode(steps: int, work: Path) -> dict:
 
 
 def table(mode: str, results: dict) -> str:
+    if mode == "live":
+        lines = ["| what | live | steps | steps/s | peak RSS MiB | wall s |", "|---|---|---|---|---|---|"]
+        for state, r in results["single"].items():
+            lines.append(f"| one run, every core | {state} | {r['steps']} | {r['steps_per_s']:.2f} | "
+                         f"{r['rss_mib']:.0f} | {r['wall_s']:.1f} |")
+        for state, r in results["sweep"].items():
+            lines.append(f"| sweep of {r['runs']}, one core each | {state} | {r['steps']} | {r['steps_per_s']:.2f} "
+                         f"per run | | {r['sweep_s']:.1f} |")
+        r = results["longer_live"]
+        lines.append(f"| one run, every core | on | {r['steps']} | {r['steps_per_s']:.2f} | {r['rss_mib']:.0f} | "
+                     f"{r['wall_s']:.1f} |")
+        for what in ("single", "sweep"):
+            on, off = results[what]["on"]["steps_per_s"], results[what]["off"]["steps_per_s"]
+            lines.append(f"\n{'one run' if what == 'single' else 'sweep'}: live metrics cost "
+                         f"{(off / on - 1) * 100:.1f} % of step time (budget 3 %)")
+        return "\n".join(lines)
     if mode == "packed":
         lines = ["| precision | trained as | models at once | steps/s per seed | 10,000-step runs/hour | "
                  "vs the sweep |", "|---|---|---|---|---|---|"]
@@ -209,6 +253,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternating measurements of each (best is kept)")
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--packed", action="store_true")
+    parser.add_argument("--live", action="store_true")
     parser.add_argument("--sweep-steps", type=int, default=1000)
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--json", type=Path, help="where to write the results (default bench/results/<mode>.json)")
@@ -217,13 +262,15 @@ def main() -> None:
         if not (REPO / "data" / "pg64317.txt").exists():
             sys.exit("bench: set LILGATSBY_CORPUS to the book (pg64317.txt)")
         os.environ["LILGATSBY_CORPUS"] = str(REPO / "data" / "pg64317.txt")
-    mode = "sweep" if args.sweep else "packed" if args.packed else f"steps{args.steps}"
+    mode = "sweep" if args.sweep else "packed" if args.packed else "live" if args.live else f"steps{args.steps}"
     with tempfile.TemporaryDirectory(prefix="lilgatsby-bench-") as tmp:
         work = Path(tmp)
         if args.sweep:
             results = sweep_mode(args.sweep_steps, args.seeds, work)
         elif args.packed:
             results = packed_mode(args.steps, work)
+        elif args.live:
+            results = live_mode(args.steps if "--steps" in sys.argv else 1000, args.rounds, work)
         else:
             results = steps_mode(args.steps, args.rounds, work)
     out = args.json or REPO / "bench" / "results" / f"{mode}.json"
@@ -231,7 +278,7 @@ def main() -> None:
     out.write_text(json.dumps({"mode": mode, "host_cpus": os.cpu_count(), "cpu": describe_cpu(), "results": results},
                               indent=2) + "\n")
     print(describe_cpu())
-    print(table(mode if mode in ("sweep", "packed") else "steps", results))
+    print(table(mode if mode in ("sweep", "packed", "live") else "steps", results))
     print(f"\nresults: {out}")
 
 

@@ -51,7 +51,8 @@ EXAMPLES = {
   lilgatsby report runs/smoke_sweep                           # -> runs/smoke_sweep/report/report.html
   lilgatsby report experiments/smoke_sweep.yaml --out /tmp/report
   lilgatsby report runs/smoke/30509a8442aa                    # one run
-  lilgatsby report s3://lab-runs/sweeps/smoke_sweep --out /tmp/report""",
+  lilgatsby report s3://lab-runs/sweeps/smoke_sweep --out /tmp/report
+  lilgatsby report runs/seed_sweep --watch 30                 # redrawn every 30 s while the runs train""",
 }
 
 
@@ -108,6 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--run", dest="run_id", metavar="RUN_ID",
                         help="the run (id or directory name) whose dead tokens are drawn one by one "
                              "(default: the first complete run in group order)")
+    report.add_argument("--watch", type=float, metavar="SECONDS", nargs="?", const=30.0,
+                        help="redraw it every SECONDS (default 30) until interrupted; the page reloads itself")
 
     rm = command("rm", "delete runs of an experiment by id, status or config value (never one that is training)")
     rm.add_argument("experiment_dir", help="an experiment's directory (local or s3://)")
@@ -234,12 +237,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from runner.analysis.report import report
+    from runner.analysis.report import report, watch
 
     experiment_dir = at(args.experiment, "experiment")
     if experiment_dir.local is not None and experiment_dir.local.suffix in (".yaml", ".yml"):
         experiment_dir = at(args.runs, "--runs") / load_runs(experiment_dir.local)[0].experiment.name
-    print(report(experiment_dir, args.out, args.run_id))
+    if args.watch is None:
+        print(report(experiment_dir, args.out, args.run_id))
+        return 0
+    if args.watch < 1:
+        raise ConfigError(f"--watch {args.watch:g}: must be at least 1 second")
+    try:
+        watch(experiment_dir, args.out, args.run_id, args.watch, on_page=lambda page: print(page, flush=True))
+    except KeyboardInterrupt:  # how watching ends
+        print("lilgatsby: stopped watching; the last page stays as it was drawn", file=sys.stderr)
     return 0
 
 

@@ -20,6 +20,8 @@ TMP = ".tmp"  # suffix of a file being written under a temporary name
 CHECKPOINT = "checkpoint.safetensors"
 PROGRESS = "progress.json"
 METRICS, METRICS_SOURCE = "metrics.csv", "metrics.source.json"
+# TensorBoard's event file: any name holding "tfevents"; fixed, so a rebuilt one replaces the old
+EVENTS = "events.out.tfevents.lilgatsby"
 TRAIN_LOG = "train.log"
 TOKENIZER = "tokenizer"
 MODELS = "models"  # whole-model snapshots: models/step-<N>/
@@ -37,7 +39,7 @@ _ROWS = re.compile(r"rows-(\d+)-(\d+)")
 _SNAPSHOT = re.compile(rf"{MODELS}/step-(\d+)/.+")
 # What a run keeps in a bucket only while it trains: never part of a copy
 _TRANSIENT = re.compile(rf"(.*/)?({re.escape(LEASE)}|{re.escape(CHECKPOINT)}|{re.escape(PARTS)}/.*|"
-                        rf"{re.escape(PROBE_PREFIX)}.*)")
+                        rf"{re.escape(METRICS + PARTIAL)}|{re.escape(PROBE_PREFIX)}.*)")
 # What a scratch directory keeps on its node: the lock, the partial recording (shipped as row
 # objects), the checkpoint and manifest (shipped on their own) and files being written
 _LOCAL_ONLY = re.compile(rf"{re.escape(LOCK)}|.*{re.escape(PARTIAL)}(/.*)?|.*{re.escape(TMP)}|"
@@ -70,6 +72,8 @@ class RunFiles(Generic[P]):
     progress = property(lambda self: self._at(PROGRESS))
     metrics = property(lambda self: self._at(METRICS))
     metrics_source = property(lambda self: self._at(METRICS_SOURCE))
+    partial_metrics = property(lambda self: self._at(METRICS + PARTIAL))  # appended as the run trains
+    events = property(lambda self: self._at(EVENTS))
     train_log = property(lambda self: self._at(TRAIN_LOG))
     tokenizer = property(lambda self: self._at(TOKENIZER))
     models = property(lambda self: self._at(MODELS))
@@ -107,7 +111,8 @@ def snapshot_step(relative: str) -> int | None:
 
 
 def is_transient(relative: str) -> bool:
-    """A file a run keeps in a bucket only while it trains (lease, checkpoint, row objects, probes)."""
+    """A file a run keeps in a bucket only while it trains (lease, checkpoint, row objects, the metrics
+    so far, probes)."""
     return bool(_TRANSIENT.fullmatch(relative))
 
 

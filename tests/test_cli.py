@@ -22,7 +22,7 @@ def test_smoke_experiment_end_to_end(tmp_path, small_book, capsys):
     (run_dir,) = [d for d in (runs / "smoke").iterdir() if d.is_dir()]
     assert {p.name for p in run_dir.iterdir()} == {"recording.safetensors", "run.json", "train.log", "tokenizer",
                                                    ".lock", "metrics.csv", "metrics.source.json", "models",
-                                                   "progress.json"}
+                                                   "progress.json", "events.out.tfevents.lilgatsby"}
     manifest = json.loads((run_dir / "run.json").read_text())
     assert manifest["status"] == "complete" and manifest["run_id"] == run_dir.name
     assert "final loss" in capsys.readouterr().out

@@ -11,6 +11,7 @@ as thin dotted lines. Matplotlib's `Figure` is used directly: no pyplot, no disp
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,6 +208,13 @@ def save(fig: Figure, out: Path, stem: str) -> None:
     """`<stem>.svg` and `<stem>.png` in `out` (no timestamps inside: the same figure, the same bytes).
     The SVG keeps its text as text, to be edited and searched."""
     with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": stem}):
-        fig.savefig(out / f"{stem}.svg", metadata={"Date": None})
+        _save_whole(fig, out / f"{stem}.svg", metadata={"Date": None})
     fig.set_layout_engine("none")  # laid out by the first save: the second one keeps it (a third of the time)
-    fig.savefig(out / f"{stem}.png", dpi=150, metadata={"Software": None})
+    _save_whole(fig, out / f"{stem}.png", dpi=150, metadata={"Software": None})
+
+
+def _save_whole(fig: Figure, path: Path, **kwargs) -> None:
+    """Written under a temporary name, then renamed: a page reloading meanwhile gets the old figure or the new."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format=path.suffix[1:], **kwargs)
+    os.replace(tmp, path)

@@ -13,12 +13,14 @@ import io
 import json
 import logging
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
 
+from runner.config import Experiment
 from runner.layout import RunFiles
-from runner.recording.format import experiment_of, header_bytes, recorded_steps
+from runner.recording.format import experiment_of, header_bytes, recorded_steps, recorded_tensors
 from runner.recording.rows import RowReader
 from runner.storage.blob import read
 from runner.storage.location import Location, at, unless_read_only
@@ -78,53 +80,111 @@ def _columns(W: np.ndarray, dead: np.ndarray) -> dict[str, np.ndarray]:
 
 # W's columns unprefixed, an untied model's input embedding E's with `E_`: (row, gradient, moments)
 MATRICES = {"": ("W", "grads", "momentum", "variance"), "E_": ("E", "E_grads", "E_momentum", "E_variance")}
+MATRIX_NAMES: tuple[str, ...] = tuple(names[0] for names in MATRICES.values())  # whose drift is from row 0
 
 
 def _prefixed(prefix: str, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {prefix + name: values for name, values in columns.items()}
 
 
-def compute_metrics(path: str | Path | Location, chunk_rows: int = CHUNK_ROWS, rows: int | None = None) -> pd.DataFrame:
-    """One row per recorded step of a recording (see the module docstring); metrics whose tensors
-    were not recorded are absent. `rows`: only the first rows (of a recording still being written)."""
-    chunks = []
-    with RowReader(path) as f:
-        exp = experiment_of(f.metadata)
-        dead = np.array(json.loads(f.metadata["token_counts"])) == 0
-        steps = recorded_steps(exp.train.steps, exp.record.every)[:rows]
+class Rows(Protocol):
+    """A chunk of a recording's rows: `rows(name)` is tensor `name`'s `count` rows as fp32."""
+
+    names: set[str]
+    count: int
+
+    def __call__(self, name: str) -> np.ndarray: ...
+
+
+class ArrayRows:
+    """Rows held in memory (the recording writer's chunk): name -> fp32 array."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self.arrays, self.names = arrays, set(arrays)
+        self.count = len(next(iter(arrays.values()))) if arrays else 0
+
+    def __call__(self, name: str) -> np.ndarray:
+        return self.arrays[name]
+
+
+class _ReaderRows:
+    def __init__(self, reader: RowReader, names: set[str], start: int, stop: int):
+        self.reader, self.names, self.start, self.stop, self.count = reader, names, start, stop, stop - start
+
+    def __call__(self, name: str) -> np.ndarray:
+        return self.reader.rows(name, self.start, self.stop)
+
+
+class MetricsOf:
+    """The metrics of a recording's rows, chunk by chunk: `MetricsOf(exp, token_counts, initial)(first_row,
+    rows)` is one table row per row of the chunk. Each row's values depend on that row alone (and
+    row 0's W and E, `initial`), so any split into chunks gives the same bits: the end-of-run
+    computation and the live one (`runner.analysis.live`) are this one function."""
+
+    def __init__(self, exp: Experiment, token_counts: list[int], initial: dict[str, np.ndarray]):
+        self.exp, self.initial = exp, initial
+        self.dead = np.array(token_counts) == 0
+        self.steps = recorded_steps(exp.train.steps, exp.record.every)
+
+    def __call__(self, first_row: int, rows: Rows) -> pd.DataFrame:
+        step = np.array(self.steps[first_row:first_row + rows.count])
+        if rows.count == 1:  # numpy reduces a lone row by another path (a pairwise sum) than a stack of
+            # rows, which changes the last bits: a lone row is computed as a pair of itself
+            return self._table(np.repeat(step, 2), ArrayRows({n: np.repeat(rows(n), 2, axis=0)
+                                                              for n in rows.names})).iloc[:1]
+        return self._table(step, rows)
+
+    def _table(self, step: np.ndarray, rows: Rows) -> pd.DataFrame:
+        exp, dead, names = self.exp, self.dead, rows.names
         (b1, b2), eps = exp.train.betas, exp.train.eps
-        names = set(f.tensors)
-        initial: dict[str, np.ndarray] = {m: f.rows(m, 0, 1) for m in ("W", "E") if m in names}
-        for start in range(0, len(steps), chunk_rows):
-            stop = min(start + chunk_rows, len(steps))
-            step = np.array(steps[start:stop])
-            columns: dict[str, np.ndarray] = {"step": step}
-            if "loss" in names:
-                columns["loss"] = f.rows("loss", start, stop)
-            # the learning rate of update s (0 at row 0: no update); the global gradient norm before clipping
-            columns["lr"] = np.array([exp.train.learning_rate(s) for s in step], dtype=np.float32)
-            if "grad_norm" in names:
-                columns["grad_norm"] = f.rows("grad_norm", start, stop)
-            for prefix, (matrix, grads, momentum, variance) in MATRICES.items():
-                if matrix in names:
-                    values = f.rows(matrix, start, stop)
-                    columns.update(_prefixed(prefix, {**_columns(values, dead), **_dead_live(
-                        "drift", np.linalg.norm(values - initial[matrix], axis=2), dead)}))
-                if grads in names:
-                    grad_norms = np.linalg.norm(f.rows(grads, start, stop), axis=2)
-                    columns.update(_prefixed(prefix, _dead_live("grad_norm", grad_norms, dead)))
-                if {momentum, variance} <= names:
-                    # Row s holds Adam's moments after s - 1 updates: the direction of update s - 1 (none before row 2).
-                    with np.errstate(divide="ignore", invalid="ignore"):
-                        t = np.maximum(step - 1, 0).astype(np.float64)[:, None, None]
-                        m_hat = f.rows(momentum, start, stop) / (1 - b1 ** t)
-                        v_hat = f.rows(variance, start, stop) / (1 - b2 ** t)
-                        update = np.linalg.norm(m_hat / (np.sqrt(v_hat) + eps), axis=2).astype(np.float32)
-                    columns.update(_prefixed(prefix, _dead_live("update", update, dead)))
-            if "logits" in names:
-                logits = f.rows("logits", start, stop)
-                columns.update(_dead_live("logit", logits, dead), dead_logit_max=_reduce_over(logits, dead, np.max))
-            chunks.append(pd.DataFrame({k: v.astype(np.float32) if k != "step" else v for k, v in columns.items()}))
+        columns: dict[str, np.ndarray] = {"step": step}
+        if "loss" in names:
+            columns["loss"] = rows("loss")
+        # the learning rate of update s (0 at row 0: no update); the global gradient norm before clipping
+        columns["lr"] = np.array([exp.train.learning_rate(s) for s in step], dtype=np.float32)
+        if "grad_norm" in names:
+            columns["grad_norm"] = rows("grad_norm")
+        for prefix, (matrix, grads, momentum, variance) in MATRICES.items():
+            if matrix in names:
+                values = rows(matrix)
+                columns.update(_prefixed(prefix, {**_columns(values, dead), **_dead_live(
+                    "drift", np.linalg.norm(values - self.initial[matrix], axis=2), dead)}))
+            if grads in names:
+                grad_norms = np.linalg.norm(rows(grads), axis=2)
+                columns.update(_prefixed(prefix, _dead_live("grad_norm", grad_norms, dead)))
+            if {momentum, variance} <= names:
+                # Row s holds Adam's moments after s - 1 updates: the direction of update s - 1 (none before row 2).
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    t = np.maximum(step - 1, 0).astype(np.float64)[:, None, None]
+                    m_hat = rows(momentum) / (1 - b1 ** t)
+                    v_hat = rows(variance) / (1 - b2 ** t)
+                    update = np.linalg.norm(m_hat / (np.sqrt(v_hat) + eps), axis=2).astype(np.float32)
+                columns.update(_prefixed(prefix, _dead_live("update", update, dead)))
+        if "logits" in names:
+            logits = rows("logits")
+            columns.update(_dead_live("logit", logits, dead), dead_logit_max=_reduce_over(logits, dead, np.max))
+        return pd.DataFrame({k: v.astype(np.float32) if k != "step" else v for k, v in columns.items()})
+
+
+def metrics_of(reader: RowReader) -> MetricsOf:
+    """The metrics function of an open recording (its config, token counts and row 0)."""
+    initial = {m: reader.rows(m, 0, 1) for m in MATRIX_NAMES if m in reader.tensors}
+    return MetricsOf(experiment_of(reader.metadata), json.loads(reader.metadata["token_counts"]), initial)
+
+
+def compute_metrics(path: str | Path | Location, chunk_rows: int = CHUNK_ROWS, rows: int | None = None,
+                    first_row: int = 0) -> pd.DataFrame:
+    """One row per recorded step of a recording (see the module docstring); metrics whose tensors
+    were not recorded are absent. `first_row`, `rows`: only rows first_row..rows-1 (of a recording
+    still being written)."""
+    with RowReader(path) as f:
+        metrics = metrics_of(f)
+        names = set(recorded_tensors(metrics.exp)) & set(f.tensors)  # the per-step ones
+        stop = len(metrics.steps) if rows is None else min(rows, len(metrics.steps))
+        chunks = [metrics(start, _ReaderRows(f, names, start, min(start + chunk_rows, stop)))
+                  for start in range(first_row, stop, chunk_rows)]
+        if not chunks:  # no rows: the columns all the same
+            chunks = [metrics(first_row, _ReaderRows(f, names, first_row, first_row))]
     return pd.concat(chunks, ignore_index=True)
 
 
@@ -165,18 +225,46 @@ def write_metrics(run_dir: Path | Location) -> pd.DataFrame:
     return table
 
 
+def note_source(run_dir: Path) -> None:
+    """metrics.csv (the live table, just published) is that of the recording as it is now."""
+    files = RunFiles(at(run_dir))
+    files.metrics_source.write_text(json.dumps(_fingerprint(files.recording)) + "\n")
+
+
+def parse_table(data: bytes) -> pd.DataFrame:
+    """A metrics table read back from its CSV, with the dtypes it was computed in."""
+    table = pd.read_csv(io.BytesIO(data))
+    return table.astype({c: "float32" for c in table.columns if c != "step"})
+
+
+def metrics_so_far(run_dir: str | Path | Location) -> pd.DataFrame | None:
+    """A running run's metrics as far as it has trained (`metrics.csv.partial`, which
+    `runner.analysis.live` appends to; in a bucket as of the run's last checkpoint; no rows before
+    its first chunk is written), or None when it has none."""
+    try:
+        data = RunFiles(at(run_dir)).partial_metrics.read_bytes()  # None: there is none
+    except OSError:
+        return None
+    if data is None:
+        return None
+    complete = data[:data.rfind(b"\n") + 1]  # its last line may be half-written
+    return parse_table(complete) if complete else pd.DataFrame({"step": pd.Series(dtype="int64")})
+
+
 def load_metrics(run_dir: str | Path | Location) -> pd.DataFrame:
     """The run's per-step metrics (a local run directory or `s3://…/<experiment>/<run id>`): from
     `metrics.csv` when it was computed from the recording as it is now, else computed from the
-    recording (streamed by ranged reads from a bucket) and stored beside it."""
+    recording (streamed by ranged reads from a bucket) and stored beside it. A run still training:
+    its metrics so far (`metrics_so_far`)."""
     where = at(run_dir)
     files = RunFiles(where)
+    if not files.recording.exists() and (so_far := metrics_so_far(where)) is not None:
+        return so_far
     try:
         cached = json.loads(files.metrics_source.read_bytes() or b"null")
         table_bytes = files.metrics.read_bytes() if cached == _fingerprint(files.recording) else None
         if table_bytes is not None:
-            table = pd.read_csv(io.BytesIO(table_bytes))
-            return table.astype({c: "float32" for c in table.columns if c != "step"})  # as computed
+            return parse_table(table_bytes)
     except (OSError, ValueError):
         pass
     log.info("%s: computing per-step metrics from the recording", where)

@@ -3,13 +3,15 @@
 Runs are grouped so that a band only ever averages seeds of one config (`runner.analysis.groups`);
 the figures are `runner.analysis.figures`'. The page says what was grouped and why: the config
 every run shares, what sets each group apart, and every run with its status. Running runs are
-drawn as far as their recording is written.
+drawn as far as they have trained (their live metrics, `runner.analysis.live`; in a bucket as of
+their last checkpoint). `watch` redraws it on a period while runs train, and the page reloads itself.
 """
 
 from __future__ import annotations
 
 import html
 import logging
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -17,8 +19,9 @@ import yaml
 
 from runner.analysis import figures
 from runner.analysis.groups import SEED, Group, RunEntry, full_config, group_runs, shared_config, varying_keys
-from runner.analysis.metrics import compute_metrics, dead_row_norms, load_metrics
+from runner.analysis.metrics import compute_metrics, dead_row_norms, load_metrics, metrics_so_far
 from runner.errors import UserError
+from runner.files import write_atomic
 from runner.layout import INDEX_JSONL, MANIFEST, REPORT, REPORT_PAGE, RunFiles
 from runner.runs.index import index_row, read_runs, write_index
 from runner.runs.rundir import read_manifest, read_progress
@@ -29,53 +32,80 @@ log = logging.getLogger(__name__)
 TABLE_COLUMNS = ["final_loss", "dead_tokens", "dead_row_norm", "live_row_norm", "dead_cosine"]
 
 
+class NothingToReport(UserError):
+    """No run to draw yet (none started, or none has a row): `watch` waits for one."""
+
+
 def read_entries(path: Location) -> tuple[list[RunEntry], bool]:
     """The runs of an experiment directory, or the one run of a run directory (True)."""
-    if not path.is_dir():
-        raise UserError(f"{path}: not an experiment directory (runs/<name>/) or run directory")
+    if not path.is_dir():  # (one that is not there yet, `watch` waits for)
+        raise (UserError if path.exists() else NothingToReport)(
+            f"{path}: not an experiment directory (runs/<name>/) or run directory")
     manifest = read_manifest(path)
     if manifest is not None:
         return [RunEntry(path, index_row(path, manifest), full_config(manifest))], True
     runs = read_runs(path)
     if not runs:
-        raise UserError(f"{path}: no run directories (with {MANIFEST}) found")
+        raise NothingToReport(f"{path}: no run directories (with {MANIFEST}) found")
     with unless_read_only(path / INDEX_JSONL):  # the report is read from the runs; the index is a by-product
         write_index(path, [row for _, _, row in runs])
     return [RunEntry(d, row, full_config(manifest) if manifest else {}) for d, manifest, row in runs], False
 
 
 def _running_so_far(entry: RunEntry) -> tuple[pd.DataFrame, str] | None:
-    """A running run's metrics over the rows its recording has so far, and its progress note."""
-    partial = RunFiles(entry.run_dir).partial_recording
-    if partial.local is None:
-        return None  # in a bucket the partial recording is in row objects until the run completes
+    """A running run's metrics as far as it has trained, and its progress note: its live metrics,
+    else (a local run trained with `record.live: false`) computed from its partial recording."""
     progress = read_progress(entry.run_dir)
-    if not progress or not progress.get("rows_written") or not partial.exists():
+    table = metrics_so_far(entry.run_dir)
+    partial = RunFiles(entry.run_dir).partial_recording
+    if table is None and partial.local is not None and progress and progress.get("rows_written"):
+        try:
+            table = compute_metrics(partial, rows=progress["rows_written"])
+        except (UserError, OSError, ValueError, KeyError):
+            return None  # it finished or restarted meanwhile: reported as it is next time
+    if table is None or not len(table):
         return None
-    try:
-        table = compute_metrics(partial, rows=progress["rows_written"])
-    except (UserError, OSError, ValueError, KeyError):
-        return None  # it finished or restarted meanwhile: reported as it is next time
-    return table, f"running, step {progress['step']}/{progress['steps']}"
+    step = max(int(table["step"].iloc[-1]), progress["step"] if progress else 0)
+    return table, f"running, step {step}" + (f"/{progress['steps']}" if progress else "")
 
 
-def report(path: Location, out: Path | None = None, run_id: str | None = None) -> Path | Location:
+def report(path: Location, out: Path | None = None, run_id: str | None = None,
+           reload_s: int | None = None) -> Path | Location:
     """Write the report of an experiment directory or one run directory into `out` (default:
-    `<path>/report/`, uploaded there when `path` is in a bucket); returns where report.html is."""
+    `<path>/report/`, uploaded there when `path` is in a bucket); returns where report.html is.
+    `reload_s`: the page reloads itself that often (`watch`'s)."""
     if out is not None:
-        return _report(path, out, run_id)
+        return _report(path, out, run_id, reload_s)
     with (path / REPORT).staged_dir() as staged:
-        _report(path, staged, run_id)
+        _report(path, staged, run_id, reload_s)
     return path / REPORT / REPORT_PAGE
 
 
-def _report(path: Location, out: Path, run_id: str | None) -> Path:
+def watch(path: Location, out: Path | None, run_id: str | None, every_s: float,
+          on_page=lambda page: None) -> None:
+    """`report --watch`: the report redrawn every `every_s` seconds, its page reloading itself as
+    often, until interrupted (a sweep may start more runs at any time). Until a run has a row to
+    draw it waits; `on_page(page)` is called after the first page is written."""
+    first = True
+    while True:
+        started = time.monotonic()
+        try:
+            page = report(path, out, run_id, reload_s=max(1, round(every_s)))
+            if first:
+                on_page(page)
+                first = False
+        except NothingToReport as e:
+            log.info("%s; waiting", e)
+        time.sleep(max(0.0, every_s - (time.monotonic() - started)))
+
+
+def _report(path: Location, out: Path, run_id: str | None, reload_s: int | None) -> Path:
     entries, single = read_entries(path)
     complete = [e for e in entries if e.status == "complete"]
     running = {e.row["run_id"]: so_far for e in entries if e.status == "running" and (so_far := _running_so_far(e))}
     if not complete and not running:
-        raise UserError(f"{path}: no complete or running run to report ({plural(len(entries), 'run')}, "
-                        f"none complete)")
+        raise NothingToReport(f"{path}: no complete or running run to report ({plural(len(entries), 'run')}, "
+                              f"none complete)")
     shown = [e for e in entries if e.status == "complete" or e.row["run_id"] in running]
     groups, keys = group_runs(shown, entries[0].row.get("name") or path.name)
     chosen = _chosen_run(complete, groups, run_id, path)
@@ -96,7 +126,7 @@ def _report(path: Location, out: Path, run_id: str | None) -> Path:
                      figures.TRAJECTORIES)
         drawn.append((figures.TRAJECTORIES, title))
     page = out / REPORT_PAGE
-    page.write_text(_html(path, entries, shown, groups, keys, running, drawn, single), encoding="utf-8")
+    write_atomic(page, _html(path, entries, shown, groups, keys, running, drawn, single, reload_s))
     log.info("%s: %s, %s (%d complete, %d running)", page, plural(len(drawn), "figure"),
              plural(len(entries), "run"), len(complete), len(running))
     return page
@@ -125,9 +155,10 @@ def _group_of(entry: RunEntry, groups: list[Group]) -> str:
 
 
 def _html(path: Location, entries: list[RunEntry], shown: list[RunEntry], groups: list[Group], keys: list[str],
-          running: dict[str, tuple[pd.DataFrame, str]], drawn: list[tuple[str, str]], single: bool) -> str:
+          running: dict[str, tuple[pd.DataFrame, str]], drawn: list[tuple[str, str]], single: bool,
+          reload_s: int | None) -> str:
     """The page: figures, the groups, every run (failed and incomplete ones too) and the config of
-    the runs shown (complete and running)."""
+    the runs shown (complete and running); reloading itself every `reload_s` seconds when given."""
     counts = {"complete": 0, "running": 0}
     for e in entries:
         counts[e.status] = counts.get(e.status, 0) + 1
@@ -150,8 +181,12 @@ def _html(path: Location, entries: list[RunEntry], shown: list[RunEntry], groups
                     if passive else "")
     grouping = (f"grouped by {html.escape(', '.join(keys))} (the keys whose values differ among the runs); "
                 if keys else "every run shares one config except the seed; ")
+    reload = (f'<meta http-equiv="refresh" content="{reload_s}">' if reload_s else "")
+    drawn_at = (f"<p>Drawn at {time.strftime('%Y-%m-%d %H:%M:%S')}; redrawn every {reload_s} s while "
+                f"<code>lilgatsby report --watch</code> runs, and this page reloads itself as often.</p>"
+                if reload_s else "")
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<html lang="en"><head><meta charset="utf-8">{reload}<title>{title}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}}
 img{{max-width:100%}}table{{border-collapse:collapse;font-size:.85em}}td,th{{border:1px solid #ccc;padding:2px 6px}}
 pre{{background:#f6f6f6;padding:1em}}figcaption{{font-size:.85em;color:#444}}</style></head>
@@ -159,7 +194,7 @@ pre{{background:#f6f6f6;padding:1em}}figcaption{{font-size:.85em;color:#444}}</s
 <p>{plural(len(entries), "run")}: {html.escape(status_text)}. Runs are {grouping}each line is the mean
 over a group's seeds, its band the min–max over them (one run: no band); running runs are dotted,
 drawn as far as they have trained. Steps on a logarithmic axis.</p>
-<h2>Figures</h2>
+{drawn_at}<h2>Figures</h2>
 {images}
 <h2>Groups</h2>
 {group_table.to_html(index=False, na_rep="")}

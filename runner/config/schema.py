@@ -136,6 +136,9 @@ class RecordConfig:
     # whole-model snapshots (Hugging Face format) under models/step-<N>/: final | none | pythia | [steps]
     model_steps: Literal["final", "none", "pythia"] | tuple[int, ...] = field(
         default="final", metadata=introduced_with("final"))
+    # the per-step metrics (metrics.csv.partial) and TensorBoard events written as the rows land;
+    # false: metrics.csv is computed when the run ends. The same numbers either way.
+    live: bool = field(default=True, metadata=NOT_IDENTITY)
 
 
 @dataclass(frozen=True)

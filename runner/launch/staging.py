@@ -2,12 +2,13 @@
 
 While it trains, each checkpoint ships what another node needs to continue: the rows the recording
 gained since the previous checkpoint (one `rows-<a>-<b>` object: rows a..b-1 of every per-step
-tensor), the recording's header (once), the snapshots taken so far, and then the checkpoint
+tensor), the recording's header (once), the snapshots taken so far, the live metrics and event
+file as they stand (what a report or TensorBoard of the running run reads), and then the checkpoint
 itself, so a checkpoint in the bucket always has every row it needs. `restore` rebuilds the scratch
 directory from those on any node. When the run is complete, `publish` uploads the recording
 (multipart, parallel parts, streamed from the file), the metrics, tokenizer, snapshots and log,
 then `run.json` last: a run whose manifest in the bucket says complete is complete. Then the
-checkpoint and the row objects are deleted. Bucket layout: docs/storage.md.
+checkpoint, the live metrics and the row objects are deleted. Bucket layout: docs/storage.md.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from pathlib import Path
 
 from runner.config import Experiment
 from runner.layout import (
+    EVENTS,
+    METRICS,
     MODELS,
+    PARTIAL,
     PARTS_HEADER,
     PROGRESS,
     TMP,
@@ -73,6 +77,9 @@ class Publisher:
             finally:
                 segment.unlink()
         self._upload_files(f"{MODELS}/")
+        if self.scratch.partial_metrics.exists():
+            self.home.partial_metrics.upload(self.scratch.partial_metrics)
+        self._upload_files(EVENTS)
         self.home.checkpoint.upload(self.scratch.checkpoint)
         self._upload_files(PROGRESS)
         self.rows_shipped = stop
@@ -84,6 +91,7 @@ class Publisher:
             self._upload_files("")
             write_manifest(self.home.root, manifest)  # last: the bucket's word that the run is complete
             self.home.checkpoint.delete()
+            self.home.partial_metrics.delete()
             self.home.parts.delete_tree()
         elif status == "running":
             self.lease.check()
@@ -159,8 +167,9 @@ def _tiling(objects: dict[str, int], stop: int) -> list[tuple[int, int]] | None:
 
 def restore(home_dir: Location, scratch_dir: Path, exp: Experiment) -> int:
     """Rebuild the scratch run directory from the bucket: its last checkpoint, the partial recording
-    up to it, its snapshots and log. Returns the rows restored (0: nothing to resume; the run starts over).
-    A checkpoint that is there but cannot be downloaded fails the run (StorageError): it is kept."""
+    up to it, its snapshots, log, live metrics and event file. Returns the rows restored (0: nothing
+    to resume; the run starts over). A checkpoint that is there but cannot be downloaded fails the
+    run (StorageError): it is kept."""
     from safetensors import safe_open
 
     home, scratch = RunFiles(home_dir), RunFiles(scratch_dir)
@@ -198,7 +207,7 @@ def restore(home_dir: Location, scratch_dir: Path, exp: Experiment) -> int:
         os.close(fd)
     for relative in home_dir.files():
         snapshot = snapshot_step(relative)
-        if relative == TRAIN_LOG or (snapshot is not None and snapshot <= step):
+        if relative in (TRAIN_LOG, EVENTS, METRICS + PARTIAL) or (snapshot is not None and snapshot <= step):
             (home_dir / relative).download(scratch_dir / relative)
     log.info("%s: restored from the bucket: checkpoint at step %d, %d recording rows", home.root, step, stop)
     return stop

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import torch
 
+from runner.analysis.live import LiveMetrics
 from runner.analysis.metrics import dead_token_summary, write_metrics
 from runner.config import Experiment
 from runner.data.corpus import Corpus, load_corpus
@@ -100,12 +101,13 @@ def _run_locked(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: to
 
     manifest = {**manifest, "status": "running", "started_at": _now(), "environment": environment(torch_device)}
     save(manifest)
+    live = LiveMetrics(run_dir, exp, corpus.token_counts) if exp.record.live else None
     with _log_to(RunFiles(run_dir).train_log):
         try:
             result, model = train(exp, run_dir, corpus, torch_device, threads, progress, restart,
                                   manifest["environment"], manifest["started_at"],
-                                  publisher.checkpoint_saved if publisher else None)
-            manifest.update(result, corpus=corpus.summary(), **_after_training(exp, run_dir, corpus, model))
+                                  publisher.checkpoint_saved if publisher else None, live)
+            manifest.update(result, corpus=corpus.summary(), **_after_training(exp, run_dir, corpus, model, live))
             manifest["status"] = "complete"
             metrics = manifest["metrics"]
             log.info("run %s complete: final loss %.4f, %.1f steps/s, %s", exp.run_id, metrics["final_loss"],
@@ -124,10 +126,13 @@ def _run_locked(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: to
     return manifest
 
 
-def _after_training(exp: Experiment, run_dir: Path, corpus: Corpus, model) -> dict:
-    """The end-of-run analysis, before the run is marked complete: the per-step metrics table, the
-    dead-token summary of the final matrix, and text samples."""
-    write_metrics(run_dir)
+def _after_training(exp: Experiment, run_dir: Path, corpus: Corpus, model, live: LiveMetrics | None) -> dict:
+    """The end-of-run analysis, before the run is marked complete: the per-step metrics table (the
+    live one, or computed now), the dead-token summary of the final matrix, and text samples."""
+    if live is not None:
+        live.finish()
+    else:
+        write_metrics(run_dir)
     W = model.lm_head.weight
     summary = dead_token_summary(W.detach().float().cpu().numpy(), corpus.token_counts)
     samples = sample_text(model.float(), seed=exp.train.seed, device=W.device)

@@ -6,7 +6,8 @@ tensor bytes) and fills each tensor's rows in place. The header is written first
 reserved, rows are buffered in chunks and written by a background thread, and the header is
 rewritten with the final metadata at the end. The file lives under `<name>.partial` until it is
 complete, then is renamed: a file with the final name is always complete. Reading back is
-`runner.recording.verify`'s.
+`runner.recording.verify`'s. A `RowSink` is handed each chunk in the writer thread once it is in
+the file (the live metrics, `runner.analysis.live`): whatever it does, the training step never waits for it.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ import json
 import os
 import shutil
 import struct
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Protocol
 
+import numpy as np
 import torch
 
 from runner.config import Experiment
@@ -35,6 +39,7 @@ from runner.recording.format import (
     recording_size,
     tensor_bytes,
 )
+from runner.recording.rows import BITS, as_fp32
 
 TORCH_DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32}
 
@@ -64,11 +69,26 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
     return t.contiguous().view(torch.uint8).numpy().data.cast("B")
 
 
+class RowSink(Protocol):
+    """What is told of the rows as they land in the file (every call but `start` in the writer thread)."""
+
+    def start(self, first_row: int) -> None:
+        """Rows 0..first_row-1 are in the file already (a resumed run); none are after them."""
+
+    def rows_written(self, first_row: int, rows: dict[str, np.ndarray], wall_times: list[float]) -> None:
+        """Rows first_row.. of every recorded tensor, as fp32, and when each was recorded (Unix time)."""
+
+    def flush(self) -> None:
+        """Make what it has been told durable (a checkpoint is about to rely on it)."""
+
+    def close(self) -> None: ...
+
+
 class RecordingWriter:
     """Streams rows of the per-step tensors into `path` (via `path.partial`)."""
 
     def __init__(self, path: Path, exp: Experiment, *, metadata: dict[str, str], device: torch.device,
-                 first_row: int = 0, chunk_rows: int = 64):
+                 first_row: int = 0, chunk_rows: int = 64, sink: RowSink | None = None):
         """`first_row` > 0 continues an existing `.partial` file whose rows before it are written."""
         self.path, self.partial = path, partial(path)
         self.every, self.names = exp.record.every, recorded_tensors(exp)
@@ -102,9 +122,13 @@ class RecordingWriter:
         self._pinned = [{n: torch.empty_like(b, device="cpu").pin_memory() for n, b in bufs.items()}
                         for bufs in self._buffers] if device.type == "cuda" else None
         self._active, self._filled, self._chunk_start = 0, 0, first_row
+        self._wall_times: list[float] = []  # of the rows buffered
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recording-writer")
         self._pending: Future | None = None
         self._pending_first = first_row  # the first row of the chunk being written by _pending
+        self.sink = sink
+        if sink is not None:
+            sink.start(first_row)
 
     def _header_bytes(self) -> bytes:
         entries: dict = {"__metadata__": self.metadata}
@@ -144,6 +168,7 @@ class RecordingWriter:
             else:
                 buffers[name][self._filled].copy_(value.detach())
         self._filled += 1
+        self._wall_times.append(time.time())
         if self.names and self._filled == len(buffers[self.names[0]]):
             self._flush()
 
@@ -159,17 +184,25 @@ class RecordingWriter:
         else:  # one copy per chunk on MPS; a view on the CPU
             host = {n: b[:self._filled].cpu() for n, b in buffers.items()}
         self._wait()  # the other buffer set's write has finished, so it may be refilled
-        self._pending = self._executor.submit(self._write_rows, self._chunk_start, host, copied)
+        self._pending = self._executor.submit(self._write_rows, self._chunk_start, host, copied, self._wall_times)
         self._pending_first = self._chunk_start
         self._active, self._chunk_start, self._filled = 1 - self._active, self._chunk_start + self._filled, 0
+        self._wall_times = []
 
-    def _write_rows(self, first_row: int, rows: dict[str, torch.Tensor], copied: torch.cuda.Event | None) -> None:
+    def _write_rows(self, first_row: int, rows: dict[str, torch.Tensor], copied: torch.cuda.Event | None,
+                    wall_times: list[float]) -> None:
         if copied is not None:
             copied.synchronize()  # the chunk's device->host copy has landed
+        stored = {}
         for name, tensor in rows.items():
             dtype, shape = self.layout[name]
             row_bytes = tensor_bytes(dtype, shape) // shape[0]
-            _pwrite_all(self.fd, _as_bytes(tensor), self.data_start + self.offsets[name] + first_row * row_bytes)
+            stored[name] = _as_bytes(tensor)
+            _pwrite_all(self.fd, stored[name], self.data_start + self.offsets[name] + first_row * row_bytes)
+        if self.sink is not None:  # the values as stored (bf16 widened exactly), as a reader gets them
+            self.sink.rows_written(first_row, {
+                name: as_fp32(np.frombuffer(data, dtype=BITS[self.layout[name][0]]).reshape(rows[name].shape))
+                for name, data in stored.items()}, wall_times)
 
     @property
     def rows_written(self) -> int:
@@ -182,6 +215,8 @@ class RecordingWriter:
         self._flush()
         self._wait()
         os.fsync(self.fd)
+        if self.sink is not None:
+            self.sink.flush()
 
     def _wait(self) -> None:
         if self._pending is not None:
@@ -193,6 +228,8 @@ class RecordingWriter:
         self._flush()
         self._wait()
         self._executor.shutdown()
+        if self.sink is not None:
+            self.sink.close()
         for name, tensor in finals.items():
             dtype, shape = self.layout[name]
             _pwrite_all(self.fd, _as_bytes(tensor.detach().to("cpu", TORCH_DTYPES[dtype]).reshape(shape)),
@@ -207,4 +244,6 @@ class RecordingWriter:
         """Stop writing; the `.partial` file stays behind (a resume continues it) and is never taken
         for a recording."""
         self._executor.shutdown(cancel_futures=True)
+        if self.sink is not None:
+            self.sink.close()
         os.close(self.fd)

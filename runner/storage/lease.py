@@ -136,9 +136,9 @@ def lease_is_live(store: ObjectStore, run: S3Uri) -> bool:
 
 
 def remove_transients(store: ObjectStore, run: S3Uri) -> None:
-    """What a run keeps in the bucket only while it trains: its checkpoint, row objects (and any
-    unfinished upload there) and lease."""
+    """What a run keeps in the bucket only while it trains: its checkpoint, metrics so far, row
+    objects (and any unfinished upload there) and lease."""
     files = RunFiles(run)
-    store.delete([files.checkpoint])
+    store.delete([files.checkpoint, files.partial_metrics])
     store.delete_below(files.parts)
     store.delete([files.lease])

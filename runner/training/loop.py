@@ -30,7 +30,7 @@ from runner.model.gpt2 import (
 from runner.model.kernels import choose
 from runner.recording.format import PARAMETER_FINGERPRINTS, expected_layout, header_metadata
 from runner.recording.verify import layout_problems, read_metadata
-from runner.recording.writer import RecordingWriter
+from runner.recording.writer import RecordingWriter, RowSink
 from runner.training import checkpoint
 from runner.training.host import keep_freed_memory_mapped
 from runner.training.optimizer import build_optimizer, clip_gradients, set_learning_rate
@@ -70,7 +70,7 @@ def build_model_and_optimizer(exp: Experiment, device: torch.device
 
 
 def _open_recording(exp: Experiment, run_dir: Path, model, optimizer, restart: bool, header: dict,
-                    device: torch.device) -> tuple[RecordingWriter, checkpoint.Checkpoint | None]:
+                    device: torch.device, sink: RowSink | None) -> tuple[RecordingWriter, checkpoint.Checkpoint | None]:
     """Continue from the run's checkpoint when it and the partial recording are usable, else start over."""
     files = RunFiles(run_dir)
     partial = files.partial_recording
@@ -86,7 +86,7 @@ def _open_recording(exp: Experiment, run_dir: Path, model, optimizer, restart: b
     if ckpt is None:
         checkpoint.remove(run_dir)
     first_row = ckpt.step // exp.record.every + 1 if ckpt else 0
-    writer = RecordingWriter(files.recording, exp, metadata=header, device=device, first_row=first_row)
+    writer = RecordingWriter(files.recording, exp, metadata=header, device=device, first_row=first_row, sink=sink)
     return writer, ckpt
 
 
@@ -99,9 +99,11 @@ def _tokens(corpus: Corpus) -> torch.Tensor:
 
 def train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.device, threads: int | None,
           progress: bool, restart: bool, env: dict, started_at: str,
-          after_checkpoint: Callable[[int], None] | None = None) -> tuple[dict, GPT2LMHeadModel]:
+          after_checkpoint: Callable[[int], None] | None = None,
+          sink: RowSink | None = None) -> tuple[dict, GPT2LMHeadModel]:
     """Train `exp` into `run_dir`'s recording, from its checkpoint unless `restart`; `after_checkpoint(step)`
-    is called after each checkpoint is saved. Returns what run.json says of the training, and the trained model."""
+    is called after each checkpoint is saved, `sink` told of the recording's rows as they land.
+    Returns what run.json says of the training, and the trained model."""
     t0 = time.perf_counter()
     cfg = exp.train
     if threads:
@@ -113,7 +115,7 @@ def train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.de
     header = {**header_metadata(exp, corpus, env, started_at, n_params, str(torch_device)),
               "implementation": json.dumps(impl, sort_keys=True),
               PARAMETER_FINGERPRINTS["initial"]: parameters_sha256(model)}  # before a checkpoint is loaded
-    writer, ckpt = _open_recording(exp, run_dir, model, optimizer, restart, header, torch_device)
+    writer, ckpt = _open_recording(exp, run_dir, model, optimizer, restart, header, torch_device, sink)
     start, train_s_before = (ckpt.step + 1, ckpt.train_s) if ckpt else (1, 0.0)
     losses = torch.empty(cfg.steps, device=torch_device)
     if ckpt:
