@@ -1,11 +1,14 @@
 """`lilgatsby report`: every figure of the smoke sweep, a page that renders in a real browser, and
 runs grouped so that no band mixes configs: `--set` runs, moved-in runs, one run, running runs."""
 
+import http.server
 import json
 import os
 import re
 import shutil
 import subprocess
+import sys
+import threading
 
 import pytest
 
@@ -13,7 +16,7 @@ from runner.analysis.figures import CURVES, TRAJECTORIES
 from runner.cli import main
 from runner.layout import RECORDING, partial
 
-from conftest import REPO
+from conftest import REPO, wait_until
 
 pytestmark = pytest.mark.slow
 STEMS = [c.stem for c in CURVES if not c.panels[0][0].startswith("E_")] + [TRAJECTORIES]  # E's: untied runs
@@ -58,12 +61,17 @@ def test_report_of_the_smoke_sweep_has_every_figure(smoke_sweep, tmp_path, capsy
     assert "precision=bf16-true" in loss and "precision=fp32" in loss
 
 
-def test_report_renders_in_chromium(smoke_sweep, tmp_path):
+def chromium() -> str:
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         if os.environ.get("CI"):
             pytest.fail("CI must have chromium (.ci/run installs it)")
         pytest.skip("chromium is not installed (.ci/run installs it)")
+    return browser
+
+
+def test_report_renders_in_chromium(smoke_sweep, tmp_path):
+    browser = chromium()
     out = tmp_path / "report"
     assert main(["report", str(smoke_sweep), "--out", str(out)]) == 0
     probe = out / "probe.html"
@@ -161,3 +169,79 @@ def test_bad_input_exits_2(tmp_path, capsys, setup, args, message):
     assert main(["report", *(a.format(tmp=tmp_path) for a in args)]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+# Injected into the page as the test's server hands it out: each time the page loads, it posts what
+# it shows (the runs' status cells and its images' widths) back to the server.
+WATCH_PROBE = """<script>
+window.addEventListener("load", () => fetch("/seen", {method: "POST", body: JSON.stringify({
+  status: [...document.querySelectorAll("td")].map(td => td.textContent).filter(t => t.startsWith("running")),
+  widths: [...document.images].map(i => i.naturalWidth)})}));
+</script>"""
+
+
+def _serve_with_probe(directory, seen: list):
+    """An HTTP server on loopback for `directory`, report.html with WATCH_PROBE in it; what the
+    page posts lands in `seen`."""
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(directory), **kwargs)
+
+        def do_GET(self):
+            if self.path.split("?")[0] != "/report.html":
+                return super().do_GET()
+            page = (directory / "report.html").read_text().replace("<head>", "<head>" + WATCH_PROBE, 1).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def do_POST(self):
+            seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _step(status: str) -> int:
+    return int(re.search(r"step (\d+)", status)[1])
+
+
+def test_report_watch_redraws_a_training_run_in_chromium(tmp_path, small_book):
+    """`report --watch 1` while a run trains, its page open in a real browser: the page reloads
+    itself and shows the run further along each time, its figures loaded."""
+    browser = chromium()
+    runs, out = tmp_path / "runs", tmp_path / "report"
+    lilgatsby = [sys.executable, "-m", "runner.cli"]
+    procs = [subprocess.Popen([*lilgatsby, "train", str(REPO / "experiments" / "smoke.yaml"), "--runs", str(runs),
+                               "--corpus", str(small_book), "--quiet", "--set", "train.steps=4000",
+                               "--set", "train.batch_size=2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    seen: list = []
+    server = _serve_with_probe(out, seen)
+    try:  # the watcher starts before the run has a row to draw, and waits for one
+        procs.append(subprocess.Popen([*lilgatsby, "report", str(runs / "smoke"), "--out", str(out), "--watch", "1"],
+                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
+        wait_until(lambda: (out / "report.html").exists() or procs[1].poll() is not None, "the first page")
+        assert procs[1].poll() is None and procs[1].stdout.readline().strip() == str(out / "report.html")
+        procs.append(subprocess.Popen([browser, "--headless", "--no-sandbox", "--disable-gpu",
+                                       f"--user-data-dir={tmp_path / 'profile'}",
+                                       f"http://127.0.0.1:{server.server_address[1]}/report.html"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        wait_until(lambda: len({_step(s["status"][0]) for s in seen if s["status"]}) >= 3 or procs[0].poll() is not None,
+                   "three loads of the page showing the run at three steps", timeout_s=180, poll_s=0.2)
+        assert procs[0].poll() is None, "the run ended before the page had shown it at three steps"
+    finally:
+        server.shutdown()
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    steps = [_step(s["status"][0]) for s in seen if s["status"]]
+    assert steps == sorted(steps) and steps[-1] > steps[0], steps
+    assert all(s["widths"] and all(w > 0 for w in s["widths"]) for s in seen), seen

@@ -19,6 +19,7 @@ from s3_server import READER, SeaweedFS
 
 from runner.analysis.metrics import load_metrics
 from runner.cli import main
+from runner.layout import EVENTS
 from runner.runs.index import load_index
 from runner.storage import s3
 from runner.storage.lease import Lease
@@ -197,6 +198,51 @@ def _checkpoint_step(run: S3Uri) -> int:
     return step
 
 
+def _events_in(run: S3Uri, tmp_path) -> dict[str, list[int]]:
+    """The steps of each scalar in the run's event file in the bucket, as TensorBoard reads them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    local = tmp_path / f"events-{len(list(tmp_path.glob('events-*')))}"
+    local.mkdir()
+    (local / EVENTS).write_bytes(s3.store().get_bytes(run / EVENTS))
+    reader = EventAccumulator(str(local), size_guidance={"scalars": 0})
+    reader.Reload()
+    return {tag: [e.step for e in reader.Scalars(tag)] for tag in reader.Tags()["scalars"]}
+
+
+@pytest.mark.slow  # trains into the bucket
+def test_a_bucket_run_is_seen_live_as_of_its_last_checkpoint(s3_root, tmp_path, small_book, monkeypatch):
+    """While a bucket run trains, each checkpoint ships its metrics so far and its event file:
+    load_metrics, TensorBoard's reader and the report see it there (looked at from inside the
+    training, right after the checkpoint at step 8 is shipped). Complete, the bucket holds
+    metrics.csv and one event per step, and no metrics.csv.partial."""
+    from runner.analysis.metrics import compute_metrics
+    from runner.launch.staging import Publisher
+
+    seen = {}
+    ship = Publisher.checkpoint_saved
+
+    def ship_then_look(self, step):
+        ship(self, step)
+        if step == 8:
+            run = self.home.root
+            seen["rows"] = load_metrics(run)["step"].tolist()
+            seen["events"] = _events_in(run.s3, tmp_path)["dead_norm"]
+            assert main(["report", str(run.parent), "--out", str(tmp_path / "report")]) == 0
+            seen["page"] = (tmp_path / "report" / "report.html").read_text()
+
+    monkeypatch.setattr(Publisher, "checkpoint_saved", ship_then_look)
+    assert main(_train(str(s3_root), small_book)) == 0
+    assert seen["rows"][:9] == list(range(9)) and seen["events"][:9] == list(range(9))  # at least up to step 8
+    assert "1 run: 1 running" in seen["page"] and "running, step" in seen["page"]
+    run = s3_root / "smoke" / s3.store().children(s3_root / "smoke")[0]
+    objects = _objects(run)
+    assert "metrics.csv" in objects and "metrics.csv.partial" not in objects
+    assert _events_in(run, tmp_path)["loss"] == list(range(13))
+    assert s3.store().get_bytes(run / "metrics.csv").decode() == compute_metrics(str(run / "recording.safetensors")
+                                                                                 ).to_csv(index=False)
+
+
 @pytest.mark.long
 def test_a_killed_trainer_resumes_on_another_node_bitwise(s3_root, tmp_path, small_book, capsys):
     """SIGKILL after a checkpoint reached the bucket; the run resumes with another node's (empty)
@@ -220,7 +266,9 @@ def test_a_killed_trainer_resumes_on_another_node_bitwise(s3_root, tmp_path, sma
     assert resumed.returncode == 0, out
     manifest = json.loads(s3.store().get_bytes(run / "run.json"))
     assert manifest["status"] == "complete" and manifest["resumed_from_step"] >= 10
-    assert not any(key.startswith(("checkpoint", "recording.safetensors.parts", ".lease")) for key in _objects(run))
+    assert not any(key.startswith(("checkpoint", "recording.safetensors.parts", ".lease", "metrics.csv.partial"))
+                   for key in _objects(run))
+    assert _events_in(run, tmp_path)["loss"] == list(range(401))  # the restored event file, continued
     assert main(["train", SMOKE, "--out", str(tmp_path / "uninterrupted"), "--corpus", str(small_book),
                  "--set", "train.steps=400", "--quiet"]) == 0
     capsys.readouterr()
