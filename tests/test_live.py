@@ -79,6 +79,7 @@ def _damage_events(files):
     files.events.write_bytes(files.events.read_bytes()[:-5])
 
 
+@pytest.mark.slow  # five in-process trainings and resumes (the inner loop keeps the two above)
 @pytest.mark.parametrize("damage", [None, _lose_table, _tear_table, _lose_events, _damage_events],
                          ids=["as-left", "table-lost", "table-torn", "events-lost", "events-torn"])
 def test_a_resume_continues_the_table_and_the_events(make_experiment, tmp_path, crash_after_checkpoint, damage):
@@ -104,7 +105,7 @@ def _rows(points) -> int:
     return len(points.get("loss", [])) if points else 0
 
 
-@pytest.mark.slow
+@pytest.mark.long  # a SIGKILL fault injection, ~35 s
 def test_a_run_seen_live_then_killed_and_resumed(tmp_path, small_book):
     """The issue's run: 2,000 steps of the smoke model. TensorBoard's reader and load_metrics see
     more steps as it trains; SIGKILLed mid-run and resumed, it ends with one point per step, and

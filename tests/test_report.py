@@ -234,7 +234,8 @@ def test_report_watch_redraws_a_training_run_in_chromium(tmp_path, small_book):
                                        f"--user-data-dir={tmp_path / 'profile'}",
                                        f"http://127.0.0.1:{server.server_address[1]}/report.html"],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        wait_until(lambda: len({_step(s["status"][0]) for s in seen if s["status"]}) >= 3 or procs[0].poll() is not None,
+        shown = lambda: {_step(s["status"][0]) for s in seen if s["status"]}  # noqa: E731
+        wait_until(lambda: len(shown()) >= 3 or procs[0].poll() is not None,
                    "three loads of the page showing the run at three steps", timeout_s=180, poll_s=0.2)
         assert procs[0].poll() is None, "the run ended before the page had shown it at three steps"
     finally:

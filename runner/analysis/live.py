@@ -21,14 +21,10 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 import pandas as pd
-from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
-from tensorboard.compat.proto.event_pb2 import Event
-from tensorboard.compat.proto.summary_pb2 import Summary
-from tensorboard.summary.writer.record_writer import RecordWriter
 
 from runner.analysis.metrics import (
     MATRIX_NAMES,
@@ -46,12 +42,18 @@ from runner.layout import TMP, RunFiles
 from runner.recording.format import expected_layout, recorded_steps, recorded_tensors
 from runner.recording.rows import RowReader
 
+if TYPE_CHECKING:  # tensorboard (~0.5 s to import) is imported when a run starts
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
 log = logging.getLogger(__name__)
 FILE_VERSION = "brain.Event:2"  # what TensorBoard expects as an event file's first record
 
 
 def _events(table: pd.DataFrame, wall_times: list[float]) -> list[bytes]:
     """One serialized event per table row: every non-empty column but `step` as a scalar."""
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
     tags = [c for c in table.columns if c != "step"]
     values = table[tags].to_numpy(dtype=np.float32)
     return [Event(step=int(step), wall_time=wall, summary=Summary(value=[
@@ -155,8 +157,13 @@ class LiveMetrics:
     def _new_event_file(self, table: pd.DataFrame | None) -> RecordWriter:
         """The event file, started anew: the file version, then (resuming) one event per row of
         `table` with the wall time the old file gave its step."""
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
         wall: dict[int, float] = {}
         if table is not None and self.files.events.exists():
+            from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+
             try:
                 wall = {e.step: e.wall_time for e in LegacyEventFileLoader(str(self.files.events)).Load()
                         if e.HasField("summary")}
