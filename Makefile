@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 EXP    ?= experiments/lil_gatsby.yaml
 RUNS   ?= runs
 
-.PHONY: setup setup-test run test test-long test-fast lint sweep index report bench bench-analysis bench-profile bench-storage clean wheelhouse image s3-image docker-run docker-sweep cluster-up cluster-down test-container
+.PHONY: setup setup-test run test test-long test-fast lint sweep index report tensorboard bench bench-analysis bench-profile bench-storage clean wheelhouse image s3-image docker-run docker-sweep cluster-up cluster-down test-container
 
 # The venv is rebuilt when pyproject.toml changes. torch==2.13.0 is the CPU build on this project's
 # machines; for CUDA, install a CUDA build of torch 2.13.0 into .venv first (see README, "Getting lilgatsby on your PATH").
@@ -58,7 +58,11 @@ index: setup
 report: setup
 	$(BIN)/lilgatsby report $(EXP) --runs $(RUNS)
 
-# BENCH_ARGS: e.g. --steps 10000 (full reference run) or --sweep (8-seed sweep)
+# live curves of every run under $(RUNS), at http://127.0.0.1:6006 (loopback only)
+tensorboard: setup
+	$(BIN)/tensorboard --logdir $(RUNS) --host 127.0.0.1 --port 6006
+
+# BENCH_ARGS: e.g. --steps 10000 (full reference run), --sweep (8-seed sweep), --packed or --live
 bench: setup
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 

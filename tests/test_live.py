@@ -45,7 +45,8 @@ def assert_events_are_the_table(run_dir) -> None:
 ], ids=["tied", "untied-every-step"])
 def test_the_live_table_is_the_end_of_run_table(make_experiment, tmp_path, knobs):
     exp = make_experiment(**knobs)
-    run(exp, tmp_path, progress=False)
+    live = run(exp, tmp_path, progress=False)["live_metrics"]
+    assert live["rows"] == exp.train.steps + 1 and live["complete"] and live["writer_cpu_s"] > 0
     files = RunFiles(tmp_path)
     assert files.metrics.read_text() == compute_metrics(files.recording).to_csv(index=False)  # to the byte
     assert not files.partial_metrics.exists()

@@ -69,6 +69,7 @@ class LiveMetrics:
         self.steps = recorded_steps(exp.train.steps, exp.record.every)
         self.metrics: MetricsOf | None = None  # once row 0's matrices are known
         self.rows = 0  # rows of the table in metrics.csv.partial
+        self.cpu_s = 0.0  # CPU time the writer thread spent here (what the live view costs)
         self.failed = False
         self._csv: int | None = None
         self._events: RecordWriter | None = None  # writing to self._event_file
@@ -90,6 +91,7 @@ class LiveMetrics:
     def rows_written(self, first_row: int, rows: dict[str, np.ndarray], wall_times: list[float]) -> None:
         if self.failed:
             return
+        cpu = time.thread_time()
         try:
             if self.metrics is None:  # the run's first chunk starts with row 0
                 initial = {m: rows[m][:1] for m in MATRIX_NAMES if m in rows}
@@ -106,6 +108,7 @@ class LiveMetrics:
             log.warning("%s: live metrics stopped (%s: %s); metrics.csv will be computed at the end of the run",
                         self.files.root, type(e).__name__, e)
             self.failed = True
+        self.cpu_s += time.thread_time() - cpu
 
     def flush(self) -> None:
         if self._csv is not None and self._events is not None and self._event_file and not self.failed:
@@ -122,16 +125,19 @@ class LiveMetrics:
             self._events = self._event_file = None
 
     # -- the end of the run ----------------------------------------------------------------------
-    def finish(self) -> None:
-        """The recording is published: metrics.csv is the live table when it holds every row."""
-        if self.failed or self.rows != len(self.steps):
+    def finish(self) -> dict:
+        """The recording is published: metrics.csv is the live table when it holds every row.
+        Returns what run.json says of the live metrics."""
+        complete = not self.failed and self.rows == len(self.steps)
+        if complete:
+            publish(self.files.partial_metrics, self.files.metrics)
+            note_source(self.files.root)
+        else:
             if not self.failed:
                 log.warning("%s: the live metrics hold %d of %d rows; computing them from the recording",
                             self.files.root, self.rows, len(self.steps))
             write_metrics(self.files.root)
-            return
-        publish(self.files.partial_metrics, self.files.metrics)
-        note_source(self.files.root)
+        return {"rows": self.rows, "complete": complete, "writer_cpu_s": round(self.cpu_s, 3)}
 
     # -- a resume --------------------------------------------------------------------------------
     def _table_before(self, first_row: int) -> pd.DataFrame:

@@ -129,8 +129,9 @@ def _run_locked(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: to
 def _after_training(exp: Experiment, run_dir: Path, corpus: Corpus, model, live: LiveMetrics | None) -> dict:
     """The end-of-run analysis, before the run is marked complete: the per-step metrics table (the
     live one, or computed now), the dead-token summary of the final matrix, and text samples."""
+    said: dict = {}
     if live is not None:
-        live.finish()
+        said["live_metrics"] = live.finish()
     else:
         write_metrics(run_dir)
     W = model.lm_head.weight
@@ -138,4 +139,4 @@ def _after_training(exp: Experiment, run_dir: Path, corpus: Corpus, model, live:
     samples = sample_text(model.float(), seed=exp.train.seed, device=W.device)
     for prompt, text in samples.items():
         file_log.info("sample %r -> %r", prompt, text)
-    return {"samples": samples, "dead_token_summary": summary}
+    return {"samples": samples, "dead_token_summary": summary, **said}
