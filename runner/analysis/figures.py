@@ -172,9 +172,16 @@ def curve_figure(spec: Curve, groups: list[Group], styles: list[Style], metrics:
         _legible_log_ticks(axes[0].yaxis, min(finite), max(finite))
     fig.suptitle(spec.title)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=min(3, max(1, len(labels))), fontsize=8,
+    fig.legend(handles, labels, loc="outside lower center", ncols=_legend_columns(fig, labels), fontsize=8,
                title="line: mean over seeds · band: min–max over seeds", title_fontsize=8, frameon=False)
     return fig
+
+
+def _legend_columns(fig: Figure, labels: list[str], fontsize: float = 8) -> int:
+    """Up to 3 columns, as many as fit the figure's width (a running run's label is long)."""
+    chars_per_line = fig.get_figwidth() * 72 / (0.6 * fontsize)  # ~0.6 em per character
+    longest = max((len(label) for label in labels), default=1) + 6  # and the line's sample
+    return max(1, min(3, len(labels), int(chars_per_line // longest)))
 
 
 def _seeds(seeds: list) -> str:
