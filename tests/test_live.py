@@ -63,6 +63,22 @@ def test_record_live_false_computes_the_same_table_at_the_end(make_experiment, t
     assert not (tmp_path / "off" / EVENTS).exists()
 
 
+def test_a_failing_live_view_costs_the_run_nothing(make_experiment, tmp_path, monkeypatch, caplog):
+    """Live metrics that raise (here: every chunk) log one warning; the run completes and its
+    metrics.csv is computed from the recording, as with `record.live: false`."""
+    import runner.analysis.live
+
+    def broken(*args):
+        raise OSError("injected")
+
+    monkeypatch.setattr(runner.analysis.live, "_events", broken)
+    exp = make_experiment(train={"steps": 20, "checkpoint_every": 5})
+    manifest = run(exp, tmp_path, progress=False)
+    assert manifest["status"] == "complete" and manifest["live_metrics"]["complete"] is False
+    assert (tmp_path / METRICS).read_text() == compute_metrics(tmp_path / RECORDING).to_csv(index=False)
+    assert sum("live metrics stopped (OSError: injected)" in r.message for r in caplog.records) == 1
+
+
 def _lose_table(files):
     files.partial_metrics.unlink()
 

@@ -77,16 +77,25 @@ class LiveMetrics:
 
     # -- RowSink ---------------------------------------------------------------------------------
     def start(self, first_row: int) -> None:
-        table = None
-        if first_row:
-            with RowReader(self.files.partial_recording) as reader:
-                self.metrics = metrics_of(reader)
-            table = self._table_before(first_row)
-        self._csv = os.open(self.files.partial_metrics, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self._events = self._new_event_file(table)
-        if table is not None:
-            os.write(self._csv, table.to_csv(index=False).encode())
-            self.rows = len(table)
+        try:
+            table = None
+            if first_row:
+                with RowReader(self.files.partial_recording) as reader:
+                    self.metrics = metrics_of(reader)
+                table = self._table_before(first_row)
+            self._csv = os.open(self.files.partial_metrics, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._events = self._new_event_file(table)
+            if table is not None:
+                os.write(self._csv, table.to_csv(index=False).encode())
+                self.rows = len(table)
+        except Exception as e:
+            self._stop(e)
+
+    def _stop(self, e: Exception) -> None:
+        """The live view is never worth a run: the end of the run computes the metrics instead."""
+        log.warning("%s: live metrics stopped (%s: %s); metrics.csv will be computed at the end of the run",
+                    self.files.root, type(e).__name__, e)
+        self.failed = True
 
     def rows_written(self, first_row: int, rows: dict[str, np.ndarray], wall_times: list[float]) -> None:
         if self.failed:
@@ -104,10 +113,8 @@ class LiveMetrics:
                 self._events.write(event)
             self._events.flush()
             self.rows += len(table)
-        except Exception as e:  # the live view is never worth a run: the end of the run computes the metrics
-            log.warning("%s: live metrics stopped (%s: %s); metrics.csv will be computed at the end of the run",
-                        self.files.root, type(e).__name__, e)
-            self.failed = True
+        except Exception as e:
+            self._stop(e)
         self.cpu_s += time.thread_time() - cpu
 
     def flush(self) -> None:
