@@ -20,6 +20,7 @@ TMP = ".tmp"  # suffix of a file being written under a temporary name
 CHECKPOINT = "checkpoint.safetensors"
 PROGRESS = "progress.json"
 METRICS, METRICS_SOURCE = "metrics.csv", "metrics.source.json"
+PARTIAL_METRICS = METRICS + PARTIAL  # the metrics so far, appended to as the run trains
 # TensorBoard's event file: any name holding "tfevents"; fixed, so a rebuilt one replaces the old
 EVENTS = "events.out.tfevents.lilgatsby"
 TRAIN_LOG = "train.log"
@@ -39,7 +40,7 @@ _ROWS = re.compile(r"rows-(\d+)-(\d+)")
 _SNAPSHOT = re.compile(rf"{MODELS}/step-(\d+)/.+")
 # What a run keeps in a bucket only while it trains: never part of a copy
 _TRANSIENT = re.compile(rf"(.*/)?({re.escape(LEASE)}|{re.escape(CHECKPOINT)}|{re.escape(PARTS)}/.*|"
-                        rf"{re.escape(METRICS + PARTIAL)}|{re.escape(PROBE_PREFIX)}.*)")
+                        rf"{re.escape(PARTIAL_METRICS)}|{re.escape(PROBE_PREFIX)}.*)")
 # What a scratch directory keeps on its node: the lock, the partial recording (shipped as row
 # objects), the checkpoint and manifest (shipped on their own) and files being written
 _LOCAL_ONLY = re.compile(rf"{re.escape(LOCK)}|.*{re.escape(PARTIAL)}(/.*)?|.*{re.escape(TMP)}|"
@@ -72,7 +73,7 @@ class RunFiles(Generic[P]):
     progress = property(lambda self: self._at(PROGRESS))
     metrics = property(lambda self: self._at(METRICS))
     metrics_source = property(lambda self: self._at(METRICS_SOURCE))
-    partial_metrics = property(lambda self: self._at(METRICS + PARTIAL))  # appended as the run trains
+    partial_metrics = property(lambda self: self._at(PARTIAL_METRICS))
     events = property(lambda self: self._at(EVENTS))
     train_log = property(lambda self: self._at(TRAIN_LOG))
     tokenizer = property(lambda self: self._at(TOKENIZER))

@@ -89,6 +89,15 @@ def load_recording(path: Path, names: tuple[str, ...] | None = None) -> dict:
         return {name: f.get_tensor(name) for name in (names or f.keys())}
 
 
+def events_of(run_dir: Path) -> dict[str, list]:
+    """Every scalar of a run directory's event files as TensorBoard reads them: tag -> [ScalarEvent]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    reader = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})  # 0: keep every point
+    reader.Reload()
+    return {tag: reader.Scalars(tag) for tag in reader.Tags()["scalars"]}
+
+
 def sigint_as_in_a_terminal() -> None:
     """A shell starts background jobs with SIGINT ignored, and children inherit that: a suite run
     in the background would see a child ignore Ctrl-C. The child gets the default action back."""

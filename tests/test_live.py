@@ -10,20 +10,12 @@ import time
 
 import numpy as np
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from runner.analysis.metrics import compute_metrics, load_metrics
 from runner.launch.train import run
 from runner.layout import EVENTS, METRICS, RECORDING, RunFiles
 
-from conftest import REPO, wait_until
-
-
-def events_of(run_dir) -> dict[str, list]:
-    """Every scalar of the run's event files as TensorBoard reads them: tag -> [ScalarEvent]."""
-    reader = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})  # 0: keep every point
-    reader.Reload()
-    return {tag: reader.Scalars(tag) for tag in reader.Tags()["scalars"]}
+from conftest import REPO, events_of, wait_until
 
 
 def assert_events_are_the_table(run_dir) -> None:

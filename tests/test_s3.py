@@ -26,7 +26,7 @@ from runner.storage.lease import Lease
 from runner.storage.location import at
 from runner.storage.uri import S3Uri, parse_location
 
-from conftest import REPO, wait_until
+from conftest import REPO, events_of, wait_until
 
 SMOKE = str(REPO / "experiments" / "smoke.yaml")
 
@@ -200,14 +200,10 @@ def _checkpoint_step(run: S3Uri) -> int:
 
 def _events_in(run: S3Uri, tmp_path) -> dict[str, list[int]]:
     """The steps of each scalar in the run's event file in the bucket, as TensorBoard reads them."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     local = tmp_path / f"events-{len(list(tmp_path.glob('events-*')))}"
     local.mkdir()
     (local / EVENTS).write_bytes(s3.store().get_bytes(run / EVENTS))
-    reader = EventAccumulator(str(local), size_guidance={"scalars": 0})
-    reader.Reload()
-    return {tag: [e.step for e in reader.Scalars(tag)] for tag in reader.Tags()["scalars"]}
+    return {tag: [e.step for e in points] for tag, points in events_of(local).items()}
 
 
 @pytest.mark.slow  # trains into the bucket

@@ -11,7 +11,7 @@ as thin dotted lines. Matplotlib's `Figure` is used directly: no pyplot, no disp
 
 from __future__ import annotations
 
-import os
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from runner.analysis.groups import Group
+from runner.files import write_atomic
 from runner.runs.index import is_number
 
 MAX_POINTS = 600  # log-spaced steps drawn per line: enough for the eye, small SVGs for 10,000 steps
@@ -221,7 +222,7 @@ def save(fig: Figure, out: Path, stem: str) -> None:
 
 
 def _save_whole(fig: Figure, path: Path, **kwargs) -> None:
-    """Written under a temporary name, then renamed: a page reloading meanwhile gets the old figure or the new."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format=path.suffix[1:], **kwargs)
-    os.replace(tmp, path)
+    """Replaced whole: a page reloading meanwhile gets the old figure or the new."""
+    drawn = io.BytesIO()
+    fig.savefig(drawn, format=path.suffix[1:], **kwargs)
+    write_atomic(path, drawn.getvalue())

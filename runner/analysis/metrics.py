@@ -172,19 +172,17 @@ def metrics_of(reader: RowReader) -> MetricsOf:
     return MetricsOf(experiment_of(reader.metadata), json.loads(reader.metadata["token_counts"]), initial)
 
 
-def compute_metrics(path: str | Path | Location, chunk_rows: int = CHUNK_ROWS, rows: int | None = None,
-                    first_row: int = 0) -> pd.DataFrame:
+def compute_metrics(path: str | Path | Location, chunk_rows: int = CHUNK_ROWS, rows: int | None = None) -> pd.DataFrame:
     """One row per recorded step of a recording (see the module docstring); metrics whose tensors
-    were not recorded are absent. `first_row`, `rows`: only rows first_row..rows-1 (of a recording
-    still being written)."""
+    were not recorded are absent. `rows`: only the first rows (of a recording still being written)."""
     with RowReader(path) as f:
         metrics = metrics_of(f)
         names = set(recorded_tensors(metrics.exp)) & set(f.tensors)  # the per-step ones
         stop = len(metrics.steps) if rows is None else min(rows, len(metrics.steps))
         chunks = [metrics(start, _ReaderRows(f, names, start, min(start + chunk_rows, stop)))
-                  for start in range(first_row, stop, chunk_rows)]
+                  for start in range(0, stop, chunk_rows)]
         if not chunks:  # no rows: the columns all the same
-            chunks = [metrics(first_row, _ReaderRows(f, names, first_row, first_row))]
+            chunks = [metrics(0, _ReaderRows(f, names, 0, 0))]
     return pd.concat(chunks, ignore_index=True)
 
 

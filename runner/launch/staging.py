@@ -20,9 +20,8 @@ from pathlib import Path
 from runner.config import Experiment
 from runner.layout import (
     EVENTS,
-    METRICS,
     MODELS,
-    PARTIAL,
+    PARTIAL_METRICS,
     PARTS_HEADER,
     PROGRESS,
     TMP,
@@ -207,7 +206,7 @@ def restore(home_dir: Location, scratch_dir: Path, exp: Experiment) -> int:
         os.close(fd)
     for relative in home_dir.files():
         snapshot = snapshot_step(relative)
-        if relative in (TRAIN_LOG, EVENTS, METRICS + PARTIAL) or (snapshot is not None and snapshot <= step):
+        if relative in (TRAIN_LOG, EVENTS, PARTIAL_METRICS) or (snapshot is not None and snapshot <= step):
             (home_dir / relative).download(scratch_dir / relative)
     log.info("%s: restored from the bucket: checkpoint at step %d, %d recording rows", home.root, step, stop)
     return stop
