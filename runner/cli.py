@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -31,6 +32,8 @@ EXAMPLES = {
   lilgatsby sweep experiments/smoke_sweep.yaml
   lilgatsby sweep experiments/seed_sweep.yaml --set 'train.seed={range: [0, 4]}'   # replace an axis
   lilgatsby sweep experiments/seed_sweep.yaml --address 127.0.0.1:6379             # join a cluster
+  lilgatsby sweep experiments/seed_sweep.yaml --address http://127.0.0.1:8265 --runs s3://lab-runs/sweeps
+                                                       # submit it to a cluster as a Ray job, from any machine
   lilgatsby sweep experiments/smoke_sweep.yaml --runs s3://lab-runs/sweeps         # runs root in a bucket""",
     "verify": """
   lilgatsby verify runs/smoke/30509a8442aa                   # one run directory (or its recording)
@@ -84,8 +87,12 @@ def _parser() -> argparse.ArgumentParser:
     experiment_args(sweep)
     sweep.add_argument("--dry-run", action="store_true",
                        help="list the runs, the disk and the time they need; run nothing")
-    sweep.add_argument("--address", help="join a Ray cluster (auto or HOST:PORT; default: $RAY_ADDRESS, "
+    sweep.add_argument("--address", help="join a Ray cluster (auto or HOST:PORT), or submit the sweep to one as a "
+                                         "job (its dashboard's http://HOST:8265; default: $RAY_ADDRESS, "
                                          "else start a local instance)")
+    sweep.add_argument("--detach", action="store_true",
+                       help="with an http:// --address: submit the job and return, without following its log")
+    sweep.add_argument("--submission", type=Path, help=argparse.SUPPRESS)  # in a submitted job: what to check
     sweep.add_argument("--max-retries", type=int, default=2, help="retries of a run lost with its worker")
     sweep.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -172,11 +179,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from runner.launch.job import check_submission, is_job_address, submit
+
+    address, runs_root = args.address or os.environ.get("RAY_ADDRESS"), at(args.runs, "--runs")
+    if args.detach and not is_job_address(address):
+        raise ConfigError("--detach: only with a dashboard's http://HOST:PORT as --address (a submitted job)")
+    if is_job_address(address) and not args.dry_run:
+        return submit(args.experiment, _overrides(args), runs_root, address=address, force=args.force,
+                      restart=args.restart, max_retries=args.max_retries, detach=args.detach)
+    if args.submission:
+        check_submission(args.submission, args.corpus)
     from runner.launch.sweep import sweep
 
-    return sweep(args.experiment, _overrides(args), at(args.runs, "--runs"), address=args.address,
-                 force=args.force, dry_run=args.dry_run, max_retries=args.max_retries, progress=not args.quiet,
-                 restart=args.restart)
+    return sweep(args.experiment, _overrides(args), runs_root, address=address, force=args.force,
+                 dry_run=args.dry_run, max_retries=args.max_retries, progress=not args.quiet, restart=args.restart)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

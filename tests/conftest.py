@@ -5,7 +5,11 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import shutil
 import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -111,6 +115,42 @@ def wait_until(condition, what: str, timeout_s: float = 120.0, poll_s: float = 0
         if time.monotonic() >= deadline:
             pytest.fail(f"timed out after {timeout_s:g} s waiting for {what}")
         time.sleep(poll_s)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_cli(*args: str) -> list[str]:
+    """Ray's `ray` command with this interpreter (the venv's bin/ need not be on PATH)."""
+    return [sys.executable, "-m", "ray.scripts.scripts", *args]
+
+
+def isolated_cluster(tmp_path_factory) -> tuple[Path, Path, dict]:
+    """For a Ray cluster on this machine one of whose nodes runs in its own mount namespace, where
+    the first directory returned is hidden under an empty tmpfs: (that directory, a directory every
+    node sees, the environment of the nodes and their clients: a token of their own, nothing of
+    this session's Ray or lilgatsby settings). Skips where there is no root or unshare(1)."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare(1) for a node's own mount namespace (CI has both)")
+    tmp = tmp_path_factory.mktemp("cluster")
+    hidden, shared = tmp / "hidden", tmp / "shared"
+    hidden.mkdir()
+    shared.mkdir()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS", "LILGATSBY_"))},
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(32).hex(), "HOME": str(tmp),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # a job runs `lilgatsby` from the venv
+    return hidden, shared, env
+
+
+def alive_nodes(address: str, env: dict) -> int:
+    """How many nodes of the cluster at `address` are alive (0 while it does not answer)."""
+    probe = ("import sys, ray; ray.init(address=sys.argv[1], logging_level='ERROR'); "
+             "print(sum(n['Alive'] for n in ray.nodes()))")
+    done = subprocess.run([sys.executable, "-c", probe, address], capture_output=True, text=True, env=env, timeout=60)
+    return int(done.stdout.split()[-1]) if done.returncode == 0 and done.stdout.split() else 0
 
 
 _BUCKETS = itertools.count()

@@ -12,7 +12,6 @@ the checkout). They need root and unshare(1), as CI has.
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ from runner.cli import main
 from runner.data.corpus import read_book
 from runner.launch.nodes import identity, mismatch
 
-from conftest import REPO, wait_until
+from conftest import REPO, alive_nodes, free_port, isolated_cluster, ray_cli, wait_until
 
 SMOKE_SWEEP = REPO / "experiments" / "smoke_sweep.yaml"
 SHORT = ["--set", "train.steps=20", "--set", "train.seed=[1]", "--quiet"]
@@ -83,51 +82,27 @@ def test_a_book_changed_after_the_driver_hashed_it_fails_the_runs_naming_the_has
 
 # --- a real cluster whose worker sees nothing of the driver's ----------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ray(*args: str) -> list[str]:
-    return [sys.executable, "-m", "ray.scripts.scripts", *args]
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """(address, env, driver-only directory, shared directory): a head with no CPUs (every task
     runs on the worker) and a worker node that cannot see the driver-only directory."""
-    if os.geteuid() != 0 or not shutil.which("unshare"):
-        pytest.skip("needs root and unshare(1) for the worker's own mount namespace (CI has both)")
-    tmp = tmp_path_factory.mktemp("cluster")
-    driver_only, shared = tmp / "driver", tmp / "shared"
-    driver_only.mkdir()
-    shared.mkdir()
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))},
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(32).hex(), "HOME": str(tmp)}
-    address = f"127.0.0.1:{_free_port()}"
+    driver_only, shared, env = isolated_cluster(tmp_path_factory)
+    address = f"127.0.0.1:{free_port()}"
     common = ["--disable-usage-stats", "--node-ip-address=127.0.0.1"]
-    subprocess.run(_ray("start", "--head", f"--port={address.split(':')[1]}", "--num-cpus=0",
+    subprocess.run(ray_cli("start", "--head", f"--port={address.split(':')[1]}", "--num-cpus=0",
                         "--include-dashboard=false", *common), env=env,
                    check=True, capture_output=True, timeout=120)
     worker = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c",
                                f'mount -t tmpfs none "{driver_only}" && exec "$@"', "sh",
-                               *_ray("start", f"--address={address}", "--num-cpus=2", "--block", *common)],
+                               *ray_cli("start", f"--address={address}", "--num-cpus=2", "--block", *common)],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_until(lambda: _alive_nodes(address, env) == 2, "the worker node to join", timeout_s=120, poll_s=1)
+        wait_until(lambda: alive_nodes(address, env) == 2, "the worker node to join", timeout_s=120, poll_s=1)
         yield address, env, driver_only, shared
     finally:
         worker.terminate()
-        subprocess.run(_ray("stop", "--force"), env=env, capture_output=True, timeout=120)
+        subprocess.run(ray_cli("stop", "--force"), env=env, capture_output=True, timeout=120)
         worker.wait(timeout=60)
-
-
-def _alive_nodes(address: str, env: dict) -> int:
-    probe = ("import sys, ray; ray.init(address=sys.argv[1], logging_level='ERROR'); "
-             "print(sum(n['Alive'] for n in ray.nodes()))")
-    done = subprocess.run([sys.executable, "-c", probe, address], capture_output=True, text=True, env=env, timeout=60)
-    return int(done.stdout.split()[-1]) if done.returncode == 0 and done.stdout.split() else 0
 
 
 def _sweep(address: str, env: dict, runs: Path, book: Path) -> subprocess.CompletedProcess:
@@ -169,11 +144,11 @@ def test_a_node_with_other_code_is_refused_in_one_line(cluster, small_book, tmp_
         f.write("# another build\n")
     node = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c",
                              f'mount --bind "{other}" "{REPO / "runner"}" && exec "$@"', "sh",
-                             *_ray("start", f"--address={address}", "--num-cpus=1", "--block",
+                             *ray_cli("start", f"--address={address}", "--num-cpus=1", "--block",
                                    "--disable-usage-stats", "--node-ip-address=127.0.0.1")],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_until(lambda: _alive_nodes(address, env) == 3, "the third node to join", timeout_s=120, poll_s=1)
+        wait_until(lambda: alive_nodes(address, env) == 3, "the third node to join", timeout_s=120, poll_s=1)
         refused = _sweep(address, env, shared / "other-runs", small_book)
         assert refused.returncode == 2, refused.stderr
         (line,) = _error_lines(refused)

@@ -142,6 +142,12 @@ def _is_axis(dotted: str, value: Any) -> bool:
     return not takes_list or (bool(value) and all(isinstance(v, list) for v in value))
 
 
+def experiment_data(path: str | Path) -> dict:
+    """An experiment file with its includes merged in: what `load_runs` reads, as one mapping (a
+    sweep submitted as a job carries it as one file)."""
+    return _load_with_includes(Path(path))
+
+
 def load_runs(path: str | Path, overrides: typing.Iterable[str] = ()) -> list[Run]:
     """Read an experiment file (with includes, `--set` overrides and grid) into validated runs.
 
