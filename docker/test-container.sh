@@ -3,11 +3,12 @@
 # containers run the smoke experiment (bitwise equal to the same run on the host), the smoke sweep
 # (local Ray inside), and the smoke sweep on a Ray cluster of a head and a worker container with
 # token authentication (clients without the token, or with a wrong one, refused by the GCS and by
-# the dashboard's Jobs API); then the compose cluster, whose ports must listen on loopback only;
-# and a worker of other code refused in one line; then the S3 compose cluster, whose workers mount
-# no book and no runs directory: the smoke sweep into its bucket (one run compared with the
-# host's), the same sweep submitted from the host as a Ray job (the host is no node), and a worker
-# killed mid-run whose run resumes on the other worker, bitwise.
+# the dashboard's Jobs API) and a worker of other code refused in one line; then the compose
+# cluster, whose ports must listen on loopback only, with a sweep driven from its head and one
+# submitted from the host as a Ray job; then the S3 compose cluster, whose workers mount no book
+# and no runs directory: the smoke sweep into its bucket driven from the head and submitted from
+# the host (the host is no node; one run compared with the host's each way), and a worker killed
+# mid-run whose run resumes on the other worker, bitwise.
 # Every result is checked on the host.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -183,6 +184,9 @@ if [ -n "$host_ip" ] && curl -s -o /dev/null -m 3 "http://$host_ip:8265/"; then
 fi
 compose_make docker-sweep EXP=experiments/smoke_sweep.yaml RAY_TOKEN_FILE="$work/compose-token"
 check_index "$work/compose-runs/smoke_sweep/index.jsonl"
+step "the host submits a sweep to that cluster as a Ray job (make job-sweep), into the runs volume every node mounts"
+compose_make job-sweep EXP=experiments/smoke.yaml RAY_TOKEN_FILE="$work/compose-token"
+"$lilgatsby" verify "$work/compose-runs/smoke" | grep -q ': ok$' || fail "the job's run did not verify on the host"
 compose_make cluster-down RAY_TOKEN_FILE="$work/compose-token"
 [ -s "$work/compose-token" ] || fail "make cluster-down removed the token file"
 step "the S3 cluster (docker/compose-s3.yaml): SeaweedFS, a head and two workers, no shared runs volume"
@@ -283,4 +287,4 @@ PY
 "$lilgatsby" compare "$work/host-long" "$killed_run" || fail "the resumed run differs from an uninterrupted one"
 s3_make cluster-down
 step "done"
-echo "test-container: 11 passed, 0 failed"
+echo "test-container: 12 passed, 0 failed"
