@@ -21,6 +21,8 @@ from runner.cli import main
 from runner.config import load_runs
 from runner.config.loading import experiment_data
 from runner.data.corpus import read_book
+from runner.errors import UserError
+from runner.launch.job import exit_code
 from runner.launch.nodes import identity
 
 from conftest import REPO, alive_nodes, free_port, isolated_cluster, ray_cli, sigint_as_in_a_terminal, wait_until
@@ -102,6 +104,22 @@ def test_no_dashboard_at_the_address_is_one_line(tmp_path, small_book, no_ray_en
                  "--address", address, "--runs", str(tmp_path / "runs")]) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"lilgatsby: error: --address {address}: no Ray dashboard answered there")
+
+
+def test_the_submitter_exits_with_the_sweeps_code_and_says_when_the_job_ended_otherwise():
+    from ray.job_submission import JobDetails, JobStatus, JobType
+
+    def details(status: JobStatus, code: int | None, message: str = "") -> JobDetails:
+        return JobDetails(type=JobType.SUBMISSION, entrypoint="lilgatsby sweep experiment.yaml", submission_id="j",
+                          status=status, driver_exit_code=code, message=message)
+
+    assert [exit_code(details(JobStatus.SUCCEEDED, 0), "logs"), exit_code(details(JobStatus.FAILED, 1), "logs"),
+            exit_code(details(JobStatus.FAILED, 2), "logs"), exit_code(details(JobStatus.SUCCEEDED, None), "logs")] \
+        == [0, 1, 2, 0]
+    with pytest.raises(UserError, match=r"^job j failed: its driver exited with code 127 \(its log: logs\)$"):
+        exit_code(details(JobStatus.FAILED, 127), "logs")  # e.g. no `lilgatsby` on the head's PATH
+    with pytest.raises(UserError, match=r"^job j failed: runtime env setup failed \(its log: logs\)$"):
+        exit_code(details(JobStatus.FAILED, None, "runtime env setup failed\nTraceback ..."), "logs")
 
 
 def test_detach_needs_a_job_address(small_book, capsys):

@@ -95,12 +95,18 @@ def submit(path: Path, overrides: list[str], runs_root: Location, *, address: st
         client.stop_job(job_id)
         _finished(client, job_id)
         return 130
-    if info.driver_exit_code is not None:
-        return int(info.driver_exit_code)
-    if info.status.value == "SUCCEEDED":
-        return 0
-    raise UserError(f"job {job_id} {info.status.value.lower()} before its sweep started: "
-                    f"{_first_line(info.message or 'no message')} (its log: {follow})")
+    return exit_code(info, follow)
+
+
+def exit_code(info, follow: str) -> int:
+    """The sweep's own exit code (0, 1 or 2) from the job's details; a job that ended otherwise
+    (its runtime environment failed, no `lilgatsby` on the head, its driver killed) is a fault of
+    the environment: one line, with the command that shows the job's log."""
+    code = info.driver_exit_code
+    if code in (0, 1, 2) or (code is None and info.status.value == "SUCCEEDED"):
+        return code or 0
+    how = f"its driver exited with code {code}" if code is not None else _first_line(info.message or "no message")
+    raise UserError(f"job {info.submission_id} {info.status.value.lower()}: {how} (its log: {follow})")
 
 
 def _client(address: str):  # -> JobSubmissionClient
