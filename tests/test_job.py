@@ -67,12 +67,14 @@ def test_the_job_refuses_another_lilgatsby_and_a_changed_book_in_one_line(tmp_pa
 
 @pytest.fixture
 def no_ray_env(monkeypatch, tmp_path):
-    """No Ray token or address of this session's; Ray's token as this process has cached it forgotten
-    before and after (a later test's embedded instance makes a token of its own)."""
+    """No Ray token or address of this session's, token mode on as the submitter turns it on, all of
+    it undone after (a later test's Ray in this process must not find token mode without a token);
+    Ray's token as this process has cached it forgotten before and after."""
     from ray._raylet import AuthenticationTokenLoader
 
     for name in [k for k in os.environ if k.startswith(("RAY_AUTH", "RAY_ADDRESS"))]:
         monkeypatch.delenv(name)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.ray/auth_token of this machine's
     AuthenticationTokenLoader.instance().reset_cache()
     yield
