@@ -198,15 +198,19 @@ def test_resume_in_a_later_epoch(tmp_path, crash_after_checkpoint):
     assert_identical(tmp_path / "resumed", tmp_path / "uninterrupted")
 
 
-@pytest.fixture
-def restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+def test_a_run_leaves_torchs_thread_count_as_it_found_it(make_experiment, tmp_path):
+    """A run on 1 thread in a process of 2 (a notebook, this suite): the process's next run, with
+    `train.threads` unset, trains on 2 again, as a fresh process would."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        run(make_experiment(train={"steps": 2}), tmp_path / "run", threads=1, progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
-def test_resume_keeps_the_thread_count_it_started_with(make_experiment, tmp_path, crash_after_checkpoint,
-                                                       restore_threads):
+def test_resume_keeps_the_thread_count_it_started_with(make_experiment, tmp_path, crash_after_checkpoint):
     """Started on 1 thread, resumed where 2 are offered: it trains on with 1, to the uninterrupted run's bits."""
     exp = make_experiment(train={"steps": 30, "checkpoint_every": 10})
     run(exp, tmp_path / "uninterrupted", threads=1, progress=False)

@@ -20,7 +20,7 @@ from runner.data.corpus import Corpus, load_corpus
 from runner.layout import RunFiles
 from runner.recording.writer import check_free_space
 from runner.runs.rundir import CANCELLED, is_complete, new_manifest, read_manifest, run_lock, write_manifest
-from runner.training.host import keep_freed_memory_mapped, resolve_device, thread_count
+from runner.training.host import keep_freed_memory_mapped, resolve_device, thread_count, torch_threads_restored
 from runner.training.loop import train
 from runner.training.provenance import environment
 from runner.training.sampling import sample_text
@@ -102,7 +102,7 @@ def _run_locked(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: to
     manifest = {**manifest, "status": "running", "started_at": _now(), "environment": environment(torch_device)}
     save(manifest)
     live = LiveMetrics(run_dir, exp, corpus.token_counts) if exp.record.live else None
-    with _log_to(RunFiles(run_dir).train_log):
+    with _log_to(RunFiles(run_dir).train_log), torch_threads_restored():
         try:
             result, model = train(exp, run_dir, corpus, torch_device, threads, progress, restart,
                                   manifest["environment"], manifest["started_at"],

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import platform
 import socket
 import sys
+from collections.abc import Iterator
 
 import torch
 
@@ -27,6 +29,19 @@ def thread_count(configured: int | None, offered: int | None) -> int | None:
     offers (a sweep: what Ray assigned), else None (torch's default, all cores). A resumed run keeps
     the count it started with instead (`training.loop`)."""
     return configured or offered
+
+
+@contextlib.contextmanager
+def torch_threads_restored() -> Iterator[None]:
+    """torch's intra-op thread count as it was, once a run ends: the run's count (`train.threads`,
+    a sweep's CPUs, its checkpoint's) is the run's, not that of what its process does next (a
+    notebook's own work, the next run of a test suite or a reused Ray worker, which would train
+    with it where `train.threads` is unset, and to other bits)."""
+    before = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
