@@ -29,10 +29,11 @@ import yaml
 
 from runner.config import load_runs
 from runner.config.loading import experiment_data
-from runner.data.corpus import corpus_of, read_book, resolve_path
+from runner.data.corpus import read_book
 from runner.errors import ConfigError, UserError
 from runner.launch.nodes import identity
 from runner.launch.ray_session import TOKEN_HELP, token_mode_on
+from runner.launch.sweep import read_books
 from runner.storage.location import Location
 from runner.text import plural
 
@@ -59,21 +60,20 @@ def submit(path: Path, overrides: list[str], runs_root: Location, *, address: st
         raise ConfigError(f"--runs {runs_root}: a relative path would be a directory of the job's own on the "
                           f"cluster's head: give s3://bucket/prefix or an absolute path every node mounts")
     runs = load_runs(path, overrides)  # bad input is refused here, before anything is sent
-    book_path = resolve_path(runs[0].experiment.corpus.path).resolve()  # one per experiment: not in the run id
-    book = read_book(book_path)
-    for mode in {r.experiment.corpus.ascii for r in runs}:
-        corpus_of(book, mode)  # a book that does not clean is refused here
+    _, books = read_books(runs)  # read and checked to clean, as a sweep's driver does
+    ((where, book),) = books.items()  # one: corpus.path is not part of the run id
+    book_name = Path(where).name
     client = _client(address)
     with tempfile.TemporaryDirectory(prefix="lilgatsby-job-") as staging:
         work = Path(staging)
         (work / EXPERIMENT_FILE).write_text(yaml.safe_dump(experiment_data(path), sort_keys=False), encoding="utf-8")
         (work / BOOK_DIR).mkdir()
-        (work / BOOK_DIR / book_path.name).write_bytes(book.data)  # the bytes hashed and checked
+        (work / BOOK_DIR / book_name).write_bytes(book.data)  # the bytes hashed and checked
         (work / SUBMISSION_FILE).write_text(json.dumps({
             "lilgatsby": identity()["lilgatsby"], "book_sha256": book.sha256, "host": socket.gethostname()}))
         kept = [o for o in overrides if not o.replace(" ", "").startswith("corpus.path=")]
         command = ["lilgatsby", "sweep", EXPERIMENT_FILE, "--runs", str(runs_root),
-                   "--corpus", f"{BOOK_DIR}/{book_path.name}", "--submission", SUBMISSION_FILE,
+                   "--corpus", f"{BOOK_DIR}/{book_name}", "--submission", SUBMISSION_FILE,
                    "--max-retries", str(max_retries), "--quiet", *[a for o in kept for a in ("--set", o)],
                    *(["--force"] if force else []), *(["--restart"] if restart else [])]
         job_id = f"lilgatsby-{runs[0].experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"

@@ -136,7 +136,7 @@ def describe(runs: list[Run], todo: list[Run], runs_root: Location) -> str:
     return "\n".join(lines)
 
 
-def _read_books(todo: list[Run]) -> tuple[list[Run], dict[str, Book]]:
+def read_books(todo: list[Run]) -> tuple[list[Run], dict[str, Book]]:
     """Read each distinct book once and check that it cleans, before Ray starts (downloading it
     once, not in every task): the runs with corpus.path set to where the driver read it (not part
     of the run id; run.json says it), and the books by that path."""
@@ -197,7 +197,7 @@ def sweep(path: Path, overrides: list[str], runs_root: Location, *, address: str
         print(f"{exp_dir}: {'the run is' if len(runs) == 1 else f'all {len(runs)} runs'} complete; nothing to train "
               f"(--force trains {'it' if len(runs) == 1 else 'them'} again)")
         return 0
-    todo, books = _read_books(todo)
+    todo, books = read_books(todo)
     joined = start_or_join(address)
     try:
         if joined:
@@ -208,7 +208,7 @@ def sweep(path: Path, overrides: list[str], runs_root: Location, *, address: str
         pending = {}
         for r in todo:
             options = task_options(r.experiment, cluster)
-            book = r.experiment.corpus.path  # where the driver read it (_read_books)
+            book = r.experiment.corpus.path  # where the driver read it (read_books)
             assert book is not None
             ref = _train_task.options(**options, max_retries=max_retries, retry_exceptions=False,
                                       name=f"{r.experiment.name}/{r.run_id}").remote(
