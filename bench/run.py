@@ -13,6 +13,8 @@ baseline and the runner alternate. Modes:
   --packed       N = 1, 4, 8, 16 reference models trained as one stacked model (bench/packed.py, all
                  cores) vs today's sweep (`lilgatsby sweep`, one run per core), fp32 and bf16-true,
                  recording off on both sides: steps/s per seed and 10,000-step runs per hour
+  --busy         the reference config on a busy machine: OpenMP's default wait against the project's,
+                 quiet, beside spinning loops and other trainings, and in a one-CPU cgroup (bench/busy.py)
   --live         live metrics and TensorBoard events (`record.live`) on vs off, alternating, on the
                  reference experiment (--steps, default 1000): one run on every core, and a sweep of
                  one run per core; with peak RSS at --steps and 3x as many steps
@@ -263,6 +265,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--packed", action="store_true")
     parser.add_argument("--live", action="store_true")
+    parser.add_argument("--busy", action="store_true")
     parser.add_argument("--sweep-steps", type=int, default=1000)
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--json", type=Path, help="where to write the results (default bench/results/<mode>.json)")
@@ -271,6 +274,12 @@ def main() -> None:
         if not (REPO / "data" / "pg64317.txt").exists():
             sys.exit("bench: set LILGATSBY_CORPUS to the book (pg64317.txt)")
         os.environ["LILGATSBY_CORPUS"] = str(REPO / "data" / "pg64317.txt")
+    if args.busy:
+        import busy
+
+        busy.main(args.steps if "--steps" in sys.argv else 150, args.rounds,
+                  args.json or REPO / "bench" / "results" / "busy.json")
+        return
     mode = "sweep" if args.sweep else "packed" if args.packed else "live" if args.live else f"steps{args.steps}"
     with tempfile.TemporaryDirectory(prefix="lilgatsby-bench-") as tmp:
         work = Path(tmp)

@@ -2,11 +2,17 @@
 
 The two entry points of analysis are importable from here: `from runner import load_index,
 load_metrics` (pandas is imported when one is first used, not by every `import runner`).
+Importing the package prepares OpenMP's wait policy before any of its modules loads torch
+(`runner.cpus`).
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from runner.cpus import prepare_openmp
+
+prepare_openmp()
 
 _PUBLIC = {"load_index": "runner.runs.index", "load_metrics": "runner.analysis.metrics"}
 __all__ = list(_PUBLIC)

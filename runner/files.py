@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,3 +68,22 @@ def write_atomic(path: Path, content: str | bytes) -> None:
         else:
             tmp.write_bytes(content)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; manifests and indexes are for every reader
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def read_regular(path: Path, limit: int) -> bytes:
+    """A regular file's bytes, up to `limit`. Anything else is refused by its type before it is
+    opened (a FIFO would block the read, /dev/zero never end it), and so is a larger file: raises
+    ValueError saying which; OSError as `open` does."""
+    mode = os.stat(path).st_mode
+    kind = next((name for test, name in _KINDS if test(mode)), None)
+    if kind:
+        raise ValueError(f"{kind}, not a regular file")
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"larger than {limit / 2**20:g} MiB")
+    return data

@@ -47,6 +47,16 @@ _LOCAL_ONLY = re.compile(rf"{re.escape(LOCK)}|.*{re.escape(PARTIAL)}(/.*)?|.*{re
                          rf"{re.escape(CHECKPOINT)}|{re.escape(MANIFEST)}")
 
 
+# Everything a run directory may hold: its files (or one being written: NAME.partial, NAME.tmp, or
+# .NAME.<random>.tmp), its folders' contents, and what a person's file browser leaves
+_RUN_FILES = (MANIFEST, RECORDING, CHECKPOINT, PROGRESS, METRICS, METRICS_SOURCE, PARTIAL_METRICS, EVENTS, TRAIN_LOG,
+              LOCK, LEASE)
+_RUN_FOLDERS = (TOKENIZER, MODELS, PARTS, REPORT)
+_RUN_FILE = re.compile(rf"\.?({'|'.join(map(re.escape, _RUN_FILES))})({re.escape(PARTIAL)}|(\.[^/]+)?{re.escape(TMP)})?"
+                       rf"|({'|'.join(map(re.escape, _RUN_FOLDERS))})({re.escape(PARTIAL)})?/.+"
+                       rf"|{re.escape(PROBE_PREFIX)}[^/]*|(.+/)?\.DS_Store|\.ipynb_checkpoints/.*")
+
+
 class Joinable(Protocol):
     """A local Path or a `runner.storage.location.Location`: anything that joins names with `/`."""
 
@@ -109,6 +119,12 @@ def snapshot_step(relative: str) -> int | None:
     """The step of a snapshot file (`models/step-<N>/...`, relative to its run), else None."""
     match = _SNAPSHOT.fullmatch(relative)
     return int(match[1]) if match else None
+
+
+def is_run_file(relative: str) -> bool:
+    """A name a run directory may hold (relative to it): `lilgatsby rm` deletes only directories
+    that hold nothing else, and a run trains only into one."""
+    return bool(_RUN_FILE.fullmatch(relative))
 
 
 def is_transient(relative: str) -> bool:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -189,3 +191,21 @@ def s3_root(s3_server, monkeypatch, tmp_path, request):
     boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
     yield S3Uri(bucket, "runs")
     s3.store.cache_clear()
+
+
+def offset_of(path, name, row=0):
+    """Where row `row` of tensor `name` starts in the file (a tensor without rows: row 0, itself)."""
+    header_size = struct.unpack("<Q", path.read_bytes()[:8])[0]
+    info = json.loads(path.read_bytes()[8:8 + header_size])[name]
+    begin, end = info["data_offsets"]
+    return 8 + header_size + begin + row * (end - begin) // (info["shape"][0] if info["shape"] else 1)
+
+
+def flip_byte(path, name, row):
+    """Flip the lowest bit of the first byte of tensor `name`'s row `row`, in place."""
+    at = offset_of(path, name, row)
+    with open(path, "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)[0]
+        f.seek(at)
+        f.write(bytes([byte ^ 0x01]))

@@ -2,16 +2,14 @@ import argparse
 import fcntl
 import json
 import re
-import signal
 import subprocess
 import sys
 
 import pytest
 
 from runner.cli import _parser, main
-from runner.runs.rundir import CANCELLED
 
-from conftest import REPO, sigint_as_in_a_terminal, wait_until
+from conftest import REPO
 
 
 def test_smoke_experiment_end_to_end(tmp_path, small_book, capsys):
@@ -100,26 +98,6 @@ def test_version_and_examples_in_every_help(capsys):
             main([command, "--help"])
         examples = capsys.readouterr().out.split("examples:")[1]
         assert f"lilgatsby {command} " in examples, command
-
-
-@pytest.mark.slow  # a training in a subprocess
-def test_ctrl_c_cancels_the_run_like_a_sweep_and_the_same_command_resumes_it(tmp_path, small_book):
-    """Ctrl-C: exit code 130, the run `cancelled` and resumable (as in a sweep); the samples are printed once."""
-    out = tmp_path / "run"
-    command = [sys.executable, "-m", "runner.cli", "train", str(REPO / "experiments" / "smoke.yaml"), "--out", str(out),
-               "--corpus", str(small_book), "--set", "train.steps=100", "--set", "train.checkpoint_every=20"]
-    train = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             preexec_fn=sigint_as_in_a_terminal)
-    wait_until(lambda: (out / "checkpoint.safetensors").exists(), "the run's first checkpoint", poll_s=0.05)
-    train.send_signal(signal.SIGINT)
-    output, _ = train.communicate(timeout=120)
-    assert train.returncode == 130, output
-    manifest = json.loads((out / "run.json").read_text())
-    assert (manifest["status"], manifest["error"]) == CANCELLED, output
-    resumed = subprocess.run(command + ["--quiet"], capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
-    assert json.loads((out / "run.json").read_text())["resumed_from_step"] >= 20
-    assert resumed.stdout.count("sample 'Gatsby' -> ") == 1 and "sample" not in resumed.stderr
 
 
 @pytest.mark.parametrize("extra, message", [

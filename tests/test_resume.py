@@ -16,13 +16,14 @@ import torch
 
 import runner.data.corpus
 import runner.recording.writer
+from runner.errors import ConfigError
 from runner.launch.train import run
 from runner.layout import CHECKPOINT, RECORDING
 from runner.model.bf16_via_fp32 import FORCE_ENV, native_bf16_gemm
 from runner.recording.format import PARAMETER_FINGERPRINTS
 from runner.recording.verify import read_metadata
 
-from conftest import REPO, load_recording, wait_until
+from conftest import REPO, flip_byte, load_recording, wait_until
 
 pytestmark = pytest.mark.slow
 STEPS, EVERY = 200, 7  # a checkpoint every 7 steps, so kills land between, on and just after them
@@ -221,9 +222,13 @@ def test_resume_keeps_the_thread_count_it_started_with(make_experiment, tmp_path
     assert_identical(tmp_path / "resumed", tmp_path / "uninterrupted")
 
 
-def test_resume_with_other_kernels_starts_over(make_experiment, tmp_path, crash_after_checkpoint, monkeypatch):
-    """A run interrupted under other kernels (older code, same run id) is trained again from step 0
-    with today's, never continued with mixed bits."""
+def snapshot_of(run_dir: Path) -> dict[str, bytes]:
+    return {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_a_resume_with_other_kernels_is_refused(make_experiment, tmp_path, crash_after_checkpoint, monkeypatch):
+    """A run interrupted under other kernels (older code, same run id) is never continued with mixed
+    bits: one line, nothing changed; --restart trains it again from step 0 with today's."""
     import runner.training.loop
     from runner.model.kernels import HF_DEFAULTS, choose
 
@@ -233,10 +238,30 @@ def test_resume_with_other_kernels_starts_over(make_experiment, tmp_path, crash_
     monkeypatch.setattr(runner.training.loop, "choose", lambda *args: HF_DEFAULTS)
     crash_after_checkpoint(exp, tmp_path / "resumed")
     monkeypatch.undo()
-    manifest = run(exp, tmp_path / "resumed", progress=False)
+    before = snapshot_of(tmp_path / "resumed")
+    with pytest.raises(ConfigError, match=r"resumed: its checkpoint was trained with other kernels .*--restart"):
+        run(exp, tmp_path / "resumed", progress=False)
+    assert snapshot_of(tmp_path / "resumed") == before
+    manifest = run(exp, tmp_path / "resumed", progress=False, restart=True)
     assert "resumed_from_step" not in manifest
-    assert "started with other kernels" in (tmp_path / "resumed" / "train.log").read_text()
     assert_identical(tmp_path / "resumed", tmp_path / "uninterrupted")
+
+
+def test_a_resume_with_another_book_is_refused(make_experiment, tmp_path, crash_after_checkpoint, small_book):
+    """The same command with another --corpus (the path is not part of the run id): refused in one
+    line naming the book's hash, nothing changed, instead of a recording half one book, half the other."""
+    other = tmp_path / "other.txt"
+    other.write_text(small_book.read_text().replace("father", "mother"))
+    exp = make_experiment(train={"steps": 30, "checkpoint_every": 10})
+    crash_after_checkpoint(exp, tmp_path / "run")
+    before = snapshot_of(tmp_path / "run")
+    moved = make_experiment(train={"steps": 30, "checkpoint_every": 10}, corpus={"path": str(other)})
+    assert moved.run_id == exp.run_id
+    refusal = r"trained with another book \(corpus sha256\) \([0-9a-f]{64}; now [0-9a-f]{64}\)"
+    with pytest.raises(ConfigError, match=refusal):
+        run(moved, tmp_path / "run", progress=False)
+    assert snapshot_of(tmp_path / "run") == before
+    assert run(exp, tmp_path / "run", progress=False)["resumed_from_step"] == 10  # its own book resumes it
 
 
 def test_resume_with_every_optimizer_knob(make_experiment, tmp_path, crash_after_checkpoint):
@@ -300,3 +325,21 @@ def test_an_unreadable_run_json_is_named_and_left_alone(make_experiment, small_b
     assert main(["index", str(runs)]) == 0
     (row,) = [json.loads(line) for line in (runs / "smoke" / "index.jsonl").read_text().splitlines()]
     assert row["run_id"] == run_dir.name and row["status"] == "unreadable" and "unreadable" in row["error"]
+
+
+def test_a_partial_recording_changed_after_its_checkpoint_is_refused(make_experiment, tmp_path,
+                                                                     crash_after_checkpoint):
+    """One bit of W flipped in the partial file before the resume: refused in one line naming the
+    tensor and rows (the checkpoint's digests), nothing changed; --restart trains it again whole."""
+    exp = make_experiment(train={"steps": 30, "checkpoint_every": 10})
+    run(exp, tmp_path / "uninterrupted", progress=False)
+    crash_after_checkpoint(exp, tmp_path / "resumed")
+    partial = tmp_path / "resumed" / (RECORDING + ".partial")
+    flip_byte(partial, "W", 4)
+    before = snapshot_of(tmp_path / "resumed")
+    with pytest.raises(ConfigError, match=r"recording.safetensors.partial: W: rows 0..10 differ from the digest "
+                                          r"written with them \(the checkpoint's\)"):
+        run(exp, tmp_path / "resumed", progress=False)
+    assert snapshot_of(tmp_path / "resumed") == before
+    run(exp, tmp_path / "resumed", progress=False, restart=True)
+    assert_identical(tmp_path / "resumed", tmp_path / "uninterrupted")

@@ -15,6 +15,8 @@ from runner.recording.writer import DiskSpaceError
 from runner.runs.index import rebuild_index
 from runner.runs.rundir import RunLocked, is_complete, run_lock
 
+from conftest import flip_byte, offset_of
+
 
 @pytest.fixture(scope="module")
 def good_run(tmp_path_factory, small_book):
@@ -34,14 +36,11 @@ def damaged_copy(good_run, tmp_path, damage):
     return exp, copy
 
 
-def set_bytes_of(path, name, values):
-    """Overwrite tensor `name`'s first elements in place (f32 tensors only)."""
-    header_size = struct.unpack("<Q", path.read_bytes()[:8])[0]
-    header = json.loads(path.read_bytes()[8:8 + header_size])
-    start = 8 + header_size + header[name]["data_offsets"][0]
+def set_bytes_of(path, name, values, row=0, dtype=torch.float32):
+    """Overwrite tensor `name`'s elements from row `row` on, in place, with `values` in its `dtype`."""
     with open(path, "r+b") as f:
-        f.seek(start)
-        f.write(torch.tensor(values, dtype=torch.float32).numpy().tobytes())
+        f.seek(offset_of(path, name, row))
+        f.write(torch.tensor(values, dtype=dtype).view(torch.uint8).numpy().tobytes())
 
 
 def test_valid_recording(good_run, capsys):
@@ -97,3 +96,48 @@ def test_a_run_being_trained_is_locked(make_experiment, tmp_path):
         with pytest.raises(RunLocked, match="another process is training this run"):
             run(make_experiment(), run_dir, progress=False)
     run(make_experiment(), run_dir, progress=False)  # released: trains
+
+
+def without_digests(path):
+    """The recording as one written before digests were kept: its metadata without them."""
+    data = path.read_bytes()
+    header_size = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + header_size])
+    del header["__metadata__"]["digests"]
+    path.write_bytes(data[:8] + json.dumps(header).encode().ljust(header_size) + data[8 + header_size:])
+
+
+@pytest.mark.parametrize("name, row, message", [
+    ("loss", 5, "loss: rows 0..16 differ from the digest written with them"),
+    ("logits", 3, "logits: rows 0..16 differ from the digest written with them"),
+    ("W", 9, "W: rows 0..16 differ from the digest written with them"),
+    ("W_final", 100, "W_final: differs from the digest written with it"),
+])
+def test_every_byte_is_checked_against_its_digest(good_run, tmp_path, capsys, name, row, message):
+    """One bit flipped anywhere (a value still finite, Adam's relation still within rounding where
+    it is checked) fails `verify`, naming the tensor and its rows."""
+    exp, copy = damaged_copy(good_run, tmp_path, lambda p: flip_byte(p, name, row))
+    problems = verify(copy)
+    assert problems == [f"{copy / RECORDING}: {message}"], problems
+    assert main(["verify", str(copy)]) == 1 and message in capsys.readouterr().out
+
+
+def test_a_recording_without_digests_verifies_as_before_and_says_so(good_run, tmp_path, capsys):
+    exp, copy = damaged_copy(good_run, tmp_path, without_digests)
+    assert verify(copy) == [] and is_complete(copy, exp)
+    assert main(["verify", str(copy)]) == 0
+    assert "ok (written before recordings held digests: its values are checked, not every byte)" in \
+        capsys.readouterr().out
+
+
+def test_adams_relation_is_checked_at_every_step(good_run, tmp_path):
+    """A gradient changed at a step the quick check does not sample (it samples rows 1, 3, 5, ...;
+    grads[6] enters only rows 6->7) is found by `verify`, which checks every step."""
+    def damage(path):
+        without_digests(path)
+        set_bytes_of(path, "grads", [1.0] * 64, row=6, dtype=torch.bfloat16)
+
+    exp, copy = damaged_copy(good_run, tmp_path, damage)
+    assert verify(copy, full=False) == []
+    assert verify(copy) == [f"{copy / RECORDING}: rows 6->7: 64 entries break Adam's update rule"]
+

@@ -19,17 +19,61 @@ import yaml
 from runner.config.rules import build_experiment
 from runner.config.schema import Experiment, Run
 from runner.errors import ConfigError
+from runner.files import read_regular
 
 MAX_GRID_RUNS = 10_000
+MAX_EXPERIMENT_BYTES = 1 << 20  # read whole before parsing; a real experiment file is a few hundred bytes
+_TIMESTAMP = "tag:yaml.org,2002:timestamp"
+_NOT_JSON = ("binary", "set", "omap", "pairs", "timestamp")  # YAML types JSON has no value for
+
+
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 as PyYAML reads it, except that floats may be written as people write them: `3e-4`
-    and `1E3` are numbers (YAML 1.2's rule), not strings."""
+    """YAML as experiment files need it, bounded and unambiguous:
+
+    - floats may be written as people write them: `3e-4` and `1E3` are numbers (YAML 1.2's rule),
+      not strings;
+    - only JSON's values: an unquoted date is a string (`name: 2024-01-01`), and `!!binary`,
+      `!!set`, `!!omap`, `!!pairs` and `!!timestamp` are refused;
+    - a key given twice in one mapping is refused (PyYAML would keep the last silently);
+    - aliases (`*name`) are refused: an alias bomb would expand to gigabytes before any key is
+      checked, and a self-referencing one never ends. Write the value out, or use `include`.
+    """
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"aliases (*{event.anchor}) are not allowed in experiment "
+                                              f"files: write the value out, or use include", event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable):
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice",
+                                                            key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
+_Loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag != _TIMESTAMP]
+                                   for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
     list("-+0123456789."))
+
+
+def _refuse(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+    raise yaml.constructor.ConstructorError(None, None, f"{node.tag.rpartition(':')[2]} values are not allowed (only "
+                                            f"JSON's: strings, numbers, booleans, null, lists, mappings)",
+                                            node.start_mark)
+
+
+for _name in _NOT_JSON:
+    _Loader.add_constructor(f"tag:yaml.org,2002:{_name}", _refuse)
 
 
 def parse_yaml(text: str) -> Any:
@@ -38,11 +82,13 @@ def parse_yaml(text: str) -> Any:
 
 def _read_yaml(path: Path) -> dict:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular(path, MAX_EXPERIMENT_BYTES).decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such experiment file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except (ValueError, UnicodeDecodeError) as e:  # no regular file, too large, not UTF-8
+        raise ConfigError(f"{path}: cannot use as an experiment file: {e}") from None
     try:
         data = parse_yaml(text)
     except yaml.YAMLError as e:
@@ -66,7 +112,10 @@ def _deep_merge(base: dict, top: dict) -> dict:
 
 
 def _load_with_includes(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    path = path.resolve()
+    try:
+        path = path.resolve()
+    except RuntimeError as e:  # Python 3.11's Path.resolve on a symlink loop
+        raise ConfigError(f"{path}: cannot resolve the path ({e})") from None
     if path in seen:
         raise ConfigError(f"{path}: include: cycle ({' -> '.join(p.name for p in (*seen, path))})")
     data = _read_yaml(path)
@@ -110,8 +159,13 @@ def _grid_values(key: str, spec: Any) -> list:
                               f"(got {bounds!r})")
         if len(bounds) == 3 and bounds[2] == 0:
             raise ConfigError(f"grid.{key}: range step must not be 0")
-        # len(range) is computed without materialising, so a huge range is refused cheaply later.
-        return range(*bounds)  # type: ignore[return-value]
+        values = range(*bounds)
+        try:
+            len(values)  # computed without materialising; the grid's size is checked before it is built
+        except OverflowError:
+            raise ConfigError(f"grid.{key}: range {bounds} has more values than a grid may have runs "
+                              f"({MAX_GRID_RUNS:,})") from None
+        return values  # type: ignore[return-value]
     if not isinstance(spec, list):
         raise ConfigError(f"grid.{key}: must be a list of values or {{range: [start, stop]}} (got {spec!r})")
     return spec

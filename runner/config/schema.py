@@ -80,7 +80,7 @@ class TrainConfig:
     seed: int = 42
     precision: Literal["bf16-true", "bf16-mixed", "fp32"] = "bf16-true"
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    threads: int | None = None  # torch intra-op threads; None: all cores (or the CPUs Ray assigned)
+    threads: int | None = None  # torch intra-op threads; None: the CPUs granted (Ray's, else affinity and cgroup quota)
     # steps between checkpoints (resume points after a crash, not results)
     checkpoint_every: int = field(default=1000, metadata=NOT_IDENTITY)
     # The notebook's 1.12a as it ran, one key per difference (experiments/notebook_1_12a.yaml sets all):

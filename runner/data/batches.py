@@ -4,11 +4,27 @@ from __future__ import annotations
 
 import torch
 
+from runner.errors import ConfigError
+
+
+def check_enough_text(n_tokens: int, batch_order: str, context_length: int, batch_size: int) -> None:
+    """The corpus holds what the batch order needs: one batch of windows of context_length + 1
+    tokens (the notebook's order keeps a partial batch, so one window). Checked before a run
+    writes anything (the ASCII tokenizer makes one token of each character)."""
+    needed = 1 if batch_order == "notebook" else batch_size
+    if n_tokens - context_length < needed:
+        raise ConfigError(f"corpus: {n_tokens:,} tokens, too few for {needed} window{'s' * (needed > 1)} of "
+                          f"model.context_length + 1 = {context_length + 1} tokens (train.batch_order: "
+                          f"{batch_order}, train.batch_size: {batch_size})")
+
 
 class _Windows:
     """The training examples: the windows of context_length + 1 tokens at every offset."""
 
+    ORDER: str  # train.batch_order
+
     def __init__(self, tokens: torch.Tensor, context_length: int, batch_size: int, seed: int):
+        check_enough_text(len(tokens), self.ORDER, context_length, batch_size)
         self.tokens, self.batch_size, self.seed = tokens, batch_size, seed
         self.n_windows = len(tokens) - context_length
         self.offsets = torch.arange(context_length + 1)
@@ -24,11 +40,10 @@ class WindowSampler(_Windows):
     drop_last=True)`), as a pure function of the seed: epoch e uses the e-th permutation drawn from
     a generator seeded with the run seed."""
 
+    ORDER = "epochs"
+
     def __init__(self, tokens: torch.Tensor, context_length: int, batch_size: int, seed: int):
         super().__init__(tokens, context_length, batch_size, seed)
-        if self.n_windows < batch_size:
-            raise ValueError(f"corpus has {len(tokens)} tokens: too few for batches of {batch_size} windows "
-                             f"of {context_length + 1} tokens")
         self.batches_per_epoch = self.n_windows // batch_size
 
     def batches(self, first_step: int = 1):
@@ -52,10 +67,10 @@ class NotebookSampler(_Windows):
     epoch runs out; the last partial batch is kept. The notebook drew one iterator for the dummy
     batch of row 0, then one for training and a new one at every epoch."""
 
+    ORDER = "notebook"
+
     def __init__(self, tokens: torch.Tensor, context_length: int, batch_size: int, seed: int):
         super().__init__(tokens, context_length, batch_size, seed)
-        if self.n_windows < 1:
-            raise ValueError(f"corpus has {len(tokens)} tokens: too few for one window of {context_length + 1}")
         self.batches_per_epoch = -(-self.n_windows // batch_size)
 
     def _new_iterator(self, generator: torch.Generator) -> torch.Tensor:

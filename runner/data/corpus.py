@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runner.errors import UserError
-from runner.files import write_atomic
+from runner.files import read_regular, write_atomic
 from runner.settings import CORPUS, corpus_path
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,7 @@ ENV_VAR = CORPUS
 GUTENBERG_URL = "https://www.gutenberg.org/cache/epub/64317/pg64317.txt"
 CACHE_PATH = Path("data") / "pg64317.txt"
 DOWNLOAD_TIMEOUT_S = 30
+MAX_BOOK_BYTES = 1 << 30  # The Great Gatsby is 0.3 MB; a file this large is not a book to train on here
 START_MARKER = "*** START OF THE PROJECT GUTENBERG EBOOK"
 END_MARKER = "*** END OF THE PROJECT GUTENBERG EBOOK"
 # `map` mode: typographic punctuation that has an obvious ASCII spelling.
@@ -112,13 +113,16 @@ def clean(raw: str, mode: str, source: str = "<text>", file_sha256: str = "") ->
 
 
 def read_book(path: Path) -> Book:
-    """The book's bytes from its file (a one-line CorpusError when it cannot be read)."""
+    """The book's bytes from its file (a one-line CorpusError when it cannot be read, is no
+    regular file or is larger than MAX_BOOK_BYTES)."""
     try:
-        data = path.read_bytes()
+        data = read_regular(path, MAX_BOOK_BYTES)
     except FileNotFoundError:
         raise CorpusError(f"{path}: corpus file not found") from None
     except OSError as e:
         raise CorpusError(f"{path}: cannot read corpus: {e.strerror}") from None
+    except ValueError as e:
+        raise CorpusError(f"{path}: cannot use as the corpus: {e}") from None
     return Book(data, str(path), hashlib.sha256(data).hexdigest())
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import ray
 import torch
 
+from runner.cpus import granted_cpus
 from runner.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ TOKEN_HELP = ("set RAY_AUTH_TOKEN_PATH to the cluster's token file (`make cluste
 
 def start_or_join(address: str | None) -> bool:
     """Join the cluster at `address` (or $RAY_ADDRESS), else start an embedded instance sized to
-    this machine (never another one found running; a Mac offers its GPU as `mps`). Returns
+    the CPUs this process is granted (never another one found running; a Mac offers its GPU as `mps`). Returns
     whether it joined a cluster. Workers get nothing of the driver's environment: the book
     travels with the tasks."""
     address = address or os.environ.get("RAY_ADDRESS")
@@ -48,7 +49,7 @@ def start_or_join(address: str | None) -> bool:
         if not os.environ.get("RAY_AUTH_TOKEN") and not os.environ.get("RAY_AUTH_TOKEN_PATH"):
             os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # this instance's; its processes inherit it
         mps: dict[str, float] | None = {"mps": 1} if torch.backends.mps.is_available() else None
-        ray.init(address="local", num_cpus=os.cpu_count(), resources=mps, **options)
+        ray.init(address="local", num_cpus=granted_cpus(), resources=mps, **options)
         return False
 
 

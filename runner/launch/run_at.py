@@ -20,7 +20,7 @@ from runner.config import Experiment
 from runner.launch.staging import Publisher, restore
 from runner.launch.train import run
 from runner.layout import RunFiles
-from runner.runs.rundir import is_complete, read_manifest
+from runner.runs.rundir import claim_run_dir, is_complete, read_manifest
 from runner.settings import scratch_root
 from runner.storage.lease import Lease
 from runner.storage.location import Location
@@ -33,7 +33,9 @@ CLAIM = ".claim"  # suffix of the file beside a scratch directory that its train
 
 def train_at(exp: Experiment, home: Location, **options) -> dict:
     """`runner.launch.train.run` into a run directory wherever it is (`lilgatsby train` and each
-    sweep task call this): here, or in a bucket (`train_remote`). The same options and result."""
+    sweep task call this): here, or in a bucket (`train_remote`). The same options and result.
+    A directory that holds anything but this run is refused first (`claim_run_dir`)."""
+    claim_run_dir(home, exp, options.get("force", False))
     if home.local is not None:
         return run(exp, home.local, **options)
     return train_remote(exp, home, **options)

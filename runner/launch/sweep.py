@@ -23,6 +23,7 @@ from tqdm import tqdm
 from runner.config import Experiment, Run, build_experiment, load_runs
 from runner.data.corpus import Book, corpus_of, read_book, resolve_path
 from runner.errors import ConfigError, RunLocked, UserError
+from runner.interrupt import how_cancelled, sigterm_as_interrupt
 from runner.launch.nodes import check_nodes, check_this_node, identity
 from runner.launch.ray_session import start_or_join
 from runner.layout import INDEX_JSONL, RunFiles
@@ -97,8 +98,9 @@ def _train_task(driver: dict[str, str], book: bytes, book_sha256: str, config: d
     except ConfigError as e:
         raise RuntimeError(f"worker {socket.gethostname()}: {e}: the runs root must be storage every worker "
                            f"can reach") from None
-    manifest = train_at(exp, home, overrides=overrides, grid_point=grid_point, device=device, threads=threads,
-                        progress=False, restart=restart, force=force, corpus=corpus)
+    with sigterm_as_interrupt():  # a worker's SIGTERM cancels its run, resumable
+        manifest = train_at(exp, home, overrides=overrides, grid_point=grid_point, device=device, threads=threads,
+                            progress=False, restart=restart, force=force, corpus=corpus)
     producer = manifest.get("environment", {})  # another sweep on the same runs root may have trained it meanwhile
     trained_here = (producer.get("host"), producer.get("pid")) == (socket.gethostname(), os.getpid())
     return {"run_id": manifest["run_id"], "device": manifest["device"], "trained_here": trained_here,
@@ -244,6 +246,10 @@ def _collect(pending: dict, exp_dir: Location, already_done: int, progress: bool
                 if isinstance(cause, RunLocked):  # another sweep is training it: leave its run.json alone
                     busy.append(r.run_id)
                     tqdm.write(f"{r.label} ({r.run_id}) skipped: {cause}")
+                elif isinstance(e, ray.exceptions.TaskCancelledError):  # its worker got SIGTERM (the run says so)
+                    failed.append(r.run_id)
+                    _mark(exp_dir / r.run_id, r, CANCELLED, "cancelled by SIGTERM on its worker; resumable")
+                    tqdm.write(f"{r.label} ({r.run_id}) cancelled on its worker (SIGTERM); the same command resumes it")
                 else:
                     failed.append(r.run_id)
                     _mark(exp_dir / r.run_id, r, "failed", f"{type(cause).__name__}: {cause}".splitlines()[0])
@@ -252,10 +258,10 @@ def _collect(pending: dict, exp_dir: Location, already_done: int, progress: bool
             rebuild_index(exp_dir)
             bar.set_postfix(done=bar.n + 1 - len(failed) - len(busy), failed=len(failed), refresh=False)
             bar.update()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (runner.interrupt)
         for ref, r in pending.items():
             ray.cancel(ref, force=True)
-            _mark(exp_dir / r.run_id, r, *CANCELLED)
+            _mark(exp_dir / r.run_id, r, CANCELLED, how_cancelled(interrupt))
         rebuild_index(exp_dir)
         raise
     finally:

@@ -16,12 +16,14 @@ import torch
 from runner.analysis.live import LiveMetrics
 from runner.analysis.metrics import dead_token_summary, write_metrics
 from runner.config import Experiment
+from runner.data.batches import check_enough_text
 from runner.data.corpus import Corpus, load_corpus
+from runner.interrupt import how_cancelled
 from runner.layout import RunFiles
 from runner.recording.writer import check_free_space
 from runner.runs.rundir import CANCELLED, is_complete, new_manifest, read_manifest, run_lock, write_manifest
 from runner.training.host import keep_freed_memory_mapped, resolve_device, thread_count, torch_threads_restored
-from runner.training.loop import train
+from runner.training.loop import check_resumable, train
 from runner.training.provenance import environment
 from runner.training.sampling import sample_text
 
@@ -74,12 +76,13 @@ def run(exp: Experiment, run_dir: Path, *, overrides: dict | None = None, grid_p
     its lock is held (another process may have finished it) is not trained again unless `force`.
 
     `device` overrides the config's; `threads` is the CPUs the caller offers (a sweep passes what
-    Ray assigned; see `host.thread_count`). Bad input (corpus, device, disk space) raises before
+    Ray assigned; see `host.thread_count`). Bad input (corpus, too little of it, device, disk space) raises before
     anything is written; a failure during training is written to run.json with its traceback and re-raised.
     `publisher` is told of every checkpoint and manifest written (a run whose home is a bucket).
     `corpus`: the book as a sweep's driver sent it (default: read from `corpus.path`)."""
     torch_device = resolve_device(device or exp.train.device)
     corpus = corpus or load_corpus(exp.corpus.path, exp.corpus.ascii)
+    check_enough_text(len(corpus.text), exp.train.batch_order, exp.model.context_length, exp.train.batch_size)
     check_free_space(RunFiles(run_dir).recording, exp)
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(run_dir):
@@ -87,13 +90,15 @@ def run(exp: Experiment, run_dir: Path, *, overrides: dict | None = None, grid_p
             return read_manifest(run_dir) or {}
         if restart:
             RunFiles(run_dir).partial_recording.unlink(missing_ok=True)
+        else:
+            check_resumable(exp, run_dir, corpus, torch_device)
         manifest = new_manifest(exp, overrides, grid_point)
         return _run_locked(exp, run_dir, corpus, torch_device, manifest, thread_count(exp.train.threads, threads),
                            progress, restart, publisher)
 
 
 def _run_locked(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.device, manifest: dict[str, Any],
-                threads: int | None, progress: bool, restart: bool, publisher: Publisher | None) -> dict:
+                threads: int, progress: bool, restart: bool, publisher: Publisher | None) -> dict:
     def save(manifest: dict) -> None:
         write_manifest(run_dir, manifest)
         if publisher is not None:
@@ -112,9 +117,9 @@ def _run_locked(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: to
             metrics = manifest["metrics"]
             log.info("run %s complete: final loss %.4f, %.1f steps/s, %s", exp.run_id, metrics["final_loss"],
                      metrics["steps_per_s"], RunFiles(run_dir).recording)
-        except KeyboardInterrupt:
-            manifest["status"], manifest["error"] = CANCELLED
-            log.warning("run %s %s", exp.run_id, CANCELLED[1])
+        except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (runner.interrupt)
+            manifest["status"], manifest["error"] = CANCELLED, how_cancelled(interrupt)
+            log.warning("run %s %s", exp.run_id, manifest["error"])
             raise
         except BaseException as e:
             manifest.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())

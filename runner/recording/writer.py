@@ -28,6 +28,7 @@ from runner.config import Experiment
 from runner.errors import UserError
 from runner.files import publish
 from runner.layout import partial
+from runner.recording.digests import RowDigests, reserved_bytes
 from runner.recording.format import (
     FORMAT_VERSION,
     HEADER_SLACK,
@@ -103,7 +104,9 @@ class RecordingWriter:
             self.fd = os.open(self.partial, os.O_RDWR)
             self.header_size = header_length(lambda offset, size: os.pread(self.fd, size, offset))
         else:
-            self.header_size = (len(self._header_bytes()) + HEADER_SLACK + 7) // 8 * 8
+            rows = self.layout[self.names[0]][1][0] if self.names else 0
+            reserved = HEADER_SLACK + reserved_bytes(self.names, rows, len(self.layout) - len(self.names))
+            self.header_size = (len(self._header_bytes()) + reserved + 7) // 8 * 8
             path.parent.mkdir(parents=True, exist_ok=True)
             self.fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
@@ -113,6 +116,7 @@ class RecordingWriter:
                 os.close(self.fd)
                 raise
         self.data_start = LENGTH_BYTES + self.header_size
+        self.digests = RowDigests(self.names, first_row, self._read_rows)
         rows = min(chunk_rows, self.layout[self.names[0]][1][0]) if self.names else 1
         self._buffers = [{n: torch.empty((rows, *self.layout[n][1][1:]), dtype=TORCH_DTYPES[self.layout[n][0]],
                                       device=device)
@@ -129,6 +133,12 @@ class RecordingWriter:
         self.sink = sink
         if sink is not None:
             sink.start(first_row)
+
+    def _read_rows(self, name: str, first: int, stop: int) -> bytes:
+        """Rows first..stop-1 of tensor `name` as the file holds them."""
+        dtype, shape = self.layout[name]
+        row_bytes = tensor_bytes(dtype, shape) // shape[0]
+        return os.pread(self.fd, (stop - first) * row_bytes, self.data_start + self.offsets[name] + first * row_bytes)
 
     def _header_bytes(self) -> bytes:
         entries: dict = {"__metadata__": self.metadata}
@@ -199,6 +209,7 @@ class RecordingWriter:
             row_bytes = tensor_bytes(dtype, shape) // shape[0]
             stored[name] = _as_bytes(tensor)
             _pwrite_all(self.fd, stored[name], self.data_start + self.offsets[name] + first_row * row_bytes)
+        self.digests.update(first_row, stored, len(wall_times))
         if self.sink is not None:  # the values as stored (bf16 widened exactly), as a reader gets them
             self.sink.rows_written(first_row, {
                 name: as_fp32(np.frombuffer(data, dtype=BITS[self.layout[name][0]]).reshape(rows[name].shape))
@@ -209,6 +220,10 @@ class RecordingWriter:
         """Rows 0..rows_written-1 are in the file (readable, not necessarily durable): what a report
         of a running run may read."""
         return self._pending_first if self._pending is not None and not self._pending.done() else self._chunk_start
+
+    def digest_state(self) -> dict:
+        """The digests of the rows written so far, for a checkpoint (after `flush`)."""
+        return self.digests.state()
 
     def flush(self) -> None:
         """Write every buffered row and make it durable (before a checkpoint relies on it)."""
@@ -230,11 +245,14 @@ class RecordingWriter:
         self._executor.shutdown()
         if self.sink is not None:
             self.sink.close()
+        stored = {}
         for name, tensor in finals.items():
             dtype, shape = self.layout[name]
-            _pwrite_all(self.fd, _as_bytes(tensor.detach().to("cpu", TORCH_DTYPES[dtype]).reshape(shape)),
-                        self.data_start + self.offsets[name])
-        self.metadata.update(metadata)
+            stored[name] = _as_bytes(tensor.detach().to("cpu", TORCH_DTYPES[dtype]).reshape(shape))
+            _pwrite_all(self.fd, stored[name], self.data_start + self.offsets[name])
+        self.metadata.update(metadata, digests=self.digests.final(stored))
+        if len(self._header_bytes()) > self.header_size:  # a file begun before digests were reserved for
+            del self.metadata["digests"]
         self._write_header()
         os.close(self.fd)
         publish(self.partial, self.path)

@@ -2,19 +2,18 @@
 value, never one that is training, and rebuild the index after.
 
 Runs are chosen explicitly (an id, `--status`, `--where KEY=VALUE`; all of them must hold); a run
-another process is training (its lock held on a disk, its lease live in a bucket) stops the whole
-removal before anything is deleted.
+another process is training (its lock held on a disk, its lease live in a bucket), or a directory
+holding files no run writes (a user's), stops the whole removal before anything is deleted.
 """
 
 from __future__ import annotations
 
-import fcntl
 from dataclasses import dataclass
 
 from runner.config import parse_override
 from runner.errors import ConfigError, RunLocked
-from runner.layout import RunFiles
 from runner.runs.index import read_runs, rebuild_index
+from runner.runs.rundir import foreign_files, is_training, listed
 from runner.storage.location import Location
 
 
@@ -31,26 +30,6 @@ class Doomed:
 def _matches(row: dict, run_ids: list[str], statuses: list[str], where: dict) -> bool:
     return ((not run_ids or row["run_id"] in run_ids) and (not statuses or row.get("status") in statuses)
             and all(row.get(key) == value for key, value in where.items()))
-
-
-def _is_training(run_dir: Location) -> bool:
-    """Its trainer holds the run's lock (a disk) or a live lease (a bucket)."""
-    if run_dir.s3 is not None:
-        from runner.storage.lease import lease_is_live
-        from runner.storage.s3 import store
-
-        return lease_is_live(store(), run_dir.s3)
-    assert run_dir.local is not None
-    lock = RunFiles(run_dir.local).lock
-    if not lock.exists():
-        return False
-    with open(lock, "a") as held:
-        try:
-            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(held, fcntl.LOCK_UN)
-    return False
 
 
 def choose(experiment_dir: Location, run_ids: list[str], statuses: list[str], where: list[str]) -> list[Doomed]:
@@ -75,9 +54,14 @@ def choose(experiment_dir: Location, run_ids: list[str], statuses: list[str], wh
     doomed = [Doomed(run_dir, row) for run_dir, _, row in runs if _matches(row, run_ids, statuses, conditions)]
     if not doomed:
         raise ConfigError(f"{experiment_dir}: no run matches (nothing removed)")
-    training = [d.row["run_id"] for d in doomed if _is_training(d.run_dir)]
+    training = [d.row["run_id"] for d in doomed if is_training(d.run_dir)]
     if training:
         raise RunLocked(f"{experiment_dir}: {', '.join(training)}: being trained by another process (nothing removed)")
+    for d in doomed:
+        foreign = foreign_files(d.run_dir)
+        if foreign:
+            raise ConfigError(f"{d.run_dir}: holds files that are not a run's ({listed(foreign)}); remove them "
+                              f"yourself (nothing removed)")
     return doomed
 
 

@@ -10,14 +10,14 @@ import json
 from pathlib import Path
 
 from runner.config import Experiment
-from runner.errors import RunLocked, UserError
-from runner.layout import RunFiles
+from runner.errors import ConfigError, RunLocked, UserError
+from runner.layout import RunFiles, is_run_file
 from runner.recording.rows import layout_matches
 from runner.storage.location import Location, at, unless_read_only
 
-# The status and error of a run the user interrupted (train and sweep alike); it resumes from its
-# last checkpoint when trained again.
-CANCELLED = "cancelled", "cancelled by the user (Ctrl-C); resumable"
+# The status of a run interrupted by Ctrl-C or SIGTERM (train and sweep alike; its error says which:
+# `runner.interrupt.how_cancelled`); it resumes from its last checkpoint when trained again.
+CANCELLED = "cancelled"
 
 
 def new_manifest(exp: Experiment, overrides: dict | None, grid_point: dict | None) -> dict:
@@ -35,11 +35,21 @@ class UnreadableManifest(UserError):
     """A run.json that exists but does not parse: never dropped from the index or written over."""
 
 
+# The shape of the run.json keys every reader relies on (the index, report, rm, a sweep's planning)
+_MANIFEST_SHAPE = {"run_id": str, "name": str, "status": str, "error": str, "config": dict, "overrides": dict,
+                   "grid_point": dict, "metrics": dict, "environment": dict, "corpus": dict, "recording": dict,
+                   "dead_token_summary": dict, "samples": dict, "threads": int, "device": str}
+_JSON_NAMES = {str: "a string", dict: "an object", int: "an integer"}
+
+
 def _parse_manifest(data: bytes | str, where: object) -> dict:
     try:
         manifest = json.loads(data)
         if not isinstance(manifest, dict):
             raise ValueError("not a JSON object")
+        for key, kind in _MANIFEST_SHAPE.items():
+            if key in manifest and not isinstance(manifest[key], kind):
+                raise ValueError(f"{key} is {json.dumps(manifest[key])[:40]}, not {_JSON_NAMES[kind]}")
         return manifest
     except (ValueError, UnicodeDecodeError) as e:
         raise UnreadableManifest(f"{where}: unreadable ({str(e).splitlines()[0]}); left as it is: fix or "
@@ -55,6 +65,55 @@ def read_manifest(run_dir: Path | Location) -> dict | None:
     except OSError as e:
         raise UnreadableManifest(f"{path}: unreadable ({e.strerror}); left as it is") from None
     return None if data is None else _parse_manifest(data, path)
+
+
+def is_training(run_dir: Location) -> bool:
+    """Its trainer holds the run's lock (a disk) or a live lease (a bucket)."""
+    if run_dir.s3 is not None:
+        from runner.storage.lease import lease_is_live
+        from runner.storage.s3 import store
+
+        return lease_is_live(store(), run_dir.s3)
+    assert run_dir.local is not None
+    lock = RunFiles(run_dir.local).lock
+    if not lock.exists():
+        return False
+    with open(lock, "a") as held:
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(held, fcntl.LOCK_UN)
+    return False
+
+
+def foreign_files(run_dir: Location) -> list[str]:
+    """What a run directory holds that no run writes (`layout.is_run_file`), sorted."""
+    return sorted(name for name in run_dir.files() if not is_run_file(name)) if run_dir.is_dir() else []
+
+
+def listed(names: list[str], at_most: int = 3) -> str:
+    return ", ".join(names[:at_most]) + (f" and {len(names) - at_most} more" if len(names) > at_most else "")
+
+
+def claim_run_dir(run_dir: Location, exp: Experiment, force: bool) -> None:
+    """A run directory belongs to one run. One that holds files no run writes (a user's) is
+    refused; one that holds another run is refused unless `force`, which removes that run's files
+    first (never while it trains). Nothing is changed by a refusal."""
+    foreign = foreign_files(run_dir)
+    if foreign:
+        raise ConfigError(f"{run_dir}: holds files that are not a run's ({listed(foreign)}): train into an empty "
+                          f"directory or the run's own (nothing changed)")
+    manifest = read_manifest(run_dir)
+    if manifest is None or manifest.get("run_id") == exp.run_id:
+        return
+    other = f"run {manifest.get('run_id')} of {manifest.get('name')!r}"
+    if not force:
+        raise ConfigError(f"{run_dir}: holds {other}, not {exp.run_id}: --force removes its files and trains this "
+                          f"run there (nothing changed)")
+    if is_training(run_dir):
+        raise RunLocked(f"{run_dir}: holds {other}, which another process is training (nothing changed)")
+    run_dir.delete_tree()
 
 
 @contextlib.contextmanager

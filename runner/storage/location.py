@@ -165,7 +165,10 @@ class Local(Location):
         return Local(self.path.parent)
 
     def resolve(self) -> Local:
-        return Local(self.path.resolve())
+        try:
+            return Local(self.path.resolve())
+        except RuntimeError as e:  # Python 3.11's Path.resolve on a symlink loop
+            raise ConfigError(f"{self.path}: cannot resolve the path ({e})") from None
 
     def read_bytes(self) -> bytes | None:
         try:

@@ -8,11 +8,13 @@ file and renamed, so a crash during the write leaves the previous checkpoint int
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from safetensors import safe_open
@@ -24,6 +26,8 @@ from runner.files import atomic_path
 from runner.layout import RunFiles
 
 log = logging.getLogger(__name__)
+RECORDING_DIGESTS = "recording_digests"  # the checkpoint's metadata key
+T = TypeVar("T")
 progress_log = logging.getLogger("runner.progress")  # train.log only
 READ_ATTEMPTS, RETRY_S = 3, 1.0
 
@@ -47,10 +51,12 @@ class Checkpointer:
     training seconds so far (over all attempts)."""
 
     def __init__(self, run_dir: Path, exp: Experiment, *, before_save: Callable[[], None],
-                 clock: Callable[[], float], after_save: Callable[[int], None] | None = None):
+                 clock: Callable[[], float], recording_digests: Callable[[], dict],
+                 after_save: Callable[[int], None] | None = None):
         self.run_dir, self.run_id = run_dir, exp.run_id
         self.every, self.steps = exp.train.checkpoint_every, exp.train.steps
         self.before_save, self.after_save, self.clock = before_save, after_save, clock
+        self.recording_digests = recording_digests
 
     def after_step(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                    losses: torch.Tensor) -> None:
@@ -58,14 +64,16 @@ class Checkpointer:
             return
         t_start = time.perf_counter()
         self.before_save()
-        save(self.run_dir, self.run_id, step, self.clock(), model, optimizer, losses)
+        save(self.run_dir, self.run_id, step, self.clock(), model, optimizer, losses, self.recording_digests())
         if self.after_save is not None:
             self.after_save(step)
         progress_log.info("checkpoint at step %d (%.3f s)", step, time.perf_counter() - t_start)
 
 
 def save(run_dir: Path, run_id: str, step: int, train_s: float, model: torch.nn.Module,
-         optimizer: torch.optim.Optimizer, losses: torch.Tensor) -> None:
+         optimizer: torch.optim.Optimizer, losses: torch.Tensor, recording_digests: dict) -> None:
+    """The checkpoint after `step`, with the digests of the recording's rows written up to it (a
+    resume checks the partial recording against them before it writes on)."""
     tensors = {f"param.{name}": p.detach().cpu() for name, p in model.named_parameters()}
     for i, p in enumerate(model.parameters()):
         for key, value in optimizer.state[p].items():
@@ -79,30 +87,21 @@ def save(run_dir: Path, run_id: str, step: int, train_s: float, model: torch.nn.
     with atomic_path(files.checkpoint, files.checkpoint_tmp) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
                   metadata={"run_id": run_id, "step": str(step), "train_s": repr(train_s),
-                            "threads": str(torch.get_num_threads())})
+                            "threads": str(torch.get_num_threads()),
+                            RECORDING_DIGESTS: json.dumps(recording_digests, separators=(",", ":"))})
 
 
 def load(run_dir: Path, run_id: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Checkpoint | None:
     """Restore model, optimizer and RNG from the run's checkpoint; None when there is none (or it
-    is another run's). A checkpoint that cannot be read is retried and then fails the run, kept:
-    a transient error (a network volume, a flaky disk) must not cost the run its progress."""
-    path = RunFiles(run_dir).checkpoint
-    for attempt in range(1, READ_ATTEMPTS + 1):
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                if meta.get("run_id") != run_id:
-                    return None
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-            break
-        except FileNotFoundError:
-            return None
-        except Exception as e:  # safetensors' own error types, OSError
-            if attempt == READ_ATTEMPTS:
-                raise CheckpointUnreadable(f"{path}: cannot read the checkpoint after {attempt} tries ({e}); it is "
-                                           f"kept: fix the storage and train again, or --restart from step 0") from e
-            log.warning("%s: reading the checkpoint failed (%s); retrying", path, e)
-            time.sleep(RETRY_S * attempt)
+    is another run's). A checkpoint that cannot be read is retried, then fails the run (`_read`)."""
+    def read(f) -> tuple[dict, dict] | None:
+        meta = f.metadata() or {}
+        return (meta, {k: f.get_tensor(k) for k in f.keys()}) if meta.get("run_id") == run_id else None
+
+    found = _read(run_dir, read)
+    if found is None:
+        return None
+    meta, tensors = found
     device = next(model.parameters()).device
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -118,6 +117,33 @@ def load(run_dir: Path, run_id: str, model: torch.nn.Module, optimizer: torch.op
         torch.cuda.set_rng_state_all(cuda_states)
     return Checkpoint(step=int(meta["step"]), train_s=float(meta["train_s"]), losses=tensors["losses"].to(device),
                       threads=int(meta["threads"]) if "threads" in meta else None)
+
+
+def recording_digests(run_dir: Path) -> dict | None:
+    """The digests of the recording's rows the checkpoint relies on; None without a checkpoint, or
+    for one written before they were kept."""
+    value = _read(run_dir, lambda f: (f.metadata() or {}).get(RECORDING_DIGESTS))
+    return json.loads(value) if value else None
+
+
+def _read(run_dir: Path, read: Callable[[Any], T | None]) -> T | None:
+    """`read(f)` of the run's checkpoint opened with safetensors; None when there is none. A
+    checkpoint that cannot be read is retried and then fails the run, kept: a transient error (a
+    network volume, a flaky disk) must not cost the run its progress."""
+    path = RunFiles(run_dir).checkpoint
+    for attempt in range(1, READ_ATTEMPTS + 1):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return read(f)
+        except FileNotFoundError:
+            return None
+        except Exception as e:  # safetensors' own error types, OSError
+            if attempt == READ_ATTEMPTS:
+                raise CheckpointUnreadable(f"{path}: cannot read the checkpoint after {attempt} tries ({e}); it is "
+                                           f"kept: fix the storage and train again, or --restart from step 0") from e
+            log.warning("%s: reading the checkpoint failed (%s); retrying", path, e)
+            time.sleep(RETRY_S * attempt)
+    raise AssertionError("unreachable")
 
 
 def remove(run_dir: Path) -> None:

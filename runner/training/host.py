@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import torch
 
+from runner.cpus import granted_cpus
 from runner.errors import ConfigError
 
 
@@ -24,11 +25,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def thread_count(configured: int | None, offered: int | None) -> int | None:
+def thread_count(configured: int | None, offered: int | None) -> int:
     """torch's intra-op threads for a new run: `train.threads` when set, else the CPUs the caller
-    offers (a sweep: what Ray assigned), else None (torch's default, all cores). A resumed run keeps
-    the count it started with instead (`training.loop`)."""
-    return configured or offered
+    offers (a sweep: what Ray assigned), else the CPUs this process is granted (its affinity and
+    cgroup quota: `runner.cpus.granted_cpus`; torch's own default counts the affinity alone). A
+    resumed run keeps the count it started with instead (`training.loop`)."""
+    return configured or offered or granted_cpus()
 
 
 @contextlib.contextmanager

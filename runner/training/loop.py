@@ -18,6 +18,7 @@ from runner.config import Experiment
 from runner.data.batches import NotebookSampler, make_sampler
 from runner.data.corpus import Corpus
 from runner.data.tokenizer import encode, save_tokenizer
+from runner.errors import ConfigError
 from runner.layout import RunFiles
 from runner.model.gpt2 import (
     batch_loss,
@@ -28,7 +29,9 @@ from runner.model.gpt2 import (
     parameters_sha256,
 )
 from runner.model.kernels import choose
+from runner.recording.digests import first_difference
 from runner.recording.format import PARAMETER_FINGERPRINTS, expected_layout, header_metadata
+from runner.recording.rows import RowReader
 from runner.recording.verify import layout_problems, read_metadata
 from runner.recording.writer import RecordingWriter, RowSink
 from runner.training import checkpoint
@@ -56,31 +59,63 @@ def _continue_with_threads_of(ckpt: checkpoint.Checkpoint, run_id: str) -> None:
                                f"(torch runs {torch.get_num_threads()}); --restart trains it again from step 0")
 
 
+def implementation(exp: Experiment, device: torch.device) -> dict[str, str]:
+    """The implementation choices a run trains with (kernels and host allocator): recorded, since
+    they change rounding."""
+    return {**choose(exp.train.precision, device, exp.train.kernels).as_dict(),
+            "host_allocator": keep_freed_memory_mapped()}
+
+
 def build_model_and_optimizer(exp: Experiment, device: torch.device
                               ) -> tuple[GPT2LMHeadModel, torch.optim.Optimizer, dict[str, str], dict]:
-    """The model, its optimizer, the implementation choices that produced them (kernels and host
-    allocator; recorded, since they change rounding), and what run.json says of the optimizer."""
+    """The model, its optimizer, the `implementation` that produced them, and what run.json says of
+    the optimizer."""
     kernels = choose(exp.train.precision, device, exp.train.kernels)
     # (transformers types .to() without its self argument)
     model = build_model(exp.model, exp.train.seed, kernels).to(device)  # type: ignore[arg-type]
     if exp.train.precision == "bf16-true":
         model.to(torch.bfloat16)  # parameters, gradients and Adam's moments all in bf16
     optimizer, description = build_optimizer(model, exp.train, kernels)
-    return model, optimizer, {**kernels.as_dict(), "host_allocator": keep_freed_memory_mapped()}, description
+    return model, optimizer, implementation(exp, device), description
+
+
+def check_resumable(exp: Experiment, run_dir: Path, corpus: Corpus, device: torch.device) -> None:
+    """A run resumes only what it started: the same run (config), book and implementation as its
+    partial recording says it was trained with, and the recording's rows as its checkpoint's
+    digests say they were written; else one line (nothing changed), for the user to choose
+    `--restart`. A run with no checkpoint or no usable partial recording starts over anyway."""
+    files = RunFiles(run_dir)
+    if not files.checkpoint.exists() or layout_problems(files.partial_recording, expected_layout(exp)):
+        return
+    started = read_metadata(files.partial_recording)
+    now = {"run_id": exp.run_id, "corpus_sha256": corpus.sha256,
+           "implementation": json.dumps(implementation(exp, device), sort_keys=True)}
+    what = {"run_id": "another run", "corpus_sha256": "another book (corpus sha256)",
+            "implementation": "other kernels"}
+    for key, value in now.items():
+        if started.get(key) != value:
+            raise ConfigError(f"{run_dir}: its checkpoint was trained with {what[key]} ({started.get(key)}; now "
+                              f"{value}): resuming would mix them; --restart trains it again from step 0 "
+                              f"(nothing changed)")
+    digests = checkpoint.recording_digests(run_dir)
+    if digests is not None:
+        with RowReader(files.partial_recording) as reader:
+            changed = first_difference(digests, lambda name, first, stop: reader.bits(name, first, stop).tobytes(),
+                                       read_whole=lambda name: b"")
+        if changed:
+            raise ConfigError(f"{files.partial_recording}: {changed} (the checkpoint's): the partial recording was "
+                              f"changed since; --restart trains the run again from step 0 (nothing changed)")
 
 
 def _open_recording(exp: Experiment, run_dir: Path, model, optimizer, restart: bool, header: dict,
                     device: torch.device, sink: RowSink | None) -> tuple[RecordingWriter, checkpoint.Checkpoint | None]:
-    """Continue from the run's checkpoint when it and the partial recording are usable, else start over."""
+    """Continue from the run's checkpoint when it and the partial recording are usable, else start
+    over (`check_resumable` has refused a resume that would mix)."""
     files = RunFiles(run_dir)
     partial = files.partial_recording
     resumable = not restart and files.checkpoint.exists()
     if resumable and layout_problems(partial, expected_layout(exp)):
         log.warning("run %s: a checkpoint but no usable partial recording; starting over", exp.run_id)
-        resumable = False
-    elif resumable and (before := read_metadata(partial).get("implementation")) != header["implementation"]:
-        log.warning("run %s: started with other kernels (%s; now %s): the bits would mix, so starting over",
-                    exp.run_id, before, header["implementation"])
         resumable = False
     ckpt = checkpoint.load(run_dir, exp.run_id, model, optimizer) if resumable else None
     if ckpt is None:
@@ -97,7 +132,7 @@ def _tokens(corpus: Corpus) -> torch.Tensor:
     return encode(corpus.text)
 
 
-def train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.device, threads: int | None,
+def train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.device, threads: int,
           progress: bool, restart: bool, env: dict, started_at: str,
           after_checkpoint: Callable[[int], None] | None = None,
           sink: RowSink | None = None) -> tuple[dict, GPT2LMHeadModel]:
@@ -106,8 +141,7 @@ def train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.de
     Returns what run.json says of the training, and the trained model."""
     t0 = time.perf_counter()
     cfg = exp.train
-    if threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads)
     sampler = make_sampler(cfg.batch_order, _tokens(corpus), exp.model.context_length, cfg.batch_size, cfg.seed)
     save_tokenizer(RunFiles(run_dir).tokenizer)
     model, optimizer, impl, optimizer_description = build_model_and_optimizer(exp, torch_device)
@@ -130,7 +164,7 @@ def train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.de
     t_train = time.perf_counter()
     checkpointer = checkpoint.Checkpointer(run_dir, exp, before_save=writer.flush,
                                            clock=lambda: train_s_before + time.perf_counter() - t_train,
-                                           after_save=after_checkpoint)
+                                           recording_digests=writer.digest_state, after_save=after_checkpoint)
     try:
         snapshots.after_step(start - 1, model)  # step 0's, when scheduled
         if start == 1 and isinstance(sampler, NotebookSampler):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from runner.cpus import granted_cpus, openmp_wait
 from runner.model.bf16_via_fp32 import cpu_has_native_bf16_gemm
 
 
@@ -27,7 +28,8 @@ def environment(device: torch.device) -> dict:
             "platform": platform.platform(), "git_commit": git_commit(),
             "image": os.environ.get("LILGATSBY_IMAGE"), "cpu": cpu_model(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cpu_native_bf16_gemm": cpu_has_native_bf16_gemm(),
+            "cpu_native_bf16_gemm": cpu_has_native_bf16_gemm(), "openmp_wait": openmp_wait(),
+            "granted_cpus": granted_cpus(),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
 
 
@@ -43,8 +45,8 @@ def cpu_model() -> str:
 def describe_cpu() -> str:
     """The processor as speed figures need it named: model, torch's kernels for it, bf16 GEMM."""
     native = "yes" if cpu_has_native_bf16_gemm() else "no (bf16 products through fp32 GEMMs)"
-    return (f"CPU: {cpu_model()}, {os.cpu_count()} cores, torch CPU capability "
-            f"{torch.backends.cpu.get_cpu_capability()}, native bf16 GEMM: {native}")
+    return (f"CPU: {cpu_model()}, {os.cpu_count()} cores ({granted_cpus()} granted), torch CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()}, native bf16 GEMM: {native}, OpenMP: {openmp_wait()}")
 
 
 def git_commit() -> str:

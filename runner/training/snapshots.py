@@ -7,9 +7,14 @@ tokenizer. A snapshot is written under a temporary name and renamed: it is compl
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from transformers import PreTrainedModel
+from transformers.utils import SAFE_WEIGHTS_NAME
 from transformers.utils import logging as hf_logging
 
 from runner.config import Experiment
@@ -39,8 +44,9 @@ def snapshot_dir(run_dir: Path, step: int) -> Path:
 
 
 class Snapshots:
-    """Saves the model at the scheduled steps; a resumed run keeps the snapshots it already has
-    (the same bits: training is deterministic)."""
+    """Saves the model at the scheduled steps. A snapshot already there (a resumed run's, or one
+    left by another run) is kept only if its weights are this model's, byte for byte: checked,
+    not assumed."""
 
     def __init__(self, run_dir: Path, exp: Experiment):
         self.run_dir = run_dir
@@ -48,9 +54,13 @@ class Snapshots:
         hf_logging.disable_progress_bar()  # "Writing model shards" bars would break the run's own
 
     def after_step(self, step: int, model: PreTrainedModel) -> None:
-        final = snapshot_dir(self.run_dir, step)
-        if step not in self.steps or final.exists():
+        if step not in self.steps:
             return
+        final = snapshot_dir(self.run_dir, step)
+        if final.exists():
+            if holds_model(final, model):
+                return
+            shutil.rmtree(final)  # another model's
         with atomic_path(final, partial(final)) as being_written:
             model.save_pretrained(being_written)
             save_tokenizer(being_written)
@@ -58,3 +68,18 @@ class Snapshots:
     def saved(self) -> list[str]:
         return sorted((p.name for p in RunFiles(self.run_dir).models.glob("step-*") if not p.name.endswith(PARTIAL)),
                       key=lambda name: int(name.removeprefix("step-")))
+
+
+def holds_model(snapshot: Path, model: PreTrainedModel) -> bool:
+    """Whether the snapshot's weights are `model`'s, every tensor bit for bit (a tied matrix is
+    saved once: its twin counts as saved)."""
+    try:
+        saved = load_file(snapshot / SAFE_WEIGHTS_NAME)
+    except (OSError, SafetensorError):
+        return False
+    state = model.state_dict()
+    saved_storage = {state[name].data_ptr() for name in saved if name in state}
+    return (all(name in state and tensor.dtype == state[name].dtype
+                and torch.equal(tensor.view(torch.uint8), state[name].detach().cpu().contiguous().view(torch.uint8))
+                for name, tensor in saved.items())
+            and all(name in saved or t.data_ptr() in saved_storage for name, t in state.items()))

@@ -1,0 +1,181 @@
+"""Nothing wrong is ever called complete: a run directory belongs to one run, snapshots are checked
+rather than assumed, `rm` deletes only what runs write, SIGTERM cancels like Ctrl-C."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runner.cli import main
+from runner.errors import ConfigError
+from runner.launch.run_at import train_at
+from runner.storage.location import at
+
+from conftest import REPO, sigint_as_in_a_terminal, wait_until
+
+SMOKE = str(REPO / "experiments" / "smoke.yaml")
+
+
+def files_of(directory: Path) -> dict[str, bytes]:
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def weights(run_dir: Path, step: int) -> bytes:
+    return (run_dir / "models" / f"step-{step}" / "model.safetensors").read_bytes()
+
+
+def test_a_directory_of_another_run_is_refused_unless_force(make_experiment, tmp_path):
+    """seed 1 then seed 2 into one --out: refused in one line, nothing changed; with --force the old
+    run's files go first, and the snapshot is seed 2's (it was seed 1's: the existing one was kept)."""
+    seed1, seed2 = (make_experiment(train={"steps": 4, "seed": seed}) for seed in (1, 2))
+    shared, fresh = at(tmp_path / "shared"), at(tmp_path / "fresh")
+    train_at(seed1, shared, progress=False)
+    train_at(seed2, fresh, progress=False)
+    before = files_of(tmp_path / "shared")
+    with pytest.raises(ConfigError, match=rf"shared: holds run {seed1.run_id} of 'test', not {seed2.run_id}: "
+                                          r"--force removes its files"):
+        train_at(seed2, shared, progress=False)
+    assert files_of(tmp_path / "shared") == before
+    manifest = train_at(seed2, shared, progress=False, force=True)
+    assert manifest["run_id"] == seed2.run_id and manifest["status"] == "complete"
+    seed1_weights = before["models/step-4/model.safetensors"]
+    assert weights(tmp_path / "shared", 4) == weights(tmp_path / "fresh", 4) != seed1_weights
+
+
+def test_a_snapshot_left_by_another_model_is_replaced_not_kept(make_experiment, tmp_path):
+    seed1, seed2 = (make_experiment(train={"steps": 4, "seed": seed}) for seed in (1, 2))
+    train_at(seed1, at(tmp_path / "one"), progress=False)
+    train_at(seed2, at(tmp_path / "two"), progress=False)
+    (tmp_path / "planted" / "models").mkdir(parents=True)
+    (tmp_path / "one" / "models" / "step-4").rename(tmp_path / "planted" / "models" / "step-4")
+    train_at(seed2, at(tmp_path / "planted"), progress=False)
+    assert weights(tmp_path / "planted", 4) == weights(tmp_path / "two", 4)
+
+
+def test_a_directory_with_a_users_files_is_refused_even_with_force(tmp_path, capsys):
+    out = tmp_path / "thesis"
+    out.mkdir()
+    (out / "chapter1.tex").write_text("my own work")
+    for force in ([], ["--force"]):
+        assert main(["train", SMOKE, "--out", str(out), *force]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "thesis: holds files that are not a run's (chapter1.tex)" in err, err
+    assert files_of(out) == {"chapter1.tex": b"my own work"}
+
+
+def test_rm_never_deletes_a_directory_holding_files_no_run_writes(make_experiment, tmp_path, capsys):
+    exp_dir = tmp_path / "runs" / "test"
+    exp = make_experiment(train={"steps": 2})
+    train_at(exp, at(exp_dir / exp.run_id), progress=False)
+    (exp_dir / exp.run_id / "notes.md").write_text("what I saw")
+    before = files_of(exp_dir)
+    capsys.readouterr()
+    assert main(["rm", str(exp_dir), "--status", "complete"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds files that are not a run's (notes.md); remove them yourself" in err, err
+    assert files_of(exp_dir) == before
+    (exp_dir / exp.run_id / "notes.md").unlink()
+    assert main(["rm", str(exp_dir), "--status", "complete"]) == 0
+    assert not (exp_dir / exp.run_id).exists()
+
+
+@pytest.mark.slow  # trainings in subprocesses
+@pytest.mark.parametrize("signum, code, said", [
+    (signal.SIGINT, 130, "cancelled by the user (Ctrl-C); resumable"),
+    (signal.SIGTERM, 143, "cancelled by SIGTERM (scancel, a time limit, kill); resumable"),
+])
+def test_ctrl_c_and_sigterm_cancel_the_run_and_the_same_command_resumes_it(tmp_path, small_book, signum, code, said):
+    """Exit 130 or 143, the run `cancelled` and resumable (as in a sweep); the samples printed once."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "runner.cli", "train", SMOKE, "--out", str(out), "--corpus", str(small_book),
+               "--set", "train.steps=100", "--set", "train.checkpoint_every=20"]
+    train = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             preexec_fn=sigint_as_in_a_terminal)
+    wait_until(lambda: (out / "checkpoint.safetensors").exists(), "the run's first checkpoint", poll_s=0.05)
+    train.send_signal(signum)
+    output, _ = train.communicate(timeout=120)
+    assert train.returncode == code, output
+    manifest = json.loads((out / "run.json").read_text())
+    assert (manifest["status"], manifest["error"]) == ("cancelled", said), output
+    resumed = subprocess.run(command + ["--quiet"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "run.json").read_text())["resumed_from_step"] >= 20
+    assert resumed.stdout.count("sample 'Gatsby' -> ") == 1 and "sample" not in resumed.stderr
+
+
+HOSTILE_YAML = [
+    ("a: &a [1, 2]\nb: &b [*a, *a]\nname: bomb\n", "line 2: aliases (*a) are not allowed"),
+    ("x: &x [*x]\n", "line 1: aliases (*x) are not allowed"),
+    ("name: !!binary aGVsbG8=\n", "line 1: binary values are not allowed"),
+    ("name: !!set {a, b}\n", "line 1: set values are not allowed"),
+    ("name: smoke\ntrain: {steps: 20}\ntrain: {lr: 0.001}\n", "line 3: key 'train' given twice"),
+    ("name: g\ngrid: {train.seed: {range: [0, 1180591620717411303424]}}\n",
+     "grid.train.seed: range [0, 1180591620717411303424] has more values than a grid may have runs (10,000)"),
+    ("name: !!python/object:os.system ls\n", "could not determine a constructor"),
+]
+
+
+@pytest.mark.parametrize("text, message", HOSTILE_YAML)
+def test_hostile_experiment_files_are_one_line_and_write_nothing(tmp_path, capsys, text, message):
+    path = tmp_path / "hostile.yaml"
+    path.write_text(text)
+    assert main(["sweep", str(path), "--dry-run", "--runs", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{path}: " in err and message in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_date_is_a_string_not_a_timestamp(tmp_path, capsys):
+    path = tmp_path / "dated.yaml"
+    path.write_text(f"include: {SMOKE}\nname: 2024-01-01\n")
+    assert main(["sweep", str(path), "--dry-run", "--runs", str(tmp_path / "runs")]) == 0
+    assert not (tmp_path / "runs").exists()
+
+
+def test_special_files_are_refused_by_type_before_they_are_opened(tmp_path, capsys):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # reading it would block for ever
+    include = tmp_path / "includes.yaml"
+    include.write_text(f"include: {fifo}\nname: x\n")
+    for args, message in ((["sweep", str(fifo), "--dry-run"], f"{fifo}: cannot use as an experiment file: a FIFO"),
+                          (["sweep", str(include), "--dry-run"], f"{fifo}: cannot use as an experiment file: a FIFO"),
+                          (["train", SMOKE, "--corpus", str(fifo)], f"{fifo}: cannot use as the corpus: a FIFO"),
+                          (["train", SMOKE, "--corpus", "/dev/zero"], "/dev/zero: cannot use as the corpus: a "
+                                                                      "character device")):
+        assert main([*args, "--runs", str(tmp_path / "runs")]) == 2, args
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("book", ["x", "a short book " * 10])
+def test_a_book_too_short_for_one_batch_is_refused_before_anything_is_written(tmp_path, capsys, book):
+    path = tmp_path / "tiny.txt"
+    path.write_text(book)
+    assert main(["train", SMOKE, "--corpus", str(path), "--runs", str(tmp_path / "runs")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lilgatsby: error:")]
+    assert len(errors) == 1 and "tokens, too few for 8 windows of model.context_length + 1 = 129 tokens" in errors[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_json_of_the_wrong_shape_is_named_never_a_traceback(make_experiment, tmp_path, capsys):
+    """Valid JSON of the wrong shape: the index names the run unreadable (as for JSON that does not
+    parse), and rm and report, left with no run to work on, say so in one line."""
+    exp_dir = tmp_path / "runs" / "test"
+    exp = make_experiment(train={"steps": 2})
+    train_at(exp, at(exp_dir / exp.run_id), progress=False)
+    (exp_dir / exp.run_id / "run.json").write_text('{"run_id": "abc", "metrics": 5}')
+    capsys.readouterr()
+    assert main(["index", str(exp_dir)]) == 0
+    (row,) = [json.loads(line) for line in (exp_dir / "index.jsonl").read_text().splitlines()]
+    assert row["status"] == "unreadable" and "run.json: unreadable (metrics is 5, not an object)" in row["error"]
+    for args, message in ((["rm", str(exp_dir), "--where", "train.seed=1"], "--where train.seed: not a column"),
+                          (["report", str(exp_dir), "--out", str(tmp_path / "report")], "no complete or running run")):
+        capsys.readouterr()
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, (args, err)
