@@ -7,6 +7,7 @@ is refused; `lilgatsby sweep --address` says so in one line; the token's holder 
 """
 
 import os
+import re
 import subprocess
 import sys
 
@@ -23,21 +24,23 @@ DRIVER = ("import sys, ray; ray.init(address=sys.argv[1], logging_level='ERROR')
 
 def clean_env(home) -> dict:
     """This environment without any Ray token or mode, with `home` as home (where Ray looks for
-    ~/.ray/auth_token)."""
+    ~/.ray/auth_token). The instance listens on loopback only: a client on this machine reaches it
+    with Ray's multi-node mode off (else Ray takes 127.0.0.1 for the machine's reachable IP)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
-    return {**env, "HOME": str(home)}
+    return {**env, "HOME": str(home), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 @pytest.fixture(scope="module")
 def embedded_instance(tmp_path_factory):
-    """A sweep's embedded instance, held open in its own process and home: (GCS address, its token)."""
+    """A sweep's embedded instance, held open in its own process and home: (GCS address, its token,
+    the holding process's pid)."""
     home = tmp_path_factory.mktemp("owner-home")
     holder = subprocess.Popen([sys.executable, "-c", HOLD], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                               text=True, env=clean_env(home), cwd=REPO)
     try:
         address, token = holder.stdout.readline().split()
         assert not (home / ".ray" / "auth_token").exists()  # the token is in memory, not on disk
-        yield address, token
+        yield address, token, holder.pid
     finally:
         holder.kill()
         holder.wait()
@@ -52,7 +55,7 @@ def driver(address: str, env: dict) -> str:
 
 
 def test_the_embedded_instance_admits_only_its_token(embedded_instance, tmp_path, small_book):
-    address, token = embedded_instance
+    address, token, _ = embedded_instance
     stranger = clean_env(tmp_path)  # an empty home: no token anywhere
     # plain Ray drivers: no token (Ray's default mode finds none), a wrong one, the instance's
     assert "admitted" not in driver(address, stranger)
@@ -69,3 +72,29 @@ def test_the_embedded_instance_admits_only_its_token(embedded_instance, tmp_path
         assert result.returncode == 2, result.stderr
         (line,) = [x for x in result.stderr.splitlines() if not x.startswith("INFO ")]
         assert line.startswith(f"lilgatsby: error: --address {address}: {what}") and "RAY_AUTH_TOKEN_PATH" in line
+
+
+def process_tree(pid: int) -> set[int]:
+    parents = [tuple(map(int, line.split())) for line in subprocess.run(
+        ["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True, check=True).stdout.splitlines()]
+    tree, grown = {pid}, True
+    while grown:
+        found = {child for child, parent in parents if parent in tree}
+        grown = not found <= tree
+        tree |= found
+    return tree
+
+
+def test_the_embedded_instance_listens_on_loopback_only(embedded_instance):
+    """Every socket its processes listen on (the driver, GCS, raylet, workers, the dashboard
+    agents), as `ss` sees them."""
+    address, _, pid = embedded_instance
+    tree = process_tree(pid)
+    listening = []  # (local address, process name)
+    for line in subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout.splitlines():
+        fields = line.split()
+        owners = re.findall(r'\("([^"]+)",pid=(\d+)', line)
+        listening += [(fields[3], name) for name, owner in owners if int(owner) in tree]
+    assert address.startswith("127.0.0.1:") and any(name == "gcs_server" for _, name in listening), listening
+    assert all(local.rpartition(":")[0] in ("127.0.0.1", "[::ffff:127.0.0.1]", "[::1]") for local, _ in listening), \
+        listening

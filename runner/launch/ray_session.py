@@ -17,6 +17,7 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import ray
@@ -28,15 +29,16 @@ from runner.errors import ConfigError
 log = logging.getLogger(__name__)
 WORKER_SETUP_HOOK = "runner.launch.train.prepare_worker"  # named, so that the driver does not import it
 CONNECT_TIMEOUT_S, CONNECT_RETRY_S = 60.0, 2.0
+LOOPBACK = "127.0.0.1"
 TOKEN_HELP = ("set RAY_AUTH_TOKEN_PATH to the cluster's token file (`make cluster-up` writes docker/cluster-token) "
               "or RAY_AUTH_TOKEN to the token")
 
 
 def start_or_join(address: str | None) -> bool:
     """Join the cluster at `address` (or $RAY_ADDRESS), else start an embedded instance sized to
-    the CPUs this process is granted (never another one found running; a Mac offers its GPU as `mps`). Returns
-    whether it joined a cluster. Workers get nothing of the driver's environment: the book
-    travels with the tasks."""
+    the CPUs this process is granted, listening on loopback only (never another one found running;
+    a Mac offers its GPU as `mps`). Returns whether it joined a cluster. Workers get nothing of the
+    driver's environment: the book travels with the tasks."""
     address = address or os.environ.get("RAY_ADDRESS")
     env: dict = {"worker_process_setup_hook": WORKER_SETUP_HOOK}
     options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING,
@@ -49,8 +51,27 @@ def start_or_join(address: str | None) -> bool:
         if not os.environ.get("RAY_AUTH_TOKEN") and not os.environ.get("RAY_AUTH_TOKEN_PATH"):
             os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # this instance's; its processes inherit it
         mps: dict[str, float] | None = {"mps": 1} if torch.backends.mps.is_available() else None
-        ray.init(address="local", num_cpus=granted_cpus(), resources=mps, **options)
+        with _loopback_only():
+            ray.init(address="local", num_cpus=granted_cpus(), resources=mps, _node_ip_address=LOOPBACK, **options)
         return False
+
+
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[None]:
+    """An embedded instance that listens on loopback alone. Ray 2.60 binds its servers (GCS,
+    raylet, object manager, workers) to the node's IP, and takes a loopback `_node_ip_address` for
+    the machine's reachable IP unless multi-node clusters are off, as Ray has them on macOS and
+    Windows (`ray_constants.ENABLE_RAY_CLUSTER`, read when the address is resolved). Off while this
+    instance starts, then as it was: a later `--address` sweep in the same process joins a real
+    cluster with the node's IP."""
+    import ray._private.ray_constants as ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
 
 
 def token_mode_on() -> None:
