@@ -15,7 +15,7 @@ from runner.errors import ConfigError
 from runner.launch.run_at import train_at
 from runner.storage.location import at
 
-from conftest import REPO, sigint_as_in_a_terminal, wait_until
+from conftest import REPO, flip_byte, sigint_as_in_a_terminal, wait_until
 
 SMOKE = str(REPO / "experiments" / "smoke.yaml")
 
@@ -179,3 +179,72 @@ def test_a_run_json_of_the_wrong_shape_is_named_never_a_traceback(make_experimen
         assert main(args) == 2, args
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, (args, err)
+
+
+# -- end to end, as a user would meet them: real processes, SIGKILL, the same command again ------
+
+def lilgatsby(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "runner.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def killed_after_first_checkpoint(command: list[str], out: Path) -> None:
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until(lambda: (out / "checkpoint.safetensors").exists(), "the run's first checkpoint", poll_s=0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    errors = [line for line in result.stderr.splitlines() if line.startswith("lilgatsby: error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    return errors[0]
+
+
+@pytest.mark.long
+def test_end_to_end_a_killed_run_never_resumes_mixed(tmp_path, small_book):
+    """SIGKILL after a checkpoint; the same command with another book, then with one bit of W
+    flipped in the partial file: each refused in one line, nothing changed; the untouched run then
+    resumes, completes and verifies; one bit flipped in the complete recording's logits fails verify."""
+    other = tmp_path / "other.txt"
+    other.write_text(small_book.read_text().replace("father", "mother"))
+    out = tmp_path / "run"
+    command = ["train", SMOKE, "--out", str(out), "--quiet", "--set", "train.steps=150",
+               "--set", "train.checkpoint_every=50"]
+    killed_after_first_checkpoint([sys.executable, "-m", "runner.cli", *command, "--corpus", str(small_book)], out)
+    before = files_of(out)
+    assert "trained with another book (corpus sha256)" in one_error_line(lilgatsby(*command, "--corpus", str(other)))
+    assert files_of(out) == before
+    partial = out / "recording.safetensors.partial"
+    flip_byte(partial, "W", 30)
+    assert "W: rows 0..50 differ from the digest" in one_error_line(lilgatsby(*command, "--corpus", str(small_book)))
+    flip_byte(partial, "W", 30)  # back as it was written
+    resumed = lilgatsby(*command, "--corpus", str(small_book))
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "run.json").read_text())["resumed_from_step"] == 50
+    assert lilgatsby("verify", str(out)).returncode == 0
+    flip_byte(out / "recording.safetensors", "logits", 100)
+    result = lilgatsby("verify", str(out))
+    assert result.returncode == 1 and "logits: rows 64..127 differ from the digest written with them" in result.stdout
+
+
+@pytest.mark.long
+def test_end_to_end_a_directory_is_one_runs_and_rm_deletes_only_runs(tmp_path, small_book):
+    """seed 1, then seed 2 into the same --out: refused, then with --force the directory is seed 2's
+    alone (its snapshot a fresh seed-2 run's); a user's directory is never trained into nor removed."""
+    def train(seed: int, out: Path, *extra: str) -> subprocess.CompletedProcess:
+        return lilgatsby("train", SMOKE, "--out", str(out), "--corpus", str(small_book), "--quiet",
+                         "--set", "train.steps=20", "--set", f"train.seed={seed}", *extra)
+
+    shared, fresh = tmp_path / "runs" / "smoke" / "shared", tmp_path / "fresh"
+    assert train(1, shared).returncode == 0 and train(2, fresh).returncode == 0
+    assert "--force removes its files" in one_error_line(train(2, shared))
+    assert train(2, shared, "--force").returncode == 0
+    assert weights(shared, 20) == weights(fresh, 20)
+    mine = tmp_path / "runs" / "smoke" / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("my own work")
+    assert "holds files that are not a run's (thesis.tex)" in one_error_line(train(1, mine))
+    assert files_of(mine) == {"thesis.tex": b"my own work"}
+    removed = lilgatsby("rm", str(tmp_path / "runs" / "smoke"), "--status", "complete")
+    assert removed.returncode == 0, removed.stderr
+    assert not shared.exists() and files_of(mine) == {"thesis.tex": b"my own work"}
