@@ -3,6 +3,7 @@ rather than assumed, `rm` deletes only what runs write, SIGTERM cancels like Ctr
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -248,3 +249,40 @@ def test_end_to_end_a_directory_is_one_runs_and_rm_deletes_only_runs(tmp_path, s
     removed = lilgatsby("rm", str(tmp_path / "runs" / "smoke"), "--status", "complete")
     assert removed.returncode == 0, removed.stderr
     assert not shared.exists() and files_of(mine) == {"thesis.tex": b"my own work"}
+
+
+def test_environment_faults_are_one_line(make_experiment, tmp_path, capsys):
+    """A symlink loop as the runs root, /proc as one, a report's --out at a file: one line, exit 2."""
+    exp_dir = tmp_path / "runs" / "test"
+    exp = make_experiment(train={"steps": 2})
+    train_at(exp, at(exp_dir / exp.run_id), progress=False)
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    (tmp_path / "file").write_text("not a directory")
+    capsys.readouterr()
+    for args, message in ((["sweep", SMOKE, "--runs", str(tmp_path / "a"), "--dry-run"], "cannot resolve the path"),
+                          (["rm", str(tmp_path / "a"), "--status", "complete"], "Too many levels of symbolic links"),
+                          (["index", "/proc"], "/proc"),
+                          (["report", str(exp_dir / exp.run_id), "--out", str(tmp_path / "file")],
+                           f"--out {tmp_path / 'file'}: cannot make the report's directory (File exists)")):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("lilgatsby: error: ") and message in err, (args, err)
+
+
+@pytest.mark.slow  # a training in a subprocess, in a mount namespace of its own
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare(1)")
+def test_a_read_only_runs_root_is_one_line_and_nothing_is_written(tmp_path, small_book):
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    script = (f"mount -t tmpfs -o ro none {readonly} && for args in 'train {SMOKE} --corpus {small_book}' "
+              f"'sweep {REPO / 'experiments' / 'smoke_sweep.yaml'} --corpus {small_book}'; do "
+              f"out=$({sys.executable} -m runner.cli $args --runs {readonly} --quiet 2>&1); code=$?; "
+              f"echo \"$out\" | grep -v '^INFO'; echo \"exit $code\"; done")
+    result = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=300)
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"lilgatsby: error: {readonly / 'smoke'}: Read-only file system", result.stdout
+    assert lines[1] == lines[3] == "exit 2", result.stdout
+    assert lines[2] == f"lilgatsby: error: {readonly / 'smoke_sweep'}: cannot create the directory " \
+                       f"(Read-only file system)", result.stdout
+    assert not any(readonly.iterdir())

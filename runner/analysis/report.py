@@ -20,7 +20,7 @@ import yaml
 from runner.analysis import figures
 from runner.analysis.groups import SEED, Group, RunEntry, full_config, group_runs, shared_config, varying_keys
 from runner.analysis.metrics import compute_metrics, dead_row_norms, load_metrics, metrics_so_far
-from runner.errors import UserError
+from runner.errors import ConfigError, UserError
 from runner.files import write_atomic
 from runner.layout import INDEX_JSONL, MANIFEST, REPORT, REPORT_PAGE, RunFiles
 from runner.runs.index import index_row, read_runs, write_index
@@ -109,7 +109,10 @@ def _report(path: Location, out: Path, run_id: str | None, reload_s: int | None)
     shown = [e for e in entries if e.status == "complete" or e.row["run_id"] in running]
     groups, keys = group_runs(shown, entries[0].row.get("name") or path.name)
     chosen = _chosen_run(complete, groups, run_id, path)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file there, /proc, read-only
+        raise ConfigError(f"--out {out}: cannot make the report's directory ({e.strerror})") from None
     metrics = {e.row["run_id"]: load_metrics(e.run_dir) for e in complete}
     partial = {rid: table for rid, (table, _) in running.items()}
     notes = {rid: note for rid, (_, note) in running.items()}
