@@ -63,7 +63,8 @@ report: setup
 tensorboard: setup
 	$(BIN)/tensorboard --logdir $(RUNS) --host 127.0.0.1 --port 6006
 
-# BENCH_ARGS: e.g. --steps 10000 (full reference run), --sweep (8-seed sweep), --packed or --live
+# BENCH_ARGS: e.g. --steps 10000 (full reference run), --sweep (8-seed sweep), --packed, --live or --busy
+# (a busy machine: OpenMP's default wait against the project's, beside spinning loops and trainings)
 bench: setup
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 

@@ -2,10 +2,12 @@
 wait (libgomp's default: idle threads spin 300,000 rounds) against the project's (`runner.cpus`:
 a short spin, then sleep), side by side in one run.
 
-- quiet: each precision, today's wait against the fix, alternating `--rounds` times (best kept);
-- busy (each once): beside K = 1 and 2 pure-Python spinning loops, and beside K = 1 and 2 other trainings of
-  the reference config (with the same wait as the measured run: the fix applies to every run),
-  the default thread count and `train.threads=1`, today's wait against the fix;
+- quiet: each precision, today's wait against the fix, alternating `--rounds` times (best kept:
+  the least disturbed by the rest of the machine);
+- busy (`--rounds` rounds, best kept, as for quiet): beside K = 1 and 2 pure-Python spinning
+  loops, and beside K = 1 and 2 other trainings of the reference config (with the same wait as
+  the measured run: the fix applies to every run), the default thread count and
+  `train.threads=1`, today's wait against the fix;
 - one CPU: the default run in a cgroup with a quota of one CPU (what `podman run --cpus 1` sets),
   against `train.threads=1` outside it (needs root and a writable cgroup v1 cpu or v2 hierarchy).
 
@@ -75,7 +77,7 @@ def load(kind: str, count: int, wait: str, work: Path) -> Iterator[None]:
                                               stderr=subprocess.DEVNULL))
         if kind == "train":  # train.log says the run's thread count as its steps begin
             deadline = time.monotonic() + 120
-            while not all("threads" in read(work / f"load-{i}" / "train.log") for i in range(count)):
+            while not all(" thread" in read(work / f"load-{i}" / "train.log") for i in range(count)):
                 if time.monotonic() > deadline:
                     raise RuntimeError("the load trainings did not start within 120 s")
                 time.sleep(0.5)
@@ -113,7 +115,7 @@ def one_cpu_cgroup() -> Iterator[list[str] | None]:
 
 
 def busy_mode(steps: int, rounds: int, work: Path) -> dict:
-    """Quiet: `rounds` alternating measurements of each (best kept); busy and one CPU: one each."""
+    """`rounds` alternating measurements of each, quiet and busy (best kept); one CPU: one each."""
     results: dict = {"steps": steps, "spin_count": SPIN_COUNT, "quiet": {}, "busy": {}, "one_cpu": None}
     for precision in PRECISIONS:
         train(work, 20, "fix", [f"train.precision={precision}"])  # warm-up: page cache, lazy imports
@@ -124,12 +126,13 @@ def busy_mode(steps: int, rounds: int, work: Path) -> dict:
         results["quiet"][precision] = {wait: max(speeds) for wait, speeds in measured.items()}
     for kind in ("spin", "train"):
         for count in (1, 2):
-            row = {}
-            for threads in ("default", "1"):
-                for wait in WAITS:
-                    with load(kind, count, wait, work):
-                        row[f"{threads}/{wait}"] = train(work, steps, wait,
-                                                         [] if threads == "default" else ["train.threads=1"])
+            row: dict[str, float] = {}
+            for _ in range(rounds):
+                for threads in ("default", "1"):
+                    for wait in WAITS:
+                        with load(kind, count, wait, work):
+                            speed = train(work, steps, wait, [] if threads == "default" else ["train.threads=1"])
+                        row[f"{threads}/{wait}"] = max(speed, row.get(f"{threads}/{wait}", 0.0))
             results["busy"][f"{count} {kind}"] = row
     with one_cpu_cgroup() as prefix:
         if prefix:

@@ -13,7 +13,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from runner.config import load_runs
 from runner.errors import ConfigError, UserError
-from runner.interrupt import EXIT_TERMINATED, Terminated, sigterm_as_interrupt
+from runner.interrupt import EXIT_TERMINATED, by_sigterm, sigterm_as_interrupt
 from runner.layout import INDEX_JSONL, RunFiles, is_transient
 from runner.settings import check_environment
 from runner.storage.location import Location, at, unless_read_only
@@ -217,6 +217,8 @@ def _recordings_below(path: Location) -> list[Location]:
     from runner.runs.index import experiment_dirs, read_runs
 
     files = RunFiles(path)
+    if not path.is_dir() and not path.exists():
+        raise UserError(f"{path}: no such recording, run directory or experiment directory")
     if not path.is_dir() or files.manifest.exists() or files.recording.exists():
         return [path]
     runs = [run for exp_dir in experiment_dirs(path) for run in read_runs(exp_dir)]
@@ -322,10 +324,10 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         print(f"lilgatsby: error: {where}{e.strerror or e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except Terminated:
-        print("lilgatsby: terminated (SIGTERM)", file=sys.stderr)
-        return EXIT_TERMINATED
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
+        if by_sigterm(interrupt):
+            print("lilgatsby: terminated (SIGTERM)", file=sys.stderr)
+            return EXIT_TERMINATED
         print("lilgatsby: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 

@@ -19,25 +19,40 @@ class Terminated(KeyboardInterrupt):
         super().__init__("SIGTERM")
 
 
+_received = False  # whether SIGTERM arrived in the current block (Ray re-raises a KeyboardInterrupt as its own)
+
+
 def _raise_terminated(signum: int, frame: object) -> None:
+    global _received
+    _received = True
     raise Terminated()
+
+
+def by_sigterm(interrupt: KeyboardInterrupt) -> bool:
+    """Whether `interrupt` is SIGTERM's, also where Ray caught it and raised a KeyboardInterrupt
+    of its own (`ray.wait` and `ray.get` do)."""
+    return isinstance(interrupt, Terminated) or _received
 
 
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """Within the block, SIGTERM raises `Terminated` in the main thread (elsewhere signal handlers
-    cannot be set: the block runs as it is); the previous handler is restored after."""
+    cannot be set: the block runs as it is); the previous handler is restored after, or the
+    default where the previous one was not Python's (Ray's C++ core installs its own, which
+    aborts: a block entered after `ray.init` takes SIGTERM back from it)."""
+    global _received
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _received = False
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def how_cancelled(interrupt: KeyboardInterrupt) -> str:
     """run.json's `error` of a run cancelled by `interrupt`."""
-    by = "SIGTERM (scancel, a time limit, kill)" if isinstance(interrupt, Terminated) else "the user (Ctrl-C)"
+    by = "SIGTERM (scancel, a time limit, kill)" if by_sigterm(interrupt) else "the user (Ctrl-C)"
     return f"cancelled by {by}; resumable"

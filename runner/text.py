@@ -1,6 +1,8 @@
-"""How numbers read in what the commands print: counted nouns and durations."""
+"""How words and numbers read in what the commands print: counted nouns, durations, suggestions."""
 
 from __future__ import annotations
+
+import difflib
 
 
 def plural(n: int, word: str) -> str:
@@ -13,3 +15,9 @@ def format_duration(seconds: float) -> str:
     minutes, s = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {s:02d} s" if minutes else f"{s} s"
+
+
+def did_you_mean(word: str, choices: list[str]) -> str:
+    """`; did you mean 'steps'?` for the closest of `choices` to a mistyped `word`, else ``."""
+    close = difflib.get_close_matches(str(word), choices, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""

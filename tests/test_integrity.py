@@ -117,6 +117,8 @@ HOSTILE_YAML = [
     ("name: g\ngrid: {train.seed: {range: [0, 1180591620717411303424]}}\n",
      "grid.train.seed: range [0, 1180591620717411303424] has more values than a grid may have runs (10,000)"),
     ("name: !!python/object:os.system ls\n", "could not determine a constructor"),
+    ("name: big\ngrid: {train.seed: [" + "1, " * 400_000 + "1]}\n",  # a literal list of 400,001 values
+     "cannot use as an experiment file: larger than 1 MiB"),
 ]
 
 
@@ -128,6 +130,19 @@ def test_hostile_experiment_files_are_one_line_and_write_nothing(tmp_path, capsy
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{path}: " in err and message in err, err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_sweep_over_a_run_json_of_the_wrong_shape_is_one_line_and_trains_nothing(tmp_path, capsys, small_book):
+    runs = tmp_path / "runs"
+    assert main(["sweep", str(REPO / "experiments" / "smoke_sweep.yaml"), "--runs", str(runs), "--dry-run"]) == 0
+    first = capsys.readouterr().out.split()[0]
+    (runs / "smoke_sweep" / first).mkdir(parents=True)
+    (runs / "smoke_sweep" / first / "run.json").write_text('{"metrics": 5}')
+    assert main(["sweep", str(REPO / "experiments" / "smoke_sweep.yaml"), "--runs", str(runs), "--corpus",
+                 str(small_book), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{first}/run.json: unreadable (metrics is 5, not an object)" in err, err
+    assert [p.name for p in (runs / "smoke_sweep").iterdir()] == [first]
 
 
 def test_a_date_is_a_string_not_a_timestamp(tmp_path, capsys):
@@ -261,7 +276,7 @@ def test_environment_faults_are_one_line(make_experiment, tmp_path, capsys):
     (tmp_path / "file").write_text("not a directory")
     capsys.readouterr()
     for args, message in ((["sweep", SMOKE, "--runs", str(tmp_path / "a"), "--dry-run"], "cannot resolve the path"),
-                          (["rm", str(tmp_path / "a"), "--status", "complete"], "Too many levels of symbolic links"),
+                          (["rm", str(tmp_path / "a"), "--status", "complete"], "a: not an experiment directory"),
                           (["index", "/proc"], "/proc"),
                           (["report", str(exp_dir / exp.run_id), "--out", str(tmp_path / "file")],
                            f"--out {tmp_path / 'file'}: cannot make the report's directory (File exists)")):

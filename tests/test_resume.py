@@ -218,7 +218,7 @@ def test_resume_keeps_the_thread_count_it_started_with(make_experiment, tmp_path
     crash_after_checkpoint(exp, tmp_path / "resumed", threads=1)
     manifest = run(exp, tmp_path / "resumed", threads=2, progress=False)
     assert manifest["resumed_from_step"] == 10 and manifest["threads"] == 1
-    assert "resuming with the 1 threads it started with (offered 2)" in (tmp_path / "resumed" / "train.log").read_text()
+    assert "resuming with the 1 thread it started with (offered 2)" in (tmp_path / "resumed" / "train.log").read_text()
     assert_identical(tmp_path / "resumed", tmp_path / "uninterrupted")
 
 

@@ -50,6 +50,10 @@ def test_smoke_sweep_then_resume(tmp_path, small_book, capsys):
         assert rec["W"].shape == (31, 128, 64) and rec["loss"][-1].item() == pytest.approx(row["final_loss"])
         manifest = json.loads((exp_dir / row["run_id"] / "run.json").read_text())
         assert manifest["threads"] == 1  # torch threads = the one CPU Ray assigned
+        assert manifest["environment"]["openmp_wait"] == "GOMP_SPINCOUNT=3000"  # a Ray worker sets it too
+        # the config as written (as `train` keeps it); where the driver read the book, beside it
+        assert manifest["config"]["corpus"]["path"] == str(small_book)
+        assert manifest["corpus"]["source"] == str(small_book.resolve())
     csv_lines = (exp_dir / "index.csv").read_text().splitlines()
     assert len(csv_lines) == 5 and csv_lines[0].startswith("run_id,name,status,grid_point,swept,seed")
     mtimes = {p: p.stat().st_mtime_ns for p in exp_dir.glob("*/recording.safetensors")}
@@ -111,28 +115,35 @@ def long_sweep(tmp_path, small_book):
     return exp
 
 
+def signal_a_trainer_after_its_checkpoint(sweep: subprocess.Popen, runs: Path, signum: int) -> Path:
+    """Send `signum` to the Ray worker training a run of the sweep once that run has a checkpoint;
+    the run's directory."""
+    signalled: list[Path] = []
+
+    def signal_one() -> bool:
+        for manifest_path in runs.glob("long/*/run.json"):
+            manifest = json.loads(manifest_path.read_text())
+            if (manifest_path.parent / CHECKPOINT).exists() and manifest["status"] == "running":
+                os.kill(manifest["environment"]["pid"], signum)  # the Ray worker training it
+                signalled.append(manifest_path.parent)
+                return True
+        assert sweep.poll() is None, f"the sweep ended before a trainer got signal {signum}: {sweep.stdout.read()}"
+        return False
+
+    wait_until(signal_one, "a run with a checkpoint", poll_s=0.05)
+    return signalled[0]
+
+
 @pytest.mark.long
 def test_killed_worker_is_retried_and_resumes(long_sweep, tmp_path):
     runs = tmp_path / "runs"
     sweep = subprocess.Popen(_sweep_cmd(long_sweep, runs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    killed: list[Path] = []
-
-    def kill_a_trainer_after_its_checkpoint() -> bool:
-        for manifest_path in runs.glob("long/*/run.json"):
-            manifest = json.loads(manifest_path.read_text())
-            if (manifest_path.parent / CHECKPOINT).exists() and manifest["status"] == "running":
-                os.kill(manifest["environment"]["pid"], signal.SIGKILL)  # the Ray worker training it
-                killed.append(manifest_path.parent)
-                return True
-        assert sweep.poll() is None, f"the sweep ended before a trainer could be killed: {sweep.stdout.read()}"
-        return False
-
-    wait_until(kill_a_trainer_after_its_checkpoint, "a run with a checkpoint", poll_s=0.05)
+    killed = signal_a_trainer_after_its_checkpoint(sweep, runs, signal.SIGKILL)
     out, _ = sweep.communicate(timeout=300)
     assert sweep.returncode == 0, out
     rows = index_records(runs / "long")
     assert len(rows) == 2 and {r["status"] for r in rows} == {"complete"}
-    assert json.loads((killed[0] / "run.json").read_text())["resumed_from_step"] >= 20
+    assert json.loads((killed / "run.json").read_text())["resumed_from_step"] >= 20
 
 
 @pytest.mark.long
@@ -155,15 +166,16 @@ def test_two_sweeps_on_one_runs_dir_never_train_a_run_twice(long_sweep, tmp_path
 
 
 @pytest.mark.long
-def test_ctrl_c_cancels_cleanly_and_the_sweep_resumes(long_sweep, tmp_path):
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_cancels_cleanly_and_the_sweep_resumes(long_sweep, tmp_path, signum, code):
     runs = tmp_path / "runs"
     sweep = subprocess.Popen(_sweep_cmd(long_sweep, runs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              preexec_fn=sigint_as_in_a_terminal)
     wait_until(lambda: bool(list(runs.glob("long/*/checkpoint.safetensors"))), "a run's first checkpoint",
                poll_s=0.05)
-    sweep.send_signal(signal.SIGINT)
+    sweep.send_signal(signum)
     out, _ = sweep.communicate(timeout=120)
-    assert sweep.returncode == 130, out
+    assert sweep.returncode == code, out
     assert "Token authentication" not in out  # Ray's token mode is on, chosen explicitly: no warning
     statuses = {json.loads(p.read_text())["status"] for p in runs.glob("long/*/run.json")}
     assert statuses <= {"complete", "cancelled"} and "cancelled" in statuses, out
@@ -205,3 +217,18 @@ def test_the_driver_does_not_import_the_model_stack():
     code = "import sys, runner.cli, runner.launch.sweep; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.long
+def test_sigterm_to_a_worker_cancels_its_run_resumably(long_sweep, tmp_path):
+    """What Slurm or Kubernetes does to one node's processes: the run that worker trains is
+    cancelled (resumable), the other completes, the sweep exits 1; the same command completes it."""
+    runs = tmp_path / "runs"
+    sweep = subprocess.Popen(_sweep_cmd(long_sweep, runs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    terminated = signal_a_trainer_after_its_checkpoint(sweep, runs, signal.SIGTERM)
+    out, _ = sweep.communicate(timeout=300)
+    assert sweep.returncode == 1 and "cancelled on its worker (SIGTERM); the same command resumes it" in out, out
+    manifest = json.loads((terminated / "run.json").read_text())
+    assert manifest["status"] == "cancelled" and "SIGTERM" in manifest["error"], manifest
+    assert subprocess.run(_sweep_cmd(long_sweep, runs), capture_output=True).returncode == 0
+    assert json.loads((terminated / "run.json").read_text())["resumed_from_step"] >= 20

@@ -182,8 +182,12 @@ def _html(path: Location, entries: list[RunEntry], shown: list[RunEntry], groups
     _, passive = varying_keys(shown)
     passive_text = (f"<p>Differ between runs without changing what they compute: {html.escape(', '.join(passive))}.</p>"
                     if passive else "")
-    grouping = (f"grouped by {html.escape(', '.join(keys))} (the keys whose values differ among the runs); "
-                if keys else "every run shares one config except the seed; ")
+    if len(shown) == 1:
+        grouping = "One run: its line is its own, with no band"
+    else:
+        grouping = ("Runs are " + (f"grouped by {html.escape(', '.join(keys))} (the keys whose values differ among "
+                                   f"the runs)" if keys else "of one config except the seed")
+                    + "; each line is the mean over a group's seeds, its band the min–max over them (one run: no band)")
     reload = (f'<meta http-equiv="refresh" content="{reload_s}">' if reload_s else "")
     drawn_at = (f"<p>Drawn at {time.strftime('%Y-%m-%d %H:%M:%S')}; redrawn every {reload_s} s while "
                 f"<code>lilgatsby report --watch</code> runs, and this page reloads itself as often.</p>"
@@ -194,8 +198,7 @@ def _html(path: Location, entries: list[RunEntry], shown: list[RunEntry], groups
 img{{max-width:100%}}table{{border-collapse:collapse;font-size:.85em}}td,th{{border:1px solid #ccc;padding:2px 6px}}
 pre{{background:#f6f6f6;padding:1em}}figcaption{{font-size:.85em;color:#444}}</style></head>
 <body><h1>{title}</h1>
-<p>{plural(len(entries), "run")}: {html.escape(status_text)}. Runs are {grouping}each line is the mean
-over a group's seeds, its band the min–max over them (one run: no band); running runs are dotted,
+<p>{plural(len(entries), "run")}: {html.escape(status_text)}. {grouping}; running runs are dotted,
 drawn as far as they have trained. Steps on a logarithmic axis.</p>
 {drawn_at}<h2>Figures</h2>
 {images}

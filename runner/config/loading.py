@@ -20,6 +20,7 @@ from runner.config.rules import build_experiment
 from runner.config.schema import Experiment, Run
 from runner.errors import ConfigError
 from runner.files import read_regular
+from runner.text import did_you_mean
 
 MAX_GRID_RUNS = 10_000
 MAX_EXPERIMENT_BYTES = 1 << 20  # read whole before parsing; a real experiment file is a few hundred bytes
@@ -124,6 +125,8 @@ def _load_with_includes(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         return data
     if not isinstance(include, str):
         raise ConfigError(f"{path}: include: must be a file path (got {include!r})")
+    if not (path.parent / include).exists():
+        raise ConfigError(f"{path}: include: {include}: no such experiment file ({path.parent / include})")
     base = _load_with_includes(path.parent / include, (*seen, path))
     return _deep_merge(base, data)
 
@@ -178,7 +181,7 @@ def _field_type(dotted: str) -> Any:
         hints = typing.get_type_hints(cls) if is_dataclass(cls) else {}
         if part not in hints:
             where = ".".join(parts[:depth + 1])
-            known = f" (known: {', '.join(hints)})" if hints else ""
+            known = f" (known: {', '.join(hints)}){did_you_mean(part, list(hints))}" if hints else ""
             raise ConfigError(f"{where}: unknown key{known}")
         cls = hints[part]
     return cls

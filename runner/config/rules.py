@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from runner.config.schema import RECORDED_TENSORS, Experiment
 from runner.errors import ConfigError
+from runner.text import did_you_mean
 
 MAX_STEPS = 10_000_000
 # (dotted key, predicate(value, experiment), requirement)
@@ -118,7 +119,7 @@ def _build_dataclass(cls: Any, data: Any, prefix: str = "") -> Any:
     for name, value in data.items():
         key = f"{prefix}{name}"
         if name not in known:
-            raise ConfigError(f"{key}: unknown key (known: {', '.join(known)})")
+            raise ConfigError(f"{key}: unknown key (known: {', '.join(known)}){did_you_mean(name, known)}")
         tp = hints[name]
         kwargs[name] = _build_dataclass(tp, value, key + ".") if is_dataclass(tp) else _coerce(tp, value, key)
     missing = [f.name for f in fields(cls)

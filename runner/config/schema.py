@@ -208,4 +208,8 @@ class Run:
 
 
 def point_label(point: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v}" for k, v in point.items())
+    """`train.seed=1 record.live=false`: values as they are written in YAML (and in `--set`)."""
+    def written(value: Any) -> str:
+        return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+    return " ".join(f"{k}={written(v)}" for k, v in point.items())

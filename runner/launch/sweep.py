@@ -82,15 +82,16 @@ def assigned_device() -> tuple[str, int]:
 
 
 @ray.remote
-def _train_task(driver: dict[str, str], book: bytes, book_sha256: str, config: dict, overrides: dict,
-                grid_point: dict, run_dir: str, restart: bool, force: bool) -> dict:
-    """One run on the node Ray chose; `book` is the book's bytes from the object store, `driver`
-    the driver's identity (plain values, so a node of another version fails the check, not a pickle)."""
+def _train_task(driver: dict[str, str], book: bytes, book_source: str, book_sha256: str, config: dict,
+                overrides: dict, grid_point: dict, run_dir: str, restart: bool, force: bool) -> dict:
+    """One run on the node Ray chose; `book` is the book's bytes from the object store (read by the
+    driver at `book_source`), `driver` the driver's identity (plain values, so a node of another
+    version fails the check, not a pickle)."""
     check_this_node(driver)
     from runner.launch.run_at import train_at  # the model stack is imported by workers only (ray_session)
 
     exp = build_experiment(config)
-    corpus = corpus_of(Book(book, exp.corpus.path or "the book", book_sha256), exp.corpus.ascii)
+    corpus = corpus_of(Book(book, book_source, book_sha256), exp.corpus.ascii)
     device, threads = assigned_device()
     home = at(run_dir)
     try:
@@ -138,25 +139,23 @@ def describe(runs: list[Run], todo: list[Run], runs_root: Location) -> str:
     return "\n".join(lines)
 
 
-def read_books(todo: list[Run]) -> tuple[list[Run], dict[str, Book]]:
+def read_books(todo: list[Run]) -> tuple[dict[str, str], dict[str, Book]]:
     """Read each distinct book once and check that it cleans, before Ray starts (downloading it
-    once, not in every task): the runs with corpus.path set to where the driver read it (not part
-    of the run id; run.json says it), and the books by that path."""
+    once, not in every task): where the driver read each run's book (by run id), and the books by
+    that path. The runs' configs keep their corpus.path as written (unset, as `train` keeps it,
+    when the book comes from LILGATSBY_CORPUS); run.json's `corpus.source` says where it was read."""
     books: dict[str, Book] = {}
     cleaned: set[tuple[str, str]] = set()
-    resolved = []
+    where: dict[str, str] = {}
     for r in todo:
         corpus = r.experiment.corpus
-        path = str(resolve_path(corpus.path).resolve())
+        path = where[r.run_id] = str(resolve_path(corpus.path).resolve())
         if path not in books:
             books[path] = read_book(Path(path))
         if (path, corpus.ascii) not in cleaned:  # a book that does not clean is refused here, not in a task
             corpus_of(books[path], corpus.ascii)
             cleaned.add((path, corpus.ascii))
-        config = r.experiment.to_dict()
-        config["corpus"]["path"] = path
-        resolved.append(Run(build_experiment(config), r.point, r.settings))
-    return resolved, books
+    return where, books
 
 
 def _status_line(running: list[Run], exp_dir: Location) -> str:
@@ -199,7 +198,7 @@ def sweep(path: Path, overrides: list[str], runs_root: Location, *, address: str
         print(f"{exp_dir}: {'the run is' if len(runs) == 1 else f'all {len(runs)} runs'} complete; nothing to train "
               f"(--force trains {'it' if len(runs) == 1 else 'them'} again)")
         return 0
-    todo, books = read_books(todo)
+    book_of, books = read_books(todo)
     joined = start_or_join(address)
     try:
         if joined:
@@ -210,14 +209,14 @@ def sweep(path: Path, overrides: list[str], runs_root: Location, *, address: str
         pending = {}
         for r in todo:
             options = task_options(r.experiment, cluster)
-            book = r.experiment.corpus.path  # where the driver read it (read_books)
-            assert book is not None
+            book = book_of[r.run_id]  # where the driver read it
             ref = _train_task.options(**options, max_retries=max_retries, retry_exceptions=False,
                                       name=f"{r.experiment.name}/{r.run_id}").remote(
-                driver, sent[book], books[book].sha256, r.experiment.to_dict(), r.overrides, r.point,
+                driver, sent[book], book, books[book].sha256, r.experiment.to_dict(), r.overrides, r.point,
                 str(exp_dir / r.run_id), restart, force)
             pending[ref] = r
-        return _collect(pending, exp_dir, len(runs) - len(todo), progress)
+        with sigterm_as_interrupt():  # again: Ray's core took SIGTERM over when it started
+            return _collect(pending, exp_dir, len(runs) - len(todo), progress)
     finally:
         ray.shutdown()
 

@@ -23,8 +23,9 @@ from runner.layout import RunFiles
 from runner.recording.writer import check_free_space
 from runner.runs.rundir import CANCELLED, is_complete, new_manifest, read_manifest, run_lock, write_manifest
 from runner.training.host import keep_freed_memory_mapped, resolve_device, thread_count, torch_threads_restored
-from runner.training.loop import check_resumable, train
+from runner.training.loop import train
 from runner.training.provenance import environment
+from runner.training.resume import check_resumable
 from runner.training.sampling import sample_text
 
 log = logging.getLogger(__name__)

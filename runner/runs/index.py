@@ -132,10 +132,13 @@ def experiment_dirs(root: Location) -> list[Location]:
 def load_index(path: str | Path) -> pd.DataFrame:
     """Rows of an index (index.jsonl, or an experiment directory holding one; local or
     `s3://bucket/prefix/<experiment>`) as a DataFrame."""
-    where = at(path)
-    if where.is_dir():
-        where = where / INDEX_JSONL
+    given = at(path)
+    where = given / INDEX_JSONL if given.is_dir() else given
     data = where.read_bytes()
     if data is None:
-        raise UserError(f"{where}: no such index (lilgatsby index rebuilds it)")
+        experiment_dir = where.parent if where.name == INDEX_JSONL else where
+        if not experiment_dir.is_dir():
+            raise UserError(f"{experiment_dir}: no such experiment directory: no run of it has been trained here "
+                            f"(train or sweep its experiment file; a bucket's runs root: s3://bucket/prefix/<name>)")
+        raise UserError(f"{where}: no such index (`lilgatsby index {experiment_dir}` rebuilds it)")
     return pd.read_json(io.BytesIO(data), lines=True, dtype=False)

@@ -41,6 +41,8 @@ def choose(experiment_dir: Location, run_ids: list[str], statuses: list[str], wh
         conditions = dict(parse_override(text) for text in where)
     except ConfigError as e:
         raise ConfigError(str(e).replace("--set", "--where", 1)) from None
+    if not experiment_dir.is_dir():
+        raise ConfigError(f"{experiment_dir}: not an experiment directory (nothing removed)")
     runs = read_runs(experiment_dir)
     if not runs:
         raise ConfigError(f"{experiment_dir}: no run directories (with run.json) found")

@@ -18,7 +18,6 @@ from runner.config import Experiment
 from runner.data.batches import NotebookSampler, make_sampler
 from runner.data.corpus import Corpus
 from runner.data.tokenizer import encode, save_tokenizer
-from runner.errors import ConfigError
 from runner.layout import RunFiles
 from runner.model.gpt2 import (
     batch_loss,
@@ -29,41 +28,16 @@ from runner.model.gpt2 import (
     parameters_sha256,
 )
 from runner.model.kernels import choose
-from runner.recording.digests import first_difference
-from runner.recording.format import PARAMETER_FINGERPRINTS, expected_layout, header_metadata
-from runner.recording.rows import RowReader
-from runner.recording.verify import layout_problems, read_metadata
+from runner.recording.format import PARAMETER_FINGERPRINTS, header_metadata
 from runner.recording.writer import RecordingWriter, RowSink
+from runner.text import plural
 from runner.training import checkpoint
-from runner.training.host import keep_freed_memory_mapped
 from runner.training.optimizer import build_optimizer, clip_gradients, set_learning_rate
 from runner.training.progress import Progress
+from runner.training.resume import continue_with_threads_of, implementation, open_recording
 from runner.training.snapshots import Snapshots
 
 log = logging.getLogger(__name__)
-
-
-def _continue_with_threads_of(ckpt: checkpoint.Checkpoint, run_id: str) -> None:
-    """A resumed run trains on with the thread count it started with, whatever it is offered now:
-    torch splits reductions by thread, so mixing counts would mix bits."""
-    if ckpt.threads is None:
-        log.warning("run %s: its checkpoint does not record a thread count; continuing with %d threads, "
-                    "so the result may differ in the last bits from an uninterrupted run", run_id,
-                    torch.get_num_threads())
-    elif ckpt.threads != torch.get_num_threads():
-        log.warning("run %s: resuming with the %d threads it started with (offered %d)", run_id, ckpt.threads,
-                    torch.get_num_threads())
-        torch.set_num_threads(ckpt.threads)
-        if torch.get_num_threads() != ckpt.threads:
-            raise RuntimeError(f"run {run_id}: cannot resume with the {ckpt.threads} threads it started with "
-                               f"(torch runs {torch.get_num_threads()}); --restart trains it again from step 0")
-
-
-def implementation(exp: Experiment, device: torch.device) -> dict[str, str]:
-    """The implementation choices a run trains with (kernels and host allocator): recorded, since
-    they change rounding."""
-    return {**choose(exp.train.precision, device, exp.train.kernels).as_dict(),
-            "host_allocator": keep_freed_memory_mapped()}
 
 
 def build_model_and_optimizer(exp: Experiment, device: torch.device
@@ -76,53 +50,7 @@ def build_model_and_optimizer(exp: Experiment, device: torch.device
     if exp.train.precision == "bf16-true":
         model.to(torch.bfloat16)  # parameters, gradients and Adam's moments all in bf16
     optimizer, description = build_optimizer(model, exp.train, kernels)
-    return model, optimizer, implementation(exp, device), description
-
-
-def check_resumable(exp: Experiment, run_dir: Path, corpus: Corpus, device: torch.device) -> None:
-    """A run resumes only what it started: the same run (config), book and implementation as its
-    partial recording says it was trained with, and the recording's rows as its checkpoint's
-    digests say they were written; else one line (nothing changed), for the user to choose
-    `--restart`. A run with no checkpoint or no usable partial recording starts over anyway."""
-    files = RunFiles(run_dir)
-    if not files.checkpoint.exists() or layout_problems(files.partial_recording, expected_layout(exp)):
-        return
-    started = read_metadata(files.partial_recording)
-    now = {"run_id": exp.run_id, "corpus_sha256": corpus.sha256,
-           "implementation": json.dumps(implementation(exp, device), sort_keys=True)}
-    what = {"run_id": "another run", "corpus_sha256": "another book (corpus sha256)",
-            "implementation": "other kernels"}
-    for key, value in now.items():
-        if started.get(key) != value:
-            raise ConfigError(f"{run_dir}: its checkpoint was trained with {what[key]} ({started.get(key)}; now "
-                              f"{value}): resuming would mix them; --restart trains it again from step 0 "
-                              f"(nothing changed)")
-    digests = checkpoint.recording_digests(run_dir)
-    if digests is not None:
-        with RowReader(files.partial_recording) as reader:
-            changed = first_difference(digests, lambda name, first, stop: reader.bits(name, first, stop).tobytes(),
-                                       read_whole=lambda name: b"")
-        if changed:
-            raise ConfigError(f"{files.partial_recording}: {changed} (the checkpoint's): the partial recording was "
-                              f"changed since; --restart trains the run again from step 0 (nothing changed)")
-
-
-def _open_recording(exp: Experiment, run_dir: Path, model, optimizer, restart: bool, header: dict,
-                    device: torch.device, sink: RowSink | None) -> tuple[RecordingWriter, checkpoint.Checkpoint | None]:
-    """Continue from the run's checkpoint when it and the partial recording are usable, else start
-    over (`check_resumable` has refused a resume that would mix)."""
-    files = RunFiles(run_dir)
-    partial = files.partial_recording
-    resumable = not restart and files.checkpoint.exists()
-    if resumable and layout_problems(partial, expected_layout(exp)):
-        log.warning("run %s: a checkpoint but no usable partial recording; starting over", exp.run_id)
-        resumable = False
-    ckpt = checkpoint.load(run_dir, exp.run_id, model, optimizer) if resumable else None
-    if ckpt is None:
-        checkpoint.remove(run_dir)
-    first_row = ckpt.step // exp.record.every + 1 if ckpt else 0
-    writer = RecordingWriter(files.recording, exp, metadata=header, device=device, first_row=first_row, sink=sink)
-    return writer, ckpt
+    return model, optimizer, implementation(kernels), description
 
 
 @functools.lru_cache(maxsize=2)
@@ -149,14 +77,15 @@ def train(exp: Experiment, run_dir: Path, corpus: Corpus, torch_device: torch.de
     header = {**header_metadata(exp, corpus, env, started_at, n_params, str(torch_device)),
               "implementation": json.dumps(impl, sort_keys=True),
               PARAMETER_FINGERPRINTS["initial"]: parameters_sha256(model)}  # before a checkpoint is loaded
-    writer, ckpt = _open_recording(exp, run_dir, model, optimizer, restart, header, torch_device, sink)
+    writer, ckpt = open_recording(exp, run_dir, model, optimizer, restart, header, torch_device, sink)
     start, train_s_before = (ckpt.step + 1, ckpt.train_s) if ckpt else (1, 0.0)
     losses = torch.empty(cfg.steps, device=torch_device)
     if ckpt:
-        _continue_with_threads_of(ckpt, exp.run_id)
+        continue_with_threads_of(ckpt, exp.run_id)
         losses[:ckpt.step] = ckpt.losses
-    log.info("run %s: %s parameters, device %s, precision %s, %d threads%s", exp.run_id, f"{n_params:,}",
-             torch_device, cfg.precision, torch.get_num_threads(), f", resuming after step {ckpt.step}" if ckpt else "")
+    log.info("run %s: %s parameters, device %s, precision %s, %s%s", exp.run_id, f"{n_params:,}",
+             torch_device, cfg.precision, plural(torch.get_num_threads(), "thread"),
+             f", resuming after step {ckpt.step}" if ckpt else "")
     mask = causal_mask(model, exp.model.context_length, torch_device)
     autocast = torch.autocast(torch_device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16-mixed")
     snapshots = Snapshots(run_dir, exp)
