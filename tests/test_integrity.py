@@ -84,10 +84,11 @@ def test_rm_never_deletes_a_directory_holding_files_no_run_writes(make_experimen
     assert not (exp_dir / exp.run_id).exists()
 
 
-@pytest.mark.slow  # trainings in subprocesses
+@pytest.mark.slow  # trainings in subprocesses (SIGTERM's in the long tier: `make test` stays under 8 minutes)
 @pytest.mark.parametrize("signum, code, said", [
     (signal.SIGINT, 130, "cancelled by the user (Ctrl-C); resumable"),
-    (signal.SIGTERM, 143, "cancelled by SIGTERM (scancel, a time limit, kill); resumable"),
+    pytest.param(signal.SIGTERM, 143, "cancelled by SIGTERM (scancel, a time limit, kill); resumable",
+                 marks=pytest.mark.long),
 ])
 def test_ctrl_c_and_sigterm_cancel_the_run_and_the_same_command_resumes_it(tmp_path, small_book, signum, code, said):
     """Exit 130 or 143, the run `cancelled` and resumable (as in a sweep); the samples printed once."""
@@ -285,7 +286,7 @@ def test_environment_faults_are_one_line(make_experiment, tmp_path, capsys):
         assert err.count("\n") == 1 and err.startswith("lilgatsby: error: ") and message in err, (args, err)
 
 
-@pytest.mark.slow  # a training in a subprocess, in a mount namespace of its own
+@pytest.mark.long  # trainings in subprocesses, in a mount namespace of its own
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare(1)")
 def test_a_read_only_runs_root_is_one_line_and_nothing_is_written(tmp_path, small_book):
     readonly = tmp_path / "readonly"
