@@ -302,3 +302,28 @@ def test_a_read_only_runs_root_is_one_line_and_nothing_is_written(tmp_path, smal
     assert lines[2] == f"lilgatsby: error: {readonly / 'smoke_sweep'}: cannot create the directory " \
                        f"(Read-only file system)", result.stdout
     assert not any(readonly.iterdir())
+
+
+def test_a_disk_that_fills_up_mid_run_is_one_line(tmp_path, small_book, capsys, monkeypatch):
+    """`lilgatsby train` when a write fails with ENOSPC after some chunks: one line naming the error,
+    exit 2, the run `failed` and its partial recording kept for the resume (test_resume resumes one)."""
+    import errno
+
+    import runner.recording.writer
+
+    real_pwrite, calls = os.pwrite, []
+
+    def failing_pwrite(fd, data, offset):
+        calls.append(offset)
+        if len(calls) > 20:  # the header, then rows of a few chunks: then the disk "fills up"
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(runner.recording.writer.os, "pwrite", failing_pwrite)
+    out = tmp_path / "run"
+    assert main(["train", SMOKE, "--out", str(out), "--corpus", str(small_book), "--quiet",
+                 "--set", "train.steps=200", "--set", "train.batch_size=4"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lilgatsby: error:")]
+    assert errors == ["lilgatsby: error: No space left on device"], errors
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+    assert (out / "recording.safetensors.partial").exists() and not (out / "recording.safetensors").exists()
