@@ -32,8 +32,8 @@ setup-test: $(VENV)/.test-extras
 run: setup
 	$(BIN)/lilgatsby train $(EXP) --runs $(RUNS)
 
-# the default suite: everything but the tests marked long (4.6-5.9 minutes on the 2-core AVX512-BF16 AMD EPYC of
-# 2026-12-03 and -04, 7.0-7.4 on the AVX2 one; docs/development.md)
+# the default suite: everything but the tests marked long (4.6-6.2 minutes on the 2-core AVX512-BF16 AMD EPYC of
+# 2026-12-03 to -06, 7.0-7.4 on the AVX2 one before this round's tests; docs/development.md)
 test: setup-test
 	$(BIN)/python -m pytest -m "not long"
 
