@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
@@ -209,3 +210,16 @@ def flip_byte(path, name, row):
         byte = f.read(1)[0]
         f.seek(at)
         f.write(bytes([byte ^ 0x01]))
+
+
+def pwrite_that_fills_the_disk_after(calls: int):
+    """An `os.pwrite` that writes `calls` times (the header, a few chunks of rows) and then fails
+    as a full disk does (ENOSPC)."""
+    real_pwrite, made = os.pwrite, []
+
+    def pwrite(fd, data, offset):
+        made.append(offset)
+        if len(made) > calls:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+    return pwrite

@@ -16,7 +16,7 @@ from runner.errors import ConfigError
 from runner.launch.run_at import train_at
 from runner.storage.location import at
 
-from conftest import REPO, flip_byte, sigint_as_in_a_terminal, wait_until
+from conftest import REPO, flip_byte, pwrite_that_fills_the_disk_after, sigint_as_in_a_terminal, wait_until
 
 SMOKE = str(REPO / "experiments" / "smoke.yaml")
 
@@ -307,19 +307,9 @@ def test_a_read_only_runs_root_is_one_line_and_nothing_is_written(tmp_path, smal
 def test_a_disk_that_fills_up_mid_run_is_one_line(tmp_path, small_book, capsys, monkeypatch):
     """`lilgatsby train` when a write fails with ENOSPC after some chunks: one line naming the error,
     exit 2, the run `failed` and its partial recording kept for the resume (test_resume resumes one)."""
-    import errno
-
     import runner.recording.writer
 
-    real_pwrite, calls = os.pwrite, []
-
-    def failing_pwrite(fd, data, offset):
-        calls.append(offset)
-        if len(calls) > 20:  # the header, then rows of a few chunks: then the disk "fills up"
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_pwrite(fd, data, offset)
-
-    monkeypatch.setattr(runner.recording.writer.os, "pwrite", failing_pwrite)
+    monkeypatch.setattr(runner.recording.writer.os, "pwrite", pwrite_that_fills_the_disk_after(20))
     out = tmp_path / "run"
     assert main(["train", SMOKE, "--out", str(out), "--corpus", str(small_book), "--quiet",
                  "--set", "train.steps=200", "--set", "train.batch_size=4"]) == 2

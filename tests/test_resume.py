@@ -23,7 +23,7 @@ from runner.model.bf16_via_fp32 import FORCE_ENV, native_bf16_gemm
 from runner.recording.format import PARAMETER_FINGERPRINTS
 from runner.recording.verify import read_metadata
 
-from conftest import REPO, flip_byte, load_recording, wait_until
+from conftest import REPO, flip_byte, load_recording, pwrite_that_fills_the_disk_after, wait_until
 
 pytestmark = pytest.mark.slow
 STEPS, EVERY = 200, 7  # a checkpoint every 7 steps, so kills land between, on and just after them
@@ -140,15 +140,8 @@ sys.exit(main({train_cmd(experiment_file, out)[3:]!r}))
 def test_write_error_mid_run_fails_then_resumes(experiment_file, uninterrupted, tmp_path, monkeypatch):
     from runner.config import load_runs
     (spec,) = load_runs(experiment_file)
-    real_pwrite, calls = os.pwrite, []
-
-    def failing_pwrite(fd, data, offset):
-        calls.append(offset)
-        if len(calls) > 40:  # the header, then rows of a few chunks: then the disk "fills up"
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_pwrite(fd, data, offset)
-
-    monkeypatch.setattr(runner.recording.writer.os, "pwrite", failing_pwrite)
+    real_pwrite = os.pwrite
+    monkeypatch.setattr(runner.recording.writer.os, "pwrite", pwrite_that_fills_the_disk_after(40))
     with pytest.raises(OSError, match="No space left"):
         run(spec.experiment, tmp_path, progress=False)
     manifest = json.loads((tmp_path / "run.json").read_text())
