@@ -216,10 +216,10 @@ def _recordings_below(path: Location) -> list[Location]:
     directories (those whose run is not complete yet are said so and skipped)."""
     from runner.runs.index import experiment_dirs, read_runs
 
-    files = RunFiles(path)
-    if not path.is_dir() and not path.exists():
+    files, is_dir = RunFiles(path), path.is_dir()  # (in a bucket, each look is a request)
+    if not is_dir and not path.exists():
         raise UserError(f"{path}: no such recording, run directory or experiment directory")
-    if not path.is_dir() or files.manifest.exists() or files.recording.exists():
+    if not is_dir or files.manifest.exists() or files.recording.exists():
         return [path]
     runs = [run for exp_dir in experiment_dirs(path) for run in read_runs(exp_dir)]
     if not runs:

@@ -52,8 +52,8 @@ def train_cmd(experiment_file: Path, out: Path) -> list[str]:
 
 
 def assert_identical(out: Path, expected: Path) -> None:
-    """`out`'s recording equals the run in `expected`: every tensor, and every parameter at the
-    end (full precision, by the fingerprint in the metadata)."""
+    """`out`'s recording equals the run in `expected`: every tensor, every parameter at the end
+    (full precision, by the fingerprint in the metadata) and the digests of its bytes."""
     recording, want = load_recording(out / RECORDING), load_recording(expected / RECORDING)
     assert set(recording) == set(want)
     for name, tensor in want.items():
@@ -61,6 +61,7 @@ def assert_identical(out: Path, expected: Path) -> None:
     got_metadata, want_metadata = read_metadata(out / RECORDING), read_metadata(expected / RECORDING)
     for key in PARAMETER_FINGERPRINTS.values():
         assert got_metadata[key] == want_metadata[key], key
+    assert got_metadata["digests"] == want_metadata["digests"]  # a resume's blocks carried over from its checkpoint
     assert not list(out.glob("*.partial")) and not list(out.glob("checkpoint*"))
 
 
@@ -336,3 +337,18 @@ def test_a_partial_recording_changed_after_its_checkpoint_is_refused(make_experi
     assert snapshot_of(tmp_path / "resumed") == before
     run(exp, tmp_path / "resumed", progress=False, restart=True)
     assert_identical(tmp_path / "resumed", tmp_path / "uninterrupted")
+
+
+def test_a_resume_past_a_digest_block_carries_the_checkpoints_digests(make_experiment, tmp_path,
+                                                                     crash_after_checkpoint):
+    """Checkpoint at row 101 (one complete block of 64 rows, then 37): the resumed recording's
+    digests (the first block taken from the checkpoint, the second rebuilt from the file) equal
+    an uninterrupted run's, and it verifies."""
+    from runner.recording.verify import verify
+
+    exp = make_experiment(train={"steps": 160, "checkpoint_every": 100})
+    run(exp, tmp_path / "uninterrupted", progress=False)
+    crash_after_checkpoint(exp, tmp_path / "resumed")
+    assert run(exp, tmp_path / "resumed", progress=False)["resumed_from_step"] == 100
+    assert_identical(tmp_path / "resumed", tmp_path / "uninterrupted")
+    assert verify(tmp_path / "resumed") == []

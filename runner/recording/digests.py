@@ -34,13 +34,20 @@ def reserved_bytes(names: tuple[str, ...], rows: int, finals: int) -> int:
 class RowDigests:
     """Block digests of the per-step tensors `names`, as their rows are written in order."""
 
-    def __init__(self, names: tuple[str, ...], first_row: int = 0, read_rows: ReadRows | None = None):
-        """`first_row` > 0 continues a file whose rows before it are written (a resume has checked
-        them against its checkpoint's digests first): they are read back with `read_rows`."""
-        self.names, self.rows = names, 0
-        self.blocks: dict[str, list[str]] = {name: [] for name in names}
+    def __init__(self, names: tuple[str, ...], first_row: int = 0, read_rows: ReadRows | None = None,
+                 checked: dict | None = None):
+        """`first_row` > 0 continues a file whose rows before it are written. `checked`: its
+        checkpoint's digests, which a resume has checked against those rows (`first_difference`):
+        their complete blocks are taken as they are, and only the rows of the block being filled
+        are read back with `read_rows`; without them, every row before `first_row` is."""
+        assert checked is None or checked["rows"] == first_row, "the digests are of other rows"
+        self.names = names
+        kept = first_row // BLOCK_ROWS if checked else 0
+        self.blocks: dict[str, list[str]] = {name: list(checked["blocks"][name][:kept]) if checked else []
+                                             for name in names}
         self.hashers = {name: hashlib.blake2b(digest_size=16) for name in names}
-        for start in range(0, first_row, BLOCK_ROWS):
+        self.rows = kept * BLOCK_ROWS
+        for start in range(self.rows, first_row, BLOCK_ROWS):
             assert read_rows is not None
             stop = min(start + BLOCK_ROWS, first_row)
             self.update(start, {name: memoryview(read_rows(name, start, stop)) for name in names}, stop - start)

@@ -89,8 +89,10 @@ class RecordingWriter:
     """Streams rows of the per-step tensors into `path` (via `path.partial`)."""
 
     def __init__(self, path: Path, exp: Experiment, *, metadata: dict[str, str], device: torch.device,
-                 first_row: int = 0, chunk_rows: int = 64, sink: RowSink | None = None):
-        """`first_row` > 0 continues an existing `.partial` file whose rows before it are written."""
+                 first_row: int = 0, chunk_rows: int = 64, sink: RowSink | None = None,
+                 checked_digests: dict | None = None):
+        """`first_row` > 0 continues an existing `.partial` file whose rows before it are written;
+        `checked_digests`: the digests of those rows, already checked against the file (a resume's)."""
         self.path, self.partial = path, partial(path)
         self.every, self.names = exp.record.every, recorded_tensors(exp)
         self.layout = expected_layout(exp)
@@ -116,7 +118,7 @@ class RecordingWriter:
                 os.close(self.fd)
                 raise
         self.data_start = LENGTH_BYTES + self.header_size
-        self.digests = RowDigests(self.names, first_row, self._read_rows)
+        self.digests = RowDigests(self.names, first_row, self._read_rows, checked_digests)
         rows = min(chunk_rows, self.layout[self.names[0]][1][0]) if self.names else 1
         self._buffers = [{n: torch.empty((rows, *self.layout[n][1][1:]), dtype=TORCH_DTYPES[self.layout[n][0]],
                                       device=device)

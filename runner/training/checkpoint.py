@@ -42,6 +42,7 @@ class Checkpoint:
     train_s: float  # training seconds spent up to `step` (over all attempts)
     losses: torch.Tensor  # losses of steps 1..step
     threads: int | None  # torch's thread count the run trained with (it changes the bits); None: not recorded
+    recording_digests: dict | None  # the digests of the recording's rows up to `step`; None: not recorded
 
 
 class Checkpointer:
@@ -116,7 +117,8 @@ def load(run_dir: Path, run_id: str, model: torch.nn.Module, optimizer: torch.op
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
     return Checkpoint(step=int(meta["step"]), train_s=float(meta["train_s"]), losses=tensors["losses"].to(device),
-                      threads=int(meta["threads"]) if "threads" in meta else None)
+                      threads=int(meta["threads"]) if "threads" in meta else None,
+                      recording_digests=json.loads(meta[RECORDING_DIGESTS]) if RECORDING_DIGESTS in meta else None)
 
 
 def recording_digests(run_dir: Path) -> dict | None:

@@ -76,7 +76,8 @@ def open_recording(exp: Experiment, run_dir: Path, model, optimizer, restart: bo
     if ckpt is None:
         checkpoint.remove(run_dir)
     first_row = ckpt.step // exp.record.every + 1 if ckpt else 0
-    writer = RecordingWriter(files.recording, exp, metadata=header, device=device, first_row=first_row, sink=sink)
+    writer = RecordingWriter(files.recording, exp, metadata=header, device=device, first_row=first_row, sink=sink,
+                             checked_digests=ckpt.recording_digests if ckpt else None)
     return writer, ckpt
 
 
