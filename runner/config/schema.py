@@ -139,6 +139,9 @@ class RecordConfig:
     # the per-step metrics (metrics.csv.partial) and TensorBoard events written as the rows land;
     # false: metrics.csv is computed when the run ends. The same numbers either way.
     live: bool = field(default=True, metadata=NOT_IDENTITY)
+    # full: every tensor of every step; compact: gradients, logits, loss and keyframes, W and Adam's
+    # moments replayed from them (docs/recording.md). The same numbers either way.
+    format: Literal["full", "compact"] = field(default="full", metadata=NOT_IDENTITY)
 
 
 @dataclass(frozen=True)

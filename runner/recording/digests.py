@@ -104,6 +104,10 @@ def first_difference(digests: dict, read_rows: ReadRows, read_whole: Callable[[s
         if name in digests.get("partial", {}) and done < rows:
             if digest(read_rows(name, done, rows)) != digests["partial"][name]:
                 return f"{name}: rows {done}..{rows - 1} differ from the digest written with them"
+    kept = digests.get("keyframes", {"rows": [], "records": []})  # a partial compact recording's
+    for index, (row, expected) in enumerate(zip(kept["rows"], kept["records"], strict=True)):
+        if digest(read_rows("keyframes", index, index + 1)) != expected:
+            return f"keyframes: keyframe {index} (row {row}) differs from the digest written with it"
     for name, expected in digests.get("finals", {}).items():
         if digest(read_whole(name)) != expected:
             return f"{name}: differs from the digest written with it"

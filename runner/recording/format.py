@@ -64,6 +64,53 @@ def recorded_tensors(exp: Experiment) -> tuple[str, ...]:
     return tuple(names)
 
 
+# The compact format (docs/recording.md): these are replayed from the gradients, not stored per step.
+REPLAYED = ("W", "momentum", "variance", "E", "E_momentum", "E_variance")
+KEYFRAME_INTERVAL = 256  # rows between scheduled keyframes: one row of W replays in <= 255 updates
+KEYFRAMES = "keyframes"  # the compact format's keyframe tensor: (K, matrices, vocab, dim)
+
+
+def is_compact(metadata: dict[str, str]) -> bool:
+    """Whether a recording is in the compact format, by its own metadata (a run's config says what
+    it was asked for; `lilgatsby compact` converts a full one)."""
+    return metadata.get("recording_format", "full") == "compact"
+
+
+def parameter_dtype(exp: Experiment) -> str:
+    """The dtype W, its gradient and Adam's moments have in training (bf16-true's are bf16)."""
+    return "BF16" if exp.train.precision == "bf16-true" else "F32"
+
+
+def keyframe_matrices(exp: Experiment) -> tuple[str, ...]:
+    """What a keyframe holds, in order along its second axis: W's optimizer state, then E's when untied."""
+    return ("W", "momentum", "variance") + (() if exp.model.tie_embeddings else ("E", "E_momentum", "E_variance"))
+
+
+def scheduled_keyframes(rows: int) -> list[int]:
+    """Rows that are keyframes whatever the replay does: 0 and 1 (no update links them: row 1
+    is before the first update, its moments zero) and every KEYFRAME_INTERVAL-th row."""
+    return sorted({0, 1, *range(KEYFRAME_INTERVAL, rows, KEYFRAME_INTERVAL)} & set(range(rows)))
+
+
+def compact_layout(exp: Experiment, keyframes: int) -> Layout:
+    """Name -> (dtype, shape) of every tensor of a compact recording of `exp` with `keyframes`
+    keyframes, in file order: the per-step tensors that cannot be replayed (the gradients in the
+    dtype the update used), the final state, the keyframes."""
+    full = expected_layout(exp)
+    dtype = parameter_dtype(exp)
+    layout = {name: (dtype if name in ("grads", "E_grads") else spec[0], spec[1])
+              for name, spec in full.items() if name not in REPLAYED}
+    layout[KEYFRAMES] = (dtype, (keyframes, len(keyframe_matrices(exp)), exp.model.vocab_size, exp.model.hidden_dim))
+    return layout
+
+
+def stored_layout(exp: Experiment, metadata: dict[str, str]) -> Layout:
+    """The layout a recording with this metadata holds, in either format."""
+    if not is_compact(metadata):
+        return expected_layout(exp)
+    return compact_layout(exp, len(json.loads(metadata.get("keyframe_rows", "[]"))))
+
+
 def final_specs(exp: Experiment) -> Layout:
     """The state after the last update: W's (and E's when untied) with Adam's moments."""
     rows = row_specs(exp.model.vocab_size, exp.model.hidden_dim)
@@ -86,9 +133,16 @@ def tensor_bytes(dtype: str, shape: tuple[int, ...]) -> int:
     return math.prod(shape) * ITEM_BYTES[dtype]
 
 
-def recording_size(exp: Experiment) -> int:
-    """Bytes of tensor data in a recording of `exp` (the header adds a few KiB)."""
-    return sum(tensor_bytes(dtype, shape) for dtype, shape in expected_layout(exp).values())
+def recording_size(exp: Experiment, record_format: str | None = None) -> int:
+    """Bytes of tensor data in a recording of `exp` in `record_format` (its own by default; the
+    header adds a few KiB). A compact one's with its scheduled keyframes: the replay's own adds one
+    per row it could not reproduce (none on the CPU)."""
+    if (record_format or exp.record.format) == "compact":
+        rows = len(recorded_steps(exp.train.steps, exp.record.every))
+        layout = compact_layout(exp, len(scheduled_keyframes(rows)))
+    else:
+        layout = expected_layout(exp)
+    return sum(tensor_bytes(dtype, shape) for dtype, shape in layout.values())
 
 
 @dataclass(frozen=True)

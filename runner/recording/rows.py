@@ -8,13 +8,14 @@ widened to fp32 exactly: a bf16 number is the upper half of the fp32 with the sa
 
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 
 import numpy as np
 
 from runner.errors import ConfigError, UserError
-from runner.recording.format import ITEM_BYTES, expected_layout, experiment_of, read_header
+from runner.recording.format import ITEM_BYTES, experiment_of, is_compact, read_header, stored_layout
 from runner.storage.blob import read
 from runner.storage.location import Location, at
 
@@ -30,9 +31,12 @@ def as_fp32(bits: np.ndarray) -> np.ndarray:
 
 class RowReader:
     """`with RowReader(path) as f: f.rows("W", 0, 256)` -> fp32 array of rows 0..255. `path` is a
-    local file or an `s3://` object (read by ranges)."""
+    local file or an `s3://` object (read by ranges), a recording in either format: `tensors`,
+    `rows` and `bits` are the full format's, a compact recording's replayed (which imports torch);
+    `stored` and `stored_bits` are what the file holds."""
 
-    def __init__(self, path: str | Path | Location):
+    def __init__(self, path: str | Path | Location, keyframe_rows: list[int] | None = None):
+        """`keyframe_rows`: a partial compact recording's keyframes as its checkpoint knew them."""
         self.path = at(path)
         self.blob = self.path.open_blob()
         try:
@@ -46,6 +50,16 @@ class RowReader:
             self.blob.close()
             raise UserError(f"{self.path}: truncated: its header describes {need:,} bytes, the file has "
                             f"{self.blob.size:,}")
+        self.stored = self.tensors
+        self.compact = None
+        if is_compact(self.metadata):
+            from runner.recording.compact import CompactRows  # torch, for the replay
+
+            metadata = self.metadata if keyframe_rows is None else {**self.metadata,
+                                                                     "keyframe_rows": json.dumps(keyframe_rows)}
+            self.compact = CompactRows(metadata, self.stored_bits)
+            self.tensors = {name: {"dtype": dtype, "shape": list(shape)}
+                            for name, (dtype, shape) in self.compact.full.items()}
 
     def __enter__(self) -> RowReader:
         return self
@@ -58,8 +72,15 @@ class RowReader:
         return as_fp32(self.bits(name, start, stop))
 
     def bits(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows start..stop-1 of tensor `name` as stored: unsigned integers of the dtype's width."""
-        info = self.tensors[name]
+        """Rows start..stop-1 of tensor `name` as the full format stores them: unsigned integers of
+        the dtype's width."""
+        if self.compact is not None:
+            return self.compact.bits(name, start, stop)
+        return self.stored_bits(name, start, stop)
+
+    def stored_bits(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop-1 of tensor `name` as the file stores it."""
+        info = self.stored[name]
         dtype, shape = info["dtype"], info["shape"]
         row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * ITEM_BYTES[dtype]
         buffer = bytearray((stop - start) * row_bytes)
@@ -73,7 +94,7 @@ def layout_matches(recording: Location) -> bool:
     as the header says."""
     try:
         with RowReader(recording) as f:
-            layout = {name: (info["dtype"], tuple(info["shape"])) for name, info in f.tensors.items()}
-            return layout == expected_layout(experiment_of(f.metadata))
-    except (UserError, ConfigError, KeyError, ValueError):
+            layout = {name: (info["dtype"], tuple(info["shape"])) for name, info in f.stored.items()}
+            return layout == stored_layout(experiment_of(f.metadata), f.metadata)
+    except (UserError, ConfigError, KeyError, ValueError, TypeError):
         return False

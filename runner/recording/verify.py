@@ -9,39 +9,46 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
 from runner.config import Experiment
 from runner.layout import recording_of
 from runner.recording.digests import first_difference
+from runner.errors import UserError
 from runner.recording.format import (
     FORMAT_VERSION,
-    expected_layout,
     experiment_of,
     recorded_steps,
     recorded_tensors,
+    stored_layout,
 )
 from runner.recording.rows import RowReader
 from runner.storage.location import Local, Location
 
 
-def layout_problems(path: Path, expected: dict) -> list[str]:
-    """Problems with a recording's header: missing file, unreadable header, wrong names/dtypes/shapes."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            found = {name: f.get_slice(name) for name in f.keys()}
-    except FileNotFoundError:
+def layout_problems(path: Path, exp: Experiment) -> list[str]:
+    """Problems with a recording's header: missing file, unreadable header, wrong names, dtypes or
+    shapes for `exp` in the recording's own format (a compact one's keyframes as its metadata lists
+    them). Reads the header alone: a partial file (longer than its header says) passes."""
+    if not path.exists():
         return [f"{path}: missing"]
-    except Exception as e:  # safetensors raises its own error types for a corrupt header
-        return [f"{path}: unreadable safetensors header: {e}"]
+    try:
+        with RowReader(path) as f:
+            return _stored_layout_problems(path, f, exp)
+    except UserError as e:
+        return [str(e)]
+
+
+def _stored_layout_problems(path: Path, f: RowReader, exp: Experiment) -> list[str]:
+    found = {name: (info["dtype"], tuple(info["shape"])) for name, info in f.stored.items()}
+    expected = stored_layout(exp, f.metadata)
     problems = [f"{path}: {name}: missing" for name in expected if name not in found]
     problems += [f"{path}: {name}: unexpected tensor" for name in found if name not in expected]
     for name, (dtype, shape) in expected.items():
-        if name in found:
-            got = (found[name].get_dtype(), tuple(found[name].get_shape()))
-            if got != (dtype, shape):
-                problems.append(f"{path}: {name}: {got[0]}{list(got[1])}, expected {dtype}{list(shape)}")
+        if name in found and found[name] != (dtype, shape):
+            problems.append(f"{path}: {name}: {found[name][0]}{list(found[name][1])}, expected {dtype}{list(shape)}")
     return problems
 
 
@@ -76,47 +83,77 @@ def verify(path: Path, full: bool = True) -> list[str]:
     """Problems with a recording (or a run directory's), one line each; [] when it is valid.
 
     Always: the header parses, the metadata is there, names/shapes/dtypes match the recorded
-    config. `full` (what `lilgatsby verify` does: reads the whole file) also checks every byte
-    against the digests written with it (a recording made before them has none: see
-    `has_digests`), scans every value for NaN/Inf and checks Adam's relation between rows at
-    every step; the quick check at ADAM_SAMPLES steps."""
+    config in the recording's format. `full` (what `lilgatsby verify` does: reads the whole file)
+    also checks that safetensors opens it, every byte against the digests written with it (a
+    recording made before them has none: see `has_digests`), every value for NaN/Inf, Adam's
+    relation between rows at every step and, in a compact recording, that the replay of the last
+    update gives the final state stored; the quick check Adam's relation at ADAM_SAMPLES steps."""
     path = recording_of(Local(Path(path))).path
-    try:
-        meta = read_metadata(path)
-    except FileNotFoundError:
+    if not path.exists():
         return [f"{path}: missing"]
-    except Exception as e:  # safetensors raises its own error types for a corrupt or truncated file
-        return [f"{path}: not a readable safetensors file: {e}"]
-    problems = [f"{path}: metadata: {key} missing" for key in REQUIRED_METADATA if key not in meta]
-    if meta.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
-        problems.append(f"{path}: format_version {meta['format_version']}, expected {FORMAT_VERSION}")
     try:
-        exp = experiment_of(meta)
-    except (KeyError, ValueError) as e:
-        return problems + [f"{path}: metadata: config unusable ({e})"]
-    wrong_layout = layout_problems(path, expected_layout(exp))
-    if wrong_layout:
-        return problems + wrong_layout
-    with safe_open(str(path), framework="pt") as f:
+        reader = RowReader(path)
+    except UserError as e:
+        return [str(e)]
+    with reader:
+        meta = reader.metadata
+        problems = [f"{path}: metadata: {key} missing" for key in REQUIRED_METADATA if key not in meta]
+        if meta.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
+            problems.append(f"{path}: format_version {meta['format_version']}, expected {FORMAT_VERSION}")
+        try:
+            exp = experiment_of(meta)
+        except (KeyError, ValueError) as e:
+            return problems + [f"{path}: metadata: config unusable ({e})"]
+        wrong_layout = _stored_layout_problems(path, reader, exp)
+        if wrong_layout:
+            return problems + wrong_layout
         if full:
-            for name in f.keys():
-                tensor = f.get_slice(name)
-                rows = tensor.get_shape()[0] if tensor.get_shape() else 1
-                for start in range(0, rows, 1024):  # bounded memory on a 1 GB file
-                    block = tensor[start:start + 1024] if tensor.get_shape() else f.get_tensor(name)
-                    if not torch.isfinite(block.float()).all():
-                        problems.append(f"{path}: {name}: NaN or Inf in rows {start}..{start + len(block) - 1}")
-                        break
+            problems += _opens_problems(path)
+            if "digests" in meta:
+                problems += _digest_problems(path, reader, json.loads(meta["digests"]))
+            if problems:
+                return problems  # the values of a file whose bytes are wrong say nothing more
+            problems += _finite_problems(path, reader)
         recorded = set(recorded_tensors(exp))
         for moments in (("momentum", "variance", "grads"), ("E_momentum", "E_variance", "E_grads")):
             if exp.record.every == 1 and set(moments) <= recorded:
-                m, v, g = (f.get_slice(n) for n in moments)
-                problems += _adam_problems(path, exp, m, v, g, every_step=full)
+                problems += _adam_problems(path, exp, reader, moments, every_step=full)
         if "lr" in recorded:
-            problems += _lr_problems(path, exp, f.get_tensor("lr"))
-    if full and "digests" in meta:
-        problems += _digest_problems(path, json.loads(meta["digests"]))
+            problems += _lr_problems(path, exp, torch.from_numpy(reader.rows("lr", 0, reader.tensors["lr"]["shape"][0])))
+        if full and reader.compact is not None:
+            problems += _final_replay_problems(path, reader)
     return problems
+
+
+def _opens_problems(path: Path) -> list[str]:
+    """safetensors' own reader opens the file (its checks of the header against the length)."""
+    try:
+        with safe_open(str(path), framework="pt"):
+            return []
+    except Exception as e:  # safetensors raises its own error types for a corrupt or truncated file
+        return [f"{path}: not a readable safetensors file: {e}"]
+
+
+def _finite_problems(path: Path, reader: RowReader) -> list[str]:
+    """Every value of every tensor (a compact recording's replayed ones included) finite."""
+    problems = []
+    for name, info in reader.tensors.items():
+        rows = info["shape"][0] if info["shape"] else 1
+        for start in range(0, rows, 1024):  # bounded memory on a 1 GB file
+            stop = min(start + 1024, rows)
+            if not np.isfinite(reader.rows(name, start, stop) if info["shape"] else reader.rows(name, 0, 1)).all():
+                problems.append(f"{path}: {name}: NaN or Inf in rows {start}..{stop - 1}")
+                break
+    return problems
+
+
+def _final_replay_problems(path: Path, reader: RowReader) -> list[str]:
+    """A compact recording's last update, replayed, gives the final state it stores."""
+    assert reader.compact is not None
+    last = reader.tensors["loss" if "loss" in reader.tensors else "grads"]["shape"][0] - 1
+    replayed = reader.compact.final_state(last)
+    return [f"{path}: {name}: the replay of the last update does not give it" for name, bits in replayed.items()
+            if not np.array_equal(bits, reader.stored_bits(name, 0, reader.tensors[name]["shape"][0]))]
 
 
 def has_digests(recording: Location) -> bool:
@@ -126,14 +163,14 @@ def has_digests(recording: Location) -> bool:
         return "digests" in reader.metadata
 
 
-def _digest_problems(path: Path, digests: dict) -> list[str]:
-    with RowReader(path) as reader:
-        changed = first_difference(digests, lambda name, first, stop: reader.bits(name, first, stop).tobytes(),
-                                   lambda name: reader.bits(name, 0, reader.tensors[name]["shape"][0]).tobytes())
+def _digest_problems(path: Path, reader: RowReader, digests: dict) -> list[str]:
+    changed = first_difference(digests, lambda name, first, stop: reader.stored_bits(name, first, stop).tobytes(),
+                               lambda name: reader.stored_bits(name, 0, reader.stored[name]["shape"][0]).tobytes())
     return [f"{path}: {changed}"] if changed else []
 
 
-def _adam_problems(path: Path, exp: Experiment, m, v, g, every_step: bool) -> list[str]:
+def _adam_problems(path: Path, exp: Experiment, reader: RowReader, names: tuple[str, str, str],
+                   every_step: bool) -> list[str]:
     """Adam's moment relation between rows (with the gradient as recorded: clipped, when clipping
     is on), at every step, a block of rows at a time, or at ADAM_SAMPLES steps."""
     steps, problems = exp.train.steps, []
@@ -143,9 +180,9 @@ def _adam_problems(path: Path, exp: Experiment, m, v, g, every_step: bool) -> li
         starts = [(t, t + 1) for t in sorted({1 + (steps - 2) * i // (ADAM_SAMPLES - 1) for i in range(ADAM_SAMPLES)}
                                              if steps > 1 else set())]
     for first, stop in starts:  # rows first..stop-1 against rows first+1..stop
-        moments = m[first:stop + 1].float(), v[first:stop + 1].float()
-        breaks = _adam_breaks(moments[0][1:], moments[1][1:], moments[0][:-1], moments[1][:-1], g[first:stop],
-                              exp.train.betas, exp.train.precision).flatten(1).sum(1)
+        m, v = (torch.from_numpy(reader.rows(name, first, stop + 1)) for name in names[:2])
+        g = torch.from_numpy(reader.rows(names[2], first, stop))
+        breaks = _adam_breaks(m[1:], v[1:], m[:-1], v[:-1], g, exp.train.betas, exp.train.precision).flatten(1).sum(1)
         bad = breaks.nonzero().flatten().tolist()
         problems += [f"{path}: rows {first + i}->{first + i + 1}: {int(breaks[i])} entries break Adam's update rule"
                      for i in bad[:1 if every_step else None]]
@@ -163,8 +200,9 @@ def _lr_problems(path: Path, exp: Experiment, lr: torch.Tensor) -> list[str]:
 
 
 def read_metadata(path: Path) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata() or {}
+    """A recording's metadata (complete or partial: the header alone is read)."""
+    with RowReader(path) as f:
+        return f.metadata
 
 
 def verify_at(recording: Location) -> list[str]:

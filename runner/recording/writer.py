@@ -33,14 +33,19 @@ from runner.recording.format import (
     FORMAT_VERSION,
     HEADER_SLACK,
     LENGTH_BYTES,
+    KEYFRAMES,
     UPDATE_TENSORS,
+    compact_layout,
     expected_layout,
     header_length,
+    parameter_dtype,
+    recorded_steps,
     recorded_tensors,
     recording_size,
     tensor_bytes,
 )
-from runner.recording.rows import BITS, as_fp32
+from runner.recording.compact import Keyframes, uses_fused_adam
+from runner.recording.rows import BITS, RowReader, as_fp32
 
 TORCH_DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32}
 
@@ -90,24 +95,35 @@ class RecordingWriter:
 
     def __init__(self, path: Path, exp: Experiment, *, metadata: dict[str, str], device: torch.device,
                  first_row: int = 0, chunk_rows: int = 64, sink: RowSink | None = None,
-                 checked_digests: dict | None = None):
+                 checked_digests: dict | None = None, compact: bool = False):
         """`first_row` > 0 continues an existing `.partial` file whose rows before it are written;
-        `checked_digests`: the digests of those rows, already checked against the file (a resume's)."""
+        `checked_digests`: the digests of those rows, already checked against the file (a resume's).
+        `compact`: the compact format (docs/recording.md), whatever `exp.record.format` says (a
+        resumed recording keeps the format it began with)."""
         self.path, self.partial = path, partial(path)
         self.every, self.names = exp.record.every, recorded_tensors(exp)
-        self.layout = expected_layout(exp)
+        self.full_layout = expected_layout(exp)
+        self.layout = compact_layout(exp, 0) if compact else self.full_layout  # the keyframes grow
+        self.streams = tuple(name for name in self.names if name in self.layout)  # stored row by row
         self.offsets: dict[str, int] = {}
         end = 0
         for name, (dtype, shape) in self.layout.items():
             self.offsets[name] = end
             end += tensor_bytes(dtype, shape)
+        rows = len(recorded_steps(exp.train.steps, self.every))
         self.metadata = {"format_version": FORMAT_VERSION, **metadata}
+        self.keyframes = Keyframes(exp, self.layout, rows, uses_fused_adam(metadata), checked_digests) if compact \
+            else None
+        if self.keyframes is not None:
+            self.metadata.update(self.keyframes.metadata())
         if first_row:
             self.fd = os.open(self.partial, os.O_RDWR)
             self.header_size = header_length(lambda offset, size: os.pread(self.fd, size, offset))
         else:
-            rows = self.layout[self.names[0]][1][0] if self.names else 0
-            reserved = HEADER_SLACK + reserved_bytes(self.names, rows, len(self.layout) - len(self.names))
+            reserved = HEADER_SLACK + reserved_bytes(self.streams, rows, len(self.layout) - len(self.streams))
+            if self.keyframes is not None:
+                reserved += len(json.dumps(list(range(rows))))  # every row a keyframe, at worst
+                end += self.keyframes.scheduled_bytes
             self.header_size = (len(self._header_bytes()) + reserved + 7) // 8 * 8
             path.parent.mkdir(parents=True, exist_ok=True)
             self.fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -118,9 +134,13 @@ class RecordingWriter:
                 os.close(self.fd)
                 raise
         self.data_start = LENGTH_BYTES + self.header_size
-        self.digests = RowDigests(self.names, first_row, self._read_rows, checked_digests)
-        rows = min(chunk_rows, self.layout[self.names[0]][1][0]) if self.names else 1
-        self._buffers = [{n: torch.empty((rows, *self.layout[n][1][1:]), dtype=TORCH_DTYPES[self.layout[n][0]],
+        self.digests = RowDigests(self.streams, first_row, self._read_rows, checked_digests)
+        if self.keyframes is not None and first_row:
+            with RowReader(self.partial, keyframe_rows=self.keyframes.rows) as written:
+                assert written.compact is not None, "a compact recording continues a compact file"
+                self.keyframes.keyframer.continue_from(written.compact, first_row)
+        chunk = min(chunk_rows, rows)
+        self._buffers = [{n: torch.empty((chunk, *self.full_layout[n][1][1:]), dtype=self._buffer_dtype(exp, n),
                                       device=device)
                           for n in self.names} for _ in range(2)]
         # On CUDA each buffer set has a pinned host mirror: a chunk is copied asynchronously and the
@@ -136,10 +156,16 @@ class RecordingWriter:
         if sink is not None:
             sink.start(first_row)
 
+    def _buffer_dtype(self, exp: Experiment, name: str) -> torch.dtype:
+        """The full format's dtype; a compact recording's replay needs W's family as training holds it."""
+        if self.keyframes is not None and name in self.keyframes.family_names:
+            return TORCH_DTYPES[parameter_dtype(exp)]
+        return TORCH_DTYPES[self.full_layout[name][0]]
+
     def _read_rows(self, name: str, first: int, stop: int) -> bytes:
         """Rows first..stop-1 of tensor `name` as the file holds them."""
         dtype, shape = self.layout[name]
-        row_bytes = tensor_bytes(dtype, shape) // shape[0]
+        row_bytes = tensor_bytes(dtype, (1, *shape[1:]))
         return os.pread(self.fd, (stop - first) * row_bytes, self.data_start + self.offsets[name] + first * row_bytes)
 
     def _header_bytes(self) -> bytes:
@@ -205,17 +231,43 @@ class RecordingWriter:
                     wall_times: list[float]) -> None:
         if copied is not None:
             copied.synchronize()  # the chunk's device->host copy has landed
+        if self.keyframes is not None:
+            for i in range(len(wall_times)):
+                self.keyframes.check(first_row + i, {name: rows[name][i] for name in self.keyframes.family_names},
+                                     self._append)
         stored = {}
-        for name, tensor in rows.items():
+        for name in self.streams:
             dtype, shape = self.layout[name]
             row_bytes = tensor_bytes(dtype, shape) // shape[0]
-            stored[name] = _as_bytes(tensor)
+            stored[name] = _as_bytes(rows[name])
             _pwrite_all(self.fd, stored[name], self.data_start + self.offsets[name] + first_row * row_bytes)
         self.digests.update(first_row, stored, len(wall_times))
-        if self.sink is not None:  # the values as stored (bf16 widened exactly), as a reader gets them
+        if self.sink is not None:  # the values as the full format stores them (bf16 widened exactly)
+            full = {name: _as_bytes(tensor.to(TORCH_DTYPES[self.full_layout[name][0]])) for name, tensor in rows.items()}
             self.sink.rows_written(first_row, {
-                name: as_fp32(np.frombuffer(data, dtype=BITS[self.layout[name][0]]).reshape(rows[name].shape))
-                for name, data in stored.items()}, wall_times)
+                name: as_fp32(np.frombuffer(data, dtype=BITS[self.full_layout[name][0]]).reshape(rows[name].shape))
+                for name, data in full.items()}, wall_times)
+
+    def _append(self, offset: int, data: memoryview) -> None:
+        """Write a keyframe `offset` bytes after the tensors of fixed size."""
+        _pwrite_all(self.fd, data, self.data_start + self.offsets[KEYFRAMES] + offset)
+
+    def _update_keyframes(self) -> None:
+        """The header's keyframe tensor and rows as they are now."""
+        assert self.keyframes is not None
+        dtype, shape = self.layout[KEYFRAMES]
+        self.layout[KEYFRAMES] = (dtype, (len(self.keyframes.rows), *shape[1:]))
+        self.metadata.update(self.keyframes.metadata())
+
+    def format_summary(self) -> dict:
+        """What run.json says of the recording's format."""
+        if self.keyframes is None:
+            return {"format": "full"}
+        return {"format": "compact", "keyframes": len(self.keyframes.rows),
+                "unscheduled_keyframes": int(self.keyframes.metadata()["unscheduled_keyframes"])}
+
+    def _read_keyframes(self, first: int, stop: int) -> bytes:
+        return self._read_rows(KEYFRAMES, first, stop)
 
     @property
     def rows_written(self) -> int:
@@ -225,12 +277,19 @@ class RecordingWriter:
 
     def digest_state(self) -> dict:
         """The digests of the rows written so far, for a checkpoint (after `flush`)."""
-        return self.digests.state()
+        state = self.digests.state()
+        if self.keyframes is not None:
+            state["keyframes"] = self.keyframes.state()
+        return state
 
     def flush(self) -> None:
-        """Write every buffered row and make it durable (before a checkpoint relies on it)."""
+        """Write every buffered row and make it durable (before a checkpoint relies on it). A compact
+        recording's header is rewritten to list its keyframes so far: the partial file reads as itself."""
         self._flush()
         self._wait()
+        if self.keyframes is not None:
+            self._update_keyframes()
+            self._write_header()
         os.fsync(self.fd)
         if self.sink is not None:
             self.sink.flush()
@@ -252,6 +311,10 @@ class RecordingWriter:
             dtype, shape = self.layout[name]
             stored[name] = _as_bytes(tensor.detach().to("cpu", TORCH_DTYPES[dtype]).reshape(shape))
             _pwrite_all(self.fd, stored[name], self.data_start + self.offsets[name])
+        if self.keyframes is not None:
+            self._update_keyframes()
+            stored[KEYFRAMES] = memoryview(self.keyframes.read_back(self._read_keyframes))
+            os.ftruncate(self.fd, self.data_start + self.offsets[KEYFRAMES] + len(stored[KEYFRAMES]))
         self.metadata.update(metadata, digests=self.digests.final(stored))
         if len(self._header_bytes()) > self.header_size:  # a file begun before digests were reserved for
             del self.metadata["digests"]

@@ -164,4 +164,5 @@ def _finish(exp: Experiment, run_dir: Path, model, optimizer, writer: RecordingW
                         {**{k: repr(v) for k, v in metrics.items()},
                          PARAMETER_FINGERPRINTS["final"]: parameters_sha256(model)})
     checkpoint.remove(run_dir)
-    return {"metrics": metrics, "recording": {"path": path.name, "bytes": path.stat().st_size}}
+    return {"metrics": metrics,
+            "recording": {"path": path.name, "bytes": path.stat().st_size, **writer.format_summary()}}

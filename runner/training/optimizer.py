@@ -8,24 +8,21 @@ tied or not, the attention and MLP weights) and not the biases or the layer norm
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from runner.config import TrainConfig
 from runner.model.kernels import Kernels
+from runner.recording.replay import adam_class_and_options
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, kernels: Kernels
                     ) -> tuple[torch.optim.Optimizer, dict]:
     """torch's Adam or AdamW, single-tensor or fused (`kernels.adam`: one kernel per parameter; it
-    rounds once per stored value); and what run.json says of it. Not `foreach`: with fp32
-    parameters (bf16-mixed) its update was seen to differ in the last bit from run to run within
-    one process, depending on what ran before."""
-    options: dict[str, Any] = {"lr": cfg.lr, "betas": cfg.betas, "eps": cfg.eps, "foreach": False,
-                               "fused": kernels.adam == "fused" or None}
+    rounds once per stored value), built as a compact recording's replay builds it
+    (`adam_class_and_options`); and what run.json says of it."""
+    cls, options = adam_class_and_options(cfg, fused=kernels.adam == "fused")
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), **options), {"name": "adam"}
+        return cls(model.parameters(), **options), {"name": "adam"}
     named = list(model.named_parameters())  # a tied matrix once
     decayed = [name for name, p in named if p.dim() >= 2]
     groups = [{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": cfg.weight_decay},
@@ -34,7 +31,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, kernels: Kernels
                    "rule": "decoupled (torch.optim.AdamW): W <- W - lr * weight_decay * W, then Adam's step; "
                            "on the 2-D matrices only",
                    "decayed": decayed, "not_decayed": [name for name, p in named if p.dim() < 2]}
-    return torch.optim.AdamW(groups, **options), description
+    return cls(groups, **options), description
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -16,7 +16,7 @@ from runner.errors import ConfigError
 from runner.layout import RunFiles
 from runner.model.kernels import Kernels, choose
 from runner.recording.digests import first_difference
-from runner.recording.format import expected_layout
+from runner.recording.format import is_compact
 from runner.recording.rows import RowReader
 from runner.recording.verify import layout_problems, read_metadata
 from runner.recording.writer import RecordingWriter, RowSink
@@ -39,7 +39,7 @@ def check_resumable(exp: Experiment, run_dir: Path, corpus: Corpus, device: torc
     digests say they were written; else one line (nothing changed), for the user to choose
     `--restart`. A run with no checkpoint or no usable partial recording starts over anyway."""
     files = RunFiles(run_dir)
-    if not files.checkpoint.exists() or layout_problems(files.partial_recording, expected_layout(exp)):
+    if not files.checkpoint.exists() or layout_problems(files.partial_recording, exp):
         return
     started = read_metadata(files.partial_recording)
     now = {"run_id": exp.run_id, "corpus_sha256": corpus.sha256,
@@ -55,7 +55,7 @@ def check_resumable(exp: Experiment, run_dir: Path, corpus: Corpus, device: torc
     digests = checkpoint.recording_digests(run_dir)
     if digests is not None:
         with RowReader(files.partial_recording) as reader:
-            changed = first_difference(digests, lambda name, first, stop: reader.bits(name, first, stop).tobytes(),
+            changed = first_difference(digests, lambda name, first, stop: reader.stored_bits(name, first, stop).tobytes(),
                                        read_whole=lambda name: b"")
         if changed:
             raise ConfigError(f"{files.partial_recording}: {changed} (the checkpoint's): the partial recording was "
@@ -69,15 +69,16 @@ def open_recording(exp: Experiment, run_dir: Path, model, optimizer, restart: bo
     files = RunFiles(run_dir)
     partial = files.partial_recording
     resumable = not restart and files.checkpoint.exists()
-    if resumable and layout_problems(partial, expected_layout(exp)):
+    if resumable and layout_problems(partial, exp):
         log.warning("run %s: a checkpoint but no usable partial recording; starting over", exp.run_id)
         resumable = False
     ckpt = checkpoint.load(run_dir, exp.run_id, model, optimizer) if resumable else None
     if ckpt is None:
         checkpoint.remove(run_dir)
     first_row = ckpt.step // exp.record.every + 1 if ckpt else 0
+    compact = is_compact(read_metadata(partial)) if ckpt else exp.record.format == "compact"
     writer = RecordingWriter(files.recording, exp, metadata=header, device=device, first_row=first_row, sink=sink,
-                             checked_digests=ckpt.recording_digests if ckpt else None)
+                             checked_digests=ckpt.recording_digests if ckpt else None, compact=compact)
     return writer, ckpt
 
 

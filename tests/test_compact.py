@@ -1,0 +1,158 @@
+"""Compact recordings: the full format's every bit, from gradients, logits, loss and keyframes."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import runner.recording.format
+from runner.analysis.compare import compare
+from runner.errors import ConfigError
+from runner.launch.train import run
+from runner.layout import RECORDING, RunFiles
+from runner.recording.format import KEYFRAMES, scheduled_keyframes
+from runner.recording.replay import AdamReplay
+from runner.recording.rows import RowReader
+from runner.recording.verify import verify
+
+from conftest import flip_byte, load_recording
+
+# AdamW with decay, warm-up then cosine, and a clip that bites: every input of the update varies
+KNOBS = {"optimizer": "adamw", "weight_decay": 0.1, "lr_schedule": "cosine", "warmup_steps": 5, "min_lr": 1e-4,
+         "lr": 3e-3, "grad_clip": 0.5}
+STEPS = 40
+INTERVAL = 16  # scheduled keyframes at 0, 1, 16, 32: replays across them and between them
+
+
+@pytest.fixture(autouse=True)
+def short_keyframe_interval(monkeypatch):
+    monkeypatch.setattr(runner.recording.format, "KEYFRAME_INTERVAL", INTERVAL)
+
+
+def _pair(make_experiment, tmp_path, precision, tied, **record):
+    """The same run recorded in both formats: (compact run dir, full run dir)."""
+    dirs = []
+    for fmt in ("compact", "full"):
+        exp = make_experiment(train={"steps": STEPS, "precision": precision, **KNOBS},
+                              model={"tie_embeddings": tied}, record={"format": fmt, **record})
+        run(exp, tmp_path / fmt, progress=False)
+        dirs.append(tmp_path / fmt)
+    return dirs
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed", "fp32"])
+def test_expansion_equals_the_full_recording(make_experiment, tmp_path, precision, tied):
+    compact_dir, full_dir = _pair(make_experiment, tmp_path, precision, tied)
+    lines, identical = compare(compact_dir, full_dir)
+    assert identical, "\n".join(lines)
+    assert verify(compact_dir) == [] and verify(full_dir) == []
+    assert (compact_dir / "metrics.csv").read_bytes() == (full_dir / "metrics.csv").read_bytes()
+    stored = load_recording(compact_dir / RECORDING)  # any safetensors reader opens it
+    assert "W" not in stored and "momentum" not in stored
+    assert stored["grads"].dtype == (torch.bfloat16 if precision == "bf16-true" else torch.float32)
+    assert stored[KEYFRAMES].shape[:2] == (len(scheduled_keyframes(STEPS + 1)), 3 if tied else 6)
+    summary = json.loads((compact_dir / "run.json").read_text())["recording"]
+    assert summary["format"] == "compact" and summary["unscheduled_keyframes"] == 0
+    assert summary["bytes"] < (full_dir / RECORDING).stat().st_size / (2.5 if precision == "bf16-true" else 1.7)
+
+
+def test_any_row_read_alone_equals_the_full_one(make_experiment, tmp_path):
+    compact_dir, full_dir = _pair(make_experiment, tmp_path, "bf16-true", True)
+    full = load_recording(full_dir / RECORDING)
+    with RowReader(compact_dir / RECORDING) as f:
+        for row in (37, 3, 16, 15, 0, 1, 40, 17, 18):  # out of order: from keyframes and from where it stopped
+            for name in ("W", "momentum", "variance", "grads"):
+                expected = full[name][row:row + 1]
+                got = torch.from_numpy(f.rows(name, row, row + 1))
+                assert torch.equal(got, expected.float()), (name, row)
+
+
+def test_a_replay_that_differs_makes_keyframes_not_wrong_rows(make_experiment, tmp_path, monkeypatch):
+    """The writer's replay, perturbed at some steps, no longer reproduces training there: those rows
+    become keyframes and the recording still expands to the run's real states."""
+    real_update = AdamReplay.update
+    perturbed = {5, 6, 23}
+
+    def update(self, grad, step):
+        real_update(self, grad, step)
+        if step in perturbed:
+            with torch.no_grad():
+                self.param.add_(1e-2)
+
+    exp = make_experiment(train={"steps": STEPS, **KNOBS}, record={"format": "compact"})
+    monkeypatch.setattr(AdamReplay, "update", update)
+    run(exp, tmp_path / "compact", progress=False)
+    monkeypatch.setattr(AdamReplay, "update", real_update)
+    run(make_experiment(train={"steps": STEPS, **KNOBS}), tmp_path / "full", progress=False)
+    meta = json.loads((tmp_path / "compact" / "run.json").read_text())["recording"]
+    assert meta["unscheduled_keyframes"] == 3  # rows 6, 7 and 24: each after a perturbed update
+    with RowReader(tmp_path / "compact" / RECORDING) as f:
+        assert f.compact is not None and {6, 7, 24} <= set(f.compact.keyframe_rows)
+    lines, identical = compare(tmp_path / "compact", tmp_path / "full")
+    assert identical, "\n".join(lines)
+
+
+def test_resume_equals_the_uninterrupted_compact_run(make_experiment, tmp_path, crash_after_checkpoint):
+    exp = make_experiment(train={"steps": STEPS, "checkpoint_every": 20, **KNOBS}, record={"format": "compact"})
+    run(exp, tmp_path / "whole", progress=False)
+    crash_after_checkpoint(exp, tmp_path / "resumed")
+    run(exp, tmp_path / "resumed", progress=False)
+    a, b = (load_recording(tmp_path / d / RECORDING) for d in ("whole", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    digests = [json.loads(RowReader(tmp_path / d / RECORDING).metadata["digests"]) for d in ("whole", "resumed")]
+    assert digests[0] == digests[1]
+    assert verify(tmp_path / "resumed") == []
+
+
+def test_a_resumed_run_keeps_the_format_it_began_with(make_experiment, tmp_path, crash_after_checkpoint):
+    compact = make_experiment(train={"steps": STEPS, "checkpoint_every": 20}, record={"format": "compact"})
+    crash_after_checkpoint(compact, tmp_path / "run")
+    full = make_experiment(train={"steps": STEPS, "checkpoint_every": 20})
+    assert full.run_id == compact.run_id
+    run(full, tmp_path / "run", progress=False)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["recording"]["format"] == "compact"
+    assert verify(tmp_path / "run") == []
+
+
+@pytest.mark.parametrize(("tensor", "row", "message"), [
+    ("grads", 20, "grads: rows 0..40 differ from the digest written with them"),
+    ("loss", 3, "loss: rows 0..40 differ"),
+    (KEYFRAMES, 2, "keyframes: differs from the digest written with it"),
+])
+def test_verify_names_a_flipped_bit(make_experiment, tmp_path, tensor, row, message):
+    exp = make_experiment(train={"steps": STEPS}, record={"format": "compact"})
+    run(exp, tmp_path, progress=False)
+    flip_byte(tmp_path / RECORDING, tensor, row)
+    problems = verify(tmp_path)
+    assert len(problems) == 1 and message in problems[0], problems
+
+
+def test_verify_refuses_a_truncated_compact_file(make_experiment, tmp_path):
+    run(make_experiment(record={"format": "compact"}), tmp_path, progress=False)
+    path = tmp_path / RECORDING
+    path.write_bytes(path.read_bytes()[:-100])
+    problems = verify(tmp_path)
+    assert len(problems) == 1 and "truncated" in problems[0], problems
+
+
+def test_run_ids_and_refusals(make_experiment):
+    assert make_experiment(record={"format": "compact"}).run_id == make_experiment().run_id
+    with pytest.raises(ConfigError, match=r"record\.format: compact needs record\.every 1"):
+        make_experiment(record={"format": "compact", "every": 2})
+    with pytest.raises(ConfigError, match=r"record\.format: compact needs W, grads, momentum and variance"):
+        make_experiment(record={"format": "compact", "tensors": ["W", "grads", "loss"]})
+    # a subset that keeps what the replay needs is fine: logits are simply not recorded
+    exp = make_experiment(record={"format": "compact", "tensors": ["W", "grads", "momentum", "variance", "loss"]})
+    assert exp.record.format == "compact"
+
+
+def test_rows_as_numpy_match_for_logits_and_finals(make_experiment, tmp_path):
+    compact_dir, full_dir = _pair(make_experiment, tmp_path, "fp32", True)
+    with RowReader(compact_dir / RECORDING) as c, RowReader(full_dir / RECORDING) as f:
+        assert {n: (t["dtype"], t["shape"]) for n, t in c.tensors.items()} == \
+            {n: (t["dtype"], t["shape"]) for n, t in f.tensors.items()}
+        for name in ("logits", "loss", "lr", "grad_norm", "W_final"):
+            rows = c.tensors[name]["shape"][0]
+            assert np.array_equal(c.bits(name, 0, rows), f.bits(name, 0, rows)), name
