@@ -10,7 +10,7 @@ import runner.recording.format
 from runner.analysis.compare import compare
 from runner.errors import ConfigError
 from runner.launch.train import run
-from runner.layout import RECORDING, RunFiles
+from runner.layout import RECORDING
 from runner.recording.format import KEYFRAMES, scheduled_keyframes
 from runner.recording.replay import AdamReplay
 from runner.recording.rows import RowReader
@@ -41,6 +41,7 @@ def _pair(make_experiment, tmp_path, precision, tied, **record):
     return dirs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 @pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed", "fp32"])
 def test_expansion_equals_the_full_recording(make_experiment, tmp_path, precision, tied):
@@ -69,6 +70,7 @@ def test_any_row_read_alone_equals_the_full_one(make_experiment, tmp_path):
                 assert torch.equal(got, expected.float()), (name, row)
 
 
+@pytest.mark.slow
 def test_a_replay_that_differs_makes_keyframes_not_wrong_rows(make_experiment, tmp_path, monkeypatch):
     """The writer's replay, perturbed at some steps, no longer reproduces training there: those rows
     become keyframes and the recording still expands to the run's real states."""
@@ -94,6 +96,7 @@ def test_a_replay_that_differs_makes_keyframes_not_wrong_rows(make_experiment, t
     assert identical, "\n".join(lines)
 
 
+@pytest.mark.slow
 def test_resume_equals_the_uninterrupted_compact_run(make_experiment, tmp_path, crash_after_checkpoint):
     exp = make_experiment(train={"steps": STEPS, "checkpoint_every": 20, **KNOBS}, record={"format": "compact"})
     run(exp, tmp_path / "whole", progress=False)
@@ -125,8 +128,8 @@ def test_verify_names_a_flipped_bit(make_experiment, tmp_path, tensor, row, mess
     exp = make_experiment(train={"steps": STEPS}, record={"format": "compact"})
     run(exp, tmp_path, progress=False)
     flip_byte(tmp_path / RECORDING, tensor, row)
-    problems = verify(tmp_path)
-    assert len(problems) == 1 and message in problems[0], problems
+    problems = verify(tmp_path)  # the digests name it (the values replayed from it may break too)
+    assert any(message in p for p in problems), problems
 
 
 def test_verify_refuses_a_truncated_compact_file(make_experiment, tmp_path):

@@ -219,5 +219,6 @@ class CompactRows:
         record = _tensor(self.read_bits("keyframes", index, index + 1), self.dtype)[0]
         order = keyframe_matrices(self.exp)
         for replay, (w, _, m, v) in zip(self.replays, self.families, strict=True):
-            replay.reset(*(record[order.index(n)] for n in (w, m, v)), updates=max(row - 1, 0))
+            value, momentum, variance = (record[order.index(n)] for n in (w, m, v))
+            replay.reset(value, momentum, variance, updates=max(row - 1, 0))
         self.at = row

@@ -72,4 +72,5 @@ class AdamReplay:
 
     def matches(self, value: torch.Tensor, momentum: torch.Tensor, variance: torch.Tensor) -> bool:
         """Whether the replayed state equals training's in every bit."""
-        return all(same_bits(mine, theirs) for mine, theirs in zip(self.state(), (value, momentum, variance), strict=True))
+        return all(same_bits(mine, theirs)
+                   for mine, theirs in zip(self.state(), (value, momentum, variance), strict=True))

@@ -14,9 +14,9 @@ import torch
 from safetensors import safe_open
 
 from runner.config import Experiment
+from runner.errors import UserError
 from runner.layout import recording_of
 from runner.recording.digests import first_difference
-from runner.errors import UserError
 from runner.recording.format import (
     FORMAT_VERSION,
     experiment_of,
@@ -94,7 +94,7 @@ def verify(path: Path, full: bool = True) -> list[str]:
     try:
         reader = RowReader(path)
     except UserError as e:
-        return [str(e)]
+        return [f"{path}: not a readable safetensors file: {str(e).removeprefix(f'{path}: ')}"]
     with reader:
         meta = reader.metadata
         problems = [f"{path}: metadata: {key} missing" for key in REQUIRED_METADATA if key not in meta]
@@ -108,20 +108,21 @@ def verify(path: Path, full: bool = True) -> list[str]:
         if wrong_layout:
             return problems + wrong_layout
         if full:
-            problems += _opens_problems(path)
-            if "digests" in meta:
-                problems += _digest_problems(path, reader, json.loads(meta["digests"]))
-            if problems:
-                return problems  # the values of a file whose bytes are wrong say nothing more
+            opens = _opens_problems(path)
+            if opens:
+                return problems + opens
             problems += _finite_problems(path, reader)
         recorded = set(recorded_tensors(exp))
         for moments in (("momentum", "variance", "grads"), ("E_momentum", "E_variance", "E_grads")):
             if exp.record.every == 1 and set(moments) <= recorded:
                 problems += _adam_problems(path, exp, reader, moments, every_step=full)
         if "lr" in recorded:
-            problems += _lr_problems(path, exp, torch.from_numpy(reader.rows("lr", 0, reader.tensors["lr"]["shape"][0])))
+            lr = reader.rows("lr", 0, reader.tensors["lr"]["shape"][0])
+            problems += _lr_problems(path, exp, torch.from_numpy(lr))
         if full and reader.compact is not None:
             problems += _final_replay_problems(path, reader)
+        if full and "digests" in meta:
+            problems += _digest_problems(path, reader, json.loads(meta["digests"]))
     return problems
 
 

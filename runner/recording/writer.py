@@ -28,12 +28,13 @@ from runner.config import Experiment
 from runner.errors import UserError
 from runner.files import publish
 from runner.layout import partial
+from runner.recording.compact import Keyframes, uses_fused_adam
 from runner.recording.digests import RowDigests, reserved_bytes
 from runner.recording.format import (
     FORMAT_VERSION,
     HEADER_SLACK,
-    LENGTH_BYTES,
     KEYFRAMES,
+    LENGTH_BYTES,
     UPDATE_TENSORS,
     compact_layout,
     expected_layout,
@@ -44,7 +45,6 @@ from runner.recording.format import (
     recording_size,
     tensor_bytes,
 )
-from runner.recording.compact import Keyframes, uses_fused_adam
 from runner.recording.rows import BITS, RowReader, as_fp32
 
 TORCH_DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32}
@@ -243,7 +243,8 @@ class RecordingWriter:
             _pwrite_all(self.fd, stored[name], self.data_start + self.offsets[name] + first_row * row_bytes)
         self.digests.update(first_row, stored, len(wall_times))
         if self.sink is not None:  # the values as the full format stores them (bf16 widened exactly)
-            full = {name: _as_bytes(tensor.to(TORCH_DTYPES[self.full_layout[name][0]])) for name, tensor in rows.items()}
+            full = {name: _as_bytes(tensor.to(TORCH_DTYPES[self.full_layout[name][0]]))
+                    for name, tensor in rows.items()}
             self.sink.rows_written(first_row, {
                 name: as_fp32(np.frombuffer(data, dtype=BITS[self.full_layout[name][0]]).reshape(rows[name].shape))
                 for name, data in full.items()}, wall_times)

@@ -55,7 +55,8 @@ def check_resumable(exp: Experiment, run_dir: Path, corpus: Corpus, device: torc
     digests = checkpoint.recording_digests(run_dir)
     if digests is not None:
         with RowReader(files.partial_recording) as reader:
-            changed = first_difference(digests, lambda name, first, stop: reader.stored_bits(name, first, stop).tobytes(),
+            changed = first_difference(digests,
+                                       lambda name, first, stop: reader.stored_bits(name, first, stop).tobytes(),
                                        read_whole=lambda name: b"")
         if changed:
             raise ConfigError(f"{files.partial_recording}: {changed} (the checkpoint's): the partial recording was "
