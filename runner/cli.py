@@ -14,7 +14,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from runner.config import load_runs
 from runner.errors import ConfigError, UserError
 from runner.interrupt import EXIT_TERMINATED, by_sigterm, sigterm_as_interrupt
-from runner.layout import INDEX_JSONL, RunFiles, is_transient
+from runner.layout import INDEX_JSONL, RunFiles, is_transient, recording_of
 from runner.settings import check_environment
 from runner.storage.location import Location, at, unless_read_only
 from runner.storage.s3 import StorageError
@@ -51,6 +51,11 @@ EXAMPLES = {
     "pull": """
   lilgatsby pull s3://lab-runs/sweeps/seed_sweep                # -> runs/seed_sweep/
   lilgatsby pull s3://lab-runs/sweeps/seed_sweep/0f3a9c1e2b4d --runs /data/runs""",
+    "compact": """
+  lilgatsby compact runs/seed_sweep                           # every complete run of the experiment
+  lilgatsby compact runs/lil_gatsby/0f3a9c1e2b4d s3://lab-runs/sweeps/seed_sweep/1c2d3e4f5a6b""",
+    "expand": """
+  lilgatsby expand runs/seed_sweep/0f3a9c1e2b4d --out /tmp/full.safetensors""",
     "report": """
   lilgatsby report runs/smoke_sweep                           # -> runs/smoke_sweep/report/report.html
   lilgatsby report experiments/smoke_sweep.yaml --out /tmp/report
@@ -132,6 +137,16 @@ def _parser() -> argparse.ArgumentParser:
     pull.add_argument("source", help="s3://bucket/prefix/<name> or s3://bucket/prefix/<name>/<run id>")
     pull.add_argument("--runs", type=Path, default=Path("runs"), help="local runs root (default: runs/)")
     pull.add_argument("--quiet", action="store_true", help="no progress bar")
+    compact = command("compact", "rewrite complete runs' full recordings in the compact format, in place "
+                                 "(bf16-true; each checked bit for bit first)")
+    compact.add_argument("paths", nargs="+",
+                         help="recordings, run directories or experiment directories (local or s3://)")
+    compact.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    expand = command("expand", "write a recording (either format) in the full format to a file")
+    expand.add_argument("path", help="a recording or run directory (local or s3://)")
+    expand.add_argument("--out", required=True, help="the file to write (local or s3://); must not exist")
+    expand.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -209,6 +224,33 @@ def cmd_verify(args: argparse.Namespace) -> int:
                                                                  "its values are checked, not every byte)"))
         failed += bool(problems)
     return 1 if failed else 0
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    from runner.analysis.metrics import is_current, note_source
+    from runner.recording.format import is_compact
+    from runner.recording.rows import RowReader
+    from runner.runs.reformat import compact_run
+
+    for path in [run for given in args.paths for run in _recordings_below(at(given, "path"))]:
+        with RowReader(recording_of(path)) as reader:
+            already = is_compact(reader.metadata)
+        if already:
+            print(f"{path}: already compact")
+            continue
+        run_dir = recording_of(path).parent
+        metrics_current = is_current(run_dir)
+        print(compact_run(path, progress=not args.quiet))
+        if metrics_current:  # the same numbers: metrics.csv need not be computed again
+            note_source(run_dir)
+    return 0
+
+
+def cmd_expand(args: argparse.Namespace) -> int:
+    from runner.runs.reformat import expand_run
+
+    print(expand_run(at(args.path, "path"), args.out, progress=not args.quiet))
+    return 0
 
 
 def _recordings_below(path: Location) -> list[Location]:
@@ -312,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         handler.addFilter(lambda record: not record.name.startswith("runner.progress"))
     logging.getLogger("runner").setLevel(logging.INFO)
     commands = {"train": cmd_train, "sweep": cmd_sweep, "verify": cmd_verify, "index": cmd_index,
-                "compare": cmd_compare, "report": cmd_report, "pull": cmd_pull, "rm": cmd_rm}
+                "compare": cmd_compare, "report": cmd_report, "pull": cmd_pull, "rm": cmd_rm,
+                "compact": cmd_compact, "expand": cmd_expand}
     try:
         check_environment()
         with logging_redirect_tqdm(), sigterm_as_interrupt():

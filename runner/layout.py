@@ -15,6 +15,7 @@ from typing import Generic, Protocol, TypeVar
 # -- a run directory -----------------------------------------------------------------------------
 MANIFEST = "run.json"  # the source of truth: what the run is and where it stands
 RECORDING = "recording.safetensors"
+CONVERTING = RECORDING + ".converting"  # `lilgatsby compact`'s new recording, until it is renamed over it
 PARTIAL = ".partial"  # suffix of a file or folder being written (a recording until it is complete)
 TMP = ".tmp"  # suffix of a file being written under a temporary name
 CHECKPOINT = "checkpoint.safetensors"
@@ -49,8 +50,8 @@ _LOCAL_ONLY = re.compile(rf"{re.escape(LOCK)}|.*{re.escape(PARTIAL)}(/.*)?|.*{re
 
 # Everything a run directory may hold: its files (or one being written: NAME.partial, NAME.tmp, or
 # .NAME.<random>.tmp), its folders' contents, and what a person's file browser leaves
-_RUN_FILES = (MANIFEST, RECORDING, CHECKPOINT, PROGRESS, METRICS, METRICS_SOURCE, PARTIAL_METRICS, EVENTS, TRAIN_LOG,
-              LOCK, LEASE)
+_RUN_FILES = (MANIFEST, RECORDING, CONVERTING, CHECKPOINT, PROGRESS, METRICS, METRICS_SOURCE, PARTIAL_METRICS, EVENTS,
+              TRAIN_LOG, LOCK, LEASE)
 _RUN_FOLDERS = (TOKENIZER, MODELS, PARTS, REPORT)
 _RUN_FILE = re.compile(rf"\.?({'|'.join(map(re.escape, _RUN_FILES))})({re.escape(PARTIAL)}|(\.[^/]+)?{re.escape(TMP)})?"
                        rf"|({'|'.join(map(re.escape, _RUN_FOLDERS))})({re.escape(PARTIAL)})?/.+"

@@ -10,6 +10,10 @@ def plural(n: int, word: str) -> str:
     return f"{n:,} {word}" if n == 1 else f"{n:,} {word}s"
 
 
+def mib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**20:,.1f} MiB"
+
+
 def format_duration(seconds: float) -> str:
     """`45 s`, `3 min 05 s`, `1 h 40 min`."""
     minutes, s = divmod(round(seconds), 60)

@@ -159,3 +159,82 @@ def test_rows_as_numpy_match_for_logits_and_finals(make_experiment, tmp_path):
         for name in ("logits", "loss", "lr", "grad_norm", "W_final"):
             rows = c.tensors[name]["shape"][0]
             assert np.array_equal(c.bits(name, 0, rows), f.bits(name, 0, rows)), name
+
+
+def test_compact_in_place_then_expand_gives_the_original_back(make_experiment, tmp_path, capsys):
+    from runner.analysis.metrics import is_current
+    from runner.cli import main
+
+    run(make_experiment(train={"steps": STEPS, **KNOBS}), tmp_path / "run", progress=False)
+    original = tmp_path / "original.safetensors"
+    original.write_bytes((tmp_path / "run" / RECORDING).read_bytes())
+    assert main(["compact", str(tmp_path / "run"), "--quiet"]) == 0
+    assert "compact, " in capsys.readouterr().out
+    assert (tmp_path / "run" / RECORDING).stat().st_size < original.stat().st_size / 2.5
+    assert verify(tmp_path / "run") == [] and is_current(tmp_path / "run")  # metrics.csv still stands
+    manifest = json.loads((tmp_path / "run" / "run.json").read_text())["recording"]
+    assert manifest["format"] == "compact" and manifest["bytes"] == (tmp_path / "run" / RECORDING).stat().st_size
+    assert main(["compact", str(tmp_path / "run"), "--quiet"]) == 0
+    assert "already compact" in capsys.readouterr().out
+    assert main(["expand", str(tmp_path / "run"), "--out", str(tmp_path / "expanded.safetensors"), "--quiet"]) == 0
+    a, b = load_recording(original), load_recording(tmp_path / "expanded.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert verify(tmp_path / "expanded.safetensors") == []
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["compact", "{fp32}"], "a full fp32 recording holds W and its gradients rounded to bf16"),
+    (["expand", "{full}", "--out", "{tmp}/x.safetensors"], "already in the full format"),
+    (["expand", "{compact}", "--out", "{full}/run.json"], "exists already"),
+])
+def test_conversions_refused_in_one_line(make_experiment, tmp_path, capsys, args, message):
+    from runner.cli import main
+
+    dirs = {"fp32": tmp_path / "fp32", "full": tmp_path / "full", "compact": tmp_path / "compact"}
+    run(make_experiment(train={"precision": "fp32"}), dirs["fp32"], progress=False)
+    run(make_experiment(), dirs["full"], progress=False)
+    run(make_experiment(record={"format": "compact"}), dirs["compact"], progress=False)
+    before = {d: (d / RECORDING).read_bytes() for d in dirs.values()}
+    capsys.readouterr()
+    assert main([a.format(tmp=tmp_path, **dirs) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert {d: (d / RECORDING).read_bytes() for d in dirs.values()} == before
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_an_interrupted_compact_leaves_the_full_recording(make_experiment, tmp_path):
+    """SIGKILL while `compact` writes: the run keeps its full recording, readable and valid; the
+    same command then compacts it, and the expansion equals the original."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from runner.layout import CONVERTING, partial
+
+    from conftest import wait_until
+
+    run(make_experiment(train={"steps": STEPS}), tmp_path / "run", progress=False)
+    original = (tmp_path / "run" / RECORDING).read_bytes()
+    slow_compact = ("import sys, time\nfrom runner.recording.compact import Keyframes\nreal = Keyframes.check\n"
+                    "Keyframes.check = lambda self, *a: (time.sleep(0.1), real(self, *a))[1]\n"
+                    "from runner.cli import main\nsys.exit(main(['compact', sys.argv[1], '--quiet']))\n")
+    command = [sys.executable, "-c", slow_compact, str(tmp_path / "run")]
+    killed = subprocess.Popen(command)
+    wait_until(lambda: partial(tmp_path / "run" / CONVERTING).exists(), "the compact file being written", 60)
+    time.sleep(0.5)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert (tmp_path / "run" / RECORDING).read_bytes() == original and verify(tmp_path / "run") == []
+    assert partial(tmp_path / "run" / CONVERTING).exists()  # what it left
+    finished = subprocess.run(command, env={**os.environ}, timeout=120)
+    assert finished.returncode == 0
+    assert not partial(tmp_path / "run" / CONVERTING).exists() and not (tmp_path / "run" / CONVERTING).exists()
+    (tmp_path / "original.safetensors").write_bytes(original)
+    lines, identical = compare(tmp_path / "run", tmp_path / "original.safetensors")
+    assert identical, "\n".join(lines)
+    with RowReader(tmp_path / "run" / RECORDING) as f:
+        assert f.compact is not None

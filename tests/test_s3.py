@@ -178,9 +178,11 @@ def test_one_lease_per_run_and_a_dead_trainers_lease_lapses(s3_root):
 
 
 def _train_process(runs: str, small_book, env: dict, steps: int = 400) -> subprocess.Popen:
+    """`lilgatsby train` of the smoke experiment (and `env`'s LILGATSBY_TEST_SET, a --set of the test's)."""
+    extra = ["--set", env["LILGATSBY_TEST_SET"]] if "LILGATSBY_TEST_SET" in env else []
     return subprocess.Popen([sys.executable, "-m", "runner.cli", "train", SMOKE, "--runs", runs, "--corpus",
                              str(small_book), "--set", f"train.steps={steps}", "--set", "train.checkpoint_every=10",
-                             "--quiet"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             *extra, "--quiet"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _checkpoint_step(run: S3Uri) -> int:
@@ -240,11 +242,14 @@ def test_a_bucket_run_is_seen_live_as_of_its_last_checkpoint(s3_root, tmp_path, 
 
 
 @pytest.mark.long
-def test_a_killed_trainer_resumes_on_another_node_bitwise(s3_root, tmp_path, small_book, capsys):
+@pytest.mark.parametrize("record_format", ["full", "compact"])
+def test_a_killed_trainer_resumes_on_another_node_bitwise(s3_root, tmp_path, small_book, capsys, record_format):
     """SIGKILL after a checkpoint reached the bucket; the run resumes with another node's (empty)
-    scratch once the dead trainer's lease lapses, and ends bit-identical to an uninterrupted run.
+    scratch once the dead trainer's lease lapses, and ends bit-identical to an uninterrupted run
+    (in the compact format: to the uninterrupted compact run, and reads as the full one does).
     Meanwhile a second trainer is refused: one trainer per run."""
-    env = {**os.environ, "LILGATSBY_LEASE_TTL_S": "3", "LILGATSBY_SCRATCH": str(tmp_path / "node-a")}
+    env = {**os.environ, "LILGATSBY_LEASE_TTL_S": "3", "LILGATSBY_SCRATCH": str(tmp_path / "node-a"),
+           "LILGATSBY_TEST_SET": f"record.format={record_format}"}
     first = _train_process(str(s3_root), small_book, env)
     run = s3_root / "smoke"
     wait_until(lambda: s3.store().children(run), "the run directory", timeout_s=120, poll_s=0.1)
@@ -269,6 +274,14 @@ def test_a_killed_trainer_resumes_on_another_node_bitwise(s3_root, tmp_path, sma
                  "--set", "train.steps=400", "--quiet"]) == 0
     capsys.readouterr()
     assert main(["compare", str(run), str(tmp_path / "uninterrupted")]) == 0, capsys.readouterr().out
+    if record_format == "compact":
+        assert manifest["recording"]["format"] == "compact"
+        assert main(["train", SMOKE, "--out", str(tmp_path / "compact"), "--corpus", str(small_book),
+                     "--set", "train.steps=400", "--set", "record.format=compact", "--quiet"]) == 0
+        whole = (tmp_path / "compact" / "recording.safetensors").read_bytes()
+        resumed = s3.store().get_bytes(run / "recording.safetensors")
+        header = 8 + int.from_bytes(whole[:8], "little")  # the tensors' bytes: identical
+        assert whole[header:] == resumed[8 + int.from_bytes(resumed[:8], "little"):]
 
 
 @pytest.mark.long
@@ -480,3 +493,30 @@ def test_rm_in_a_bucket_waits_for_no_live_lease_and_leaves_nothing(s3_root, smal
     s3.store().delete([run / ".lease"])
     assert main(["rm", str(s3_root / "smoke"), run_id]) == 0
     assert _objects(run) == {} and load_index(str(s3_root / "smoke")).empty
+
+
+@pytest.mark.slow  # trains two runs
+def test_compact_and_expand_in_a_bucket(s3_root, tmp_path, small_book, capsys):
+    """`compact` replaces a bucket run's full recording by the compact one (which reads the same bit
+    for bit); `expand` writes it back, identical to the full recording, from the bucket to a file
+    and into the bucket."""
+    assert main(_train(str(s3_root), small_book)) == 0
+    assert main(_train(str(tmp_path / "runs"), small_book)) == 0
+    (local,) = [d for d in (tmp_path / "runs" / "smoke").iterdir() if d.is_dir()]
+    remote = s3_root / "smoke" / local.name
+    full_bytes = _objects(remote)["recording.safetensors"]
+    capsys.readouterr()
+    assert main(["compact", str(s3_root / "smoke"), "--quiet"]) == 0
+    assert "compact," in capsys.readouterr().out
+    assert _objects(remote)["recording.safetensors"] < full_bytes / 2.5
+    manifest = json.loads(s3.store().get_bytes(remote / "run.json"))
+    assert manifest["recording"]["format"] == "compact"
+    assert manifest["recording"]["bytes"] == _objects(remote)["recording.safetensors"]
+    assert main(["verify", str(remote)]) == 0
+    assert main(["compare", str(remote), str(local)]) == 0, capsys.readouterr().out
+    assert main(["expand", str(remote), "--out", str(tmp_path / "full.safetensors"), "--quiet"]) == 0
+    assert main(["expand", str(remote), "--out", str(s3_root / "full.safetensors"), "--quiet"]) == 0
+    capsys.readouterr()
+    for expanded in (str(tmp_path / "full.safetensors"), str(s3_root / "full.safetensors")):
+        assert main(["compare", expanded, str(local)]) == 0, capsys.readouterr().out
+    assert load_metrics(str(remote)).equals(load_metrics(str(local)))

@@ -223,8 +223,18 @@ def write_metrics(run_dir: Path | Location) -> pd.DataFrame:
     return table
 
 
-def note_source(run_dir: Path) -> None:
-    """metrics.csv (the live table, just published) is that of the recording as it is now."""
+def is_current(run_dir: Path | Location) -> bool:
+    """Whether metrics.csv was computed from the recording as it is now."""
+    files = RunFiles(at(run_dir))
+    try:
+        return json.loads(files.metrics_source.read_bytes() or b"null") == _fingerprint(files.recording)
+    except (OSError, ValueError):
+        return False
+
+
+def note_source(run_dir: Path | Location) -> None:
+    """metrics.csv (the live table, just published; or a recording's just rewritten in the other
+    format, which reads the same) is that of the recording as it is now."""
     files = RunFiles(at(run_dir))
     files.metrics_source.write_text(json.dumps(_fingerprint(files.recording)) + "\n")
 
@@ -259,11 +269,10 @@ def load_metrics(run_dir: str | Path | Location) -> pd.DataFrame:
     if not files.recording.exists() and (so_far := metrics_so_far(where)) is not None:
         return so_far
     try:
-        cached = json.loads(files.metrics_source.read_bytes() or b"null")
-        table_bytes = files.metrics.read_bytes() if cached == _fingerprint(files.recording) else None
+        table_bytes = files.metrics.read_bytes() if is_current(where) else None
         if table_bytes is not None:
             return parse_table(table_bytes)
-    except (OSError, ValueError):
+    except OSError:
         pass
     log.info("%s: computing per-step metrics from the recording", where)
     return write_metrics(where)

@@ -2,7 +2,8 @@
 
 While it trains, each checkpoint ships what another node needs to continue: the rows the recording
 gained since the previous checkpoint (one `rows-<a>-<b>` object: rows a..b-1 of every per-step
-tensor), the recording's header (once), the snapshots taken so far, the live metrics and event
+tensor, and a compact recording's keyframes of those rows), the recording's header (once; a compact
+recording's at each checkpoint, since it lists the keyframes), the snapshots taken so far, the live metrics and event
 file as they stand (what a report or TensorBoard of the running run reads), and then the checkpoint
 itself, so a checkpoint in the bucket always has every row it needs. `restore` rebuilds the scratch
 directory from those on any node. When the run is complete, `publish` uploads the recording
@@ -33,7 +34,7 @@ from runner.layout import (
     rows_key,
     snapshot_step,
 )
-from runner.recording.format import Header, read_header, recorded_tensors
+from runner.recording.format import KEYFRAMES, Header, read_header, recorded_tensors
 from runner.runs.rundir import write_manifest
 from runner.storage.lease import Lease
 from runner.storage.location import Location
@@ -65,12 +66,13 @@ class Publisher:
         stop = step // self.exp.record.every + 1
         partial = self.scratch.partial_recording
         header = _header_of(partial)
-        if self.rows_shipped == 0:
+        if self.rows_shipped == 0 or KEYFRAMES in header.tensors:  # a compact one's lists its keyframes so far
             with open(partial, "rb") as f:
                 (self.home.parts / PARTS_HEADER).write_bytes(f.read(header.data_start))
         if stop > self.rows_shipped:
             segment = self.scratch.root / f"{rows_key(self.rows_shipped, stop)}{TMP}"
-            _copy_ranges(partial, segment, header.row_ranges(recorded_tensors(self.exp), self.rows_shipped, stop))
+            _copy_ranges(partial, segment,
+                         header.segment_ranges(recorded_tensors(self.exp), self.rows_shipped, stop))
             try:
                 self.home.rows(self.rows_shipped, stop).upload(segment)
             finally:
@@ -196,7 +198,7 @@ def restore(home_dir: Location, scratch_dir: Path, exp: Experiment) -> int:
         os.posix_fallocate(fd, 0, header.end)
         os.pwrite(fd, head, 0)
         for first, last in chain:
-            sink = _RangeWriter(fd, header.row_ranges(recorded_tensors(exp), first, last))
+            sink = _RangeWriter(fd, header.segment_ranges(recorded_tensors(exp), first, last))
             for block in home.rows(first, last).stream():
                 sink.write(block)
             if sink.ranges:

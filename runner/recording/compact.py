@@ -53,7 +53,7 @@ def _replays(exp: Experiment, fused: bool) -> list[AdamReplay]:
     return [AdamReplay(exp.train, fused, shape, TORCH_DTYPES[parameter_dtype(exp)]) for _ in families(exp)]
 
 
-def _tensor(bits: np.ndarray, dtype: str) -> torch.Tensor:
+def as_tensor(bits: np.ndarray, dtype: str) -> torch.Tensor:
     """Stored bits (unsigned integers) as a torch tensor of the stored dtype, sharing memory."""
     return torch.from_numpy(bits.view(np.int16 if dtype == "BF16" else np.int32)).view(TORCH_DTYPES[dtype])
 
@@ -79,7 +79,7 @@ class Keyframer:
         previous = row - 1
         for replay, state, (_, g, _, _) in zip(self.replays, reader.state_at(previous), self.families, strict=True):
             replay.reset(*state, updates=previous - 1)
-            replay.update(_tensor(reader.read_bits(g, previous, row), reader.dtype)[0], step=previous)
+            replay.update(as_tensor(reader.read_bits(g, previous, row), reader.dtype)[0], step=previous)
         self.predicted = True
 
     def check(self, row: int, values: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -165,7 +165,7 @@ class CompactRows:
         if name in REPLAYED:
             rows = self._replayed(start, stop)[name]
         elif full_dtype != self.dtype and name in ("grads", "E_grads"):
-            rows = _tensor(self.read_bits(name, start, stop), self.dtype)
+            rows = as_tensor(self.read_bits(name, start, stop), self.dtype)
         else:
             return self.read_bits(name, start, stop)
         return as_bits(rows.to(TORCH_DTYPES[full_dtype]))
@@ -180,7 +180,7 @@ class CompactRows:
         finals = {}
         for replay, state, (w, g, m, v) in zip(self.replays, self.state_at(last), self.families, strict=True):
             replay.reset(*state, updates=last - 1)
-            replay.update(_tensor(self.read_bits(g, last, last + 1), self.dtype)[0], step=last)
+            replay.update(as_tensor(self.read_bits(g, last, last + 1), self.dtype)[0], step=last)
             for name, value in zip((w, m, v), replay.state(), strict=True):
                 finals[f"{name}_final"] = as_bits(value.to(TORCH_DTYPES[self.full[f"{name}_final"][0]]))
         self.at, self._block = None, None  # the replays moved past what they held
@@ -196,7 +196,7 @@ class CompactRows:
             begin = self.at  # the replays are there already
         else:
             self._reset_to_keyframe(begin)
-        grads = {g: _tensor(self.read_bits(g, begin, stop - 1), self.dtype) for _, g, _, _ in self.families}
+        grads = {g: as_tensor(self.read_bits(g, begin, stop - 1), self.dtype) for _, g, _, _ in self.families}
         out = {n: torch.empty((stop - start, *self.full[n][1][1:]), dtype=TORCH_DTYPES[self.dtype])
                for w, _, m, v in self.families for n in (w, m, v)}
         for row in range(begin, stop):
@@ -216,7 +216,7 @@ class CompactRows:
 
     def _reset_to_keyframe(self, row: int) -> None:
         index = self.keyframe_index[row]
-        record = _tensor(self.read_bits("keyframes", index, index + 1), self.dtype)[0]
+        record = as_tensor(self.read_bits("keyframes", index, index + 1), self.dtype)[0]
         order = keyframe_matrices(self.exp)
         for replay, (w, _, m, v) in zip(self.replays, self.families, strict=True):
             value, momentum, variance = (record[order.index(n)] for n in (w, m, v))

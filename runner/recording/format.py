@@ -9,6 +9,7 @@ sweep driver and the index can use it.
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import struct
@@ -169,6 +170,21 @@ class Header:
             begin, end = self.tensors[name]["data_offsets"]
             row_bytes = (end - begin) // self.tensors[name]["shape"][0]
             ranges.append((self.data_start + begin + first * row_bytes, (stop - first) * row_bytes))
+        return ranges
+
+
+    def segment_ranges(self, names: tuple[str, ...], first: int, stop: int) -> list[tuple[int, int]]:
+        """(file offset, length) of what rows first..stop-1 add to a recording: the rows of each
+        per-step tensor `names` stored here and, in a compact recording, the keyframes of those rows
+        (appended in row order, so theirs are one range)."""
+        ranges = self.row_ranges(tuple(name for name in names if name in self.tensors), first, stop)
+        if KEYFRAMES in self.tensors:
+            rows = json.loads(self.metadata.get("keyframe_rows", "[]"))
+            a, b = bisect.bisect_left(rows, first), bisect.bisect_left(rows, stop)
+            begin, end = self.tensors[KEYFRAMES]["data_offsets"]
+            if b > a:
+                record = (end - begin) // self.tensors[KEYFRAMES]["shape"][0]
+                ranges.append((self.data_start + begin + a * record, (b - a) * record))
         return ranges
 
 
