@@ -14,6 +14,11 @@ def mib(n_bytes: float) -> str:
     return f"{n_bytes / 2**20:,.1f} MiB"
 
 
+def size_text(n_bytes: float) -> str:
+    """MiB below a GiB, GiB from there."""
+    return mib(n_bytes) if n_bytes < 2**30 else f"{n_bytes / 2**30:,.2f} GiB"
+
+
 def format_duration(seconds: float) -> str:
     """`45 s`, `3 min 05 s`, `1 h 40 min`."""
     minutes, s = divmod(round(seconds), 60)

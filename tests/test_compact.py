@@ -142,15 +142,16 @@ def test_verify_refuses_a_truncated_compact_file(make_experiment, tmp_path):
 
 def test_run_ids_and_refusals(make_experiment):
     assert make_experiment(record={"format": "compact"}).run_id == make_experiment().run_id
-    with pytest.raises(ConfigError, match=r"record\.format: compact needs record\.every 1"):
+    with pytest.raises(ConfigError, match=r"record\.format: compact needs record\.every 1 and W, grads, momentum"):
         make_experiment(record={"format": "compact", "every": 2})
-    with pytest.raises(ConfigError, match=r"record\.format: compact needs W, grads, momentum and variance"):
+    with pytest.raises(ConfigError, match=r"record\.format: compact needs record\.every 1 and W, grads, momentum"):
         make_experiment(record={"format": "compact", "tensors": ["W", "grads", "loss"]})
     # a subset that keeps what the replay needs is fine: logits are simply not recorded
     exp = make_experiment(record={"format": "compact", "tensors": ["W", "grads", "momentum", "variance", "loss"]})
     assert exp.record.format == "compact"
 
 
+@pytest.mark.slow
 def test_rows_as_numpy_match_for_logits_and_finals(make_experiment, tmp_path):
     compact_dir, full_dir = _pair(make_experiment, tmp_path, "fp32", True)
     with RowReader(compact_dir / RECORDING) as c, RowReader(full_dir / RECORDING) as f:
@@ -182,18 +183,30 @@ def test_compact_in_place_then_expand_gives_the_original_back(make_experiment, t
     assert verify(tmp_path / "expanded.safetensors") == []
 
 
+@pytest.fixture(scope="module")
+def three_runs(tmp_path_factory, small_book):
+    """A full fp32 run, a full bf16-true run and a compact one, trained once."""
+    from runner.config import build_experiment
+
+    dirs = {}
+    for key, train, record in (("fp32", {"precision": "fp32"}, {}), ("full", {}, {}),
+                               ("compact", {}, {"format": "compact"})):
+        exp = build_experiment({"name": "c", "corpus": {"path": str(small_book)}, "record": record,
+                                "train": {"steps": 12, "batch_size": 4, "device": "cpu", **train}})
+        dirs[key] = tmp_path_factory.mktemp(key)
+        run(exp, dirs[key], progress=False)
+    return dirs
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["compact", "{fp32}"], "a full fp32 recording holds W and its gradients rounded to bf16"),
     (["expand", "{full}", "--out", "{tmp}/x.safetensors"], "already in the full format"),
     (["expand", "{compact}", "--out", "{full}/run.json"], "exists already"),
 ])
-def test_conversions_refused_in_one_line(make_experiment, tmp_path, capsys, args, message):
+def test_conversions_refused_in_one_line(three_runs, tmp_path, capsys, args, message):
     from runner.cli import main
 
-    dirs = {"fp32": tmp_path / "fp32", "full": tmp_path / "full", "compact": tmp_path / "compact"}
-    run(make_experiment(train={"precision": "fp32"}), dirs["fp32"], progress=False)
-    run(make_experiment(), dirs["full"], progress=False)
-    run(make_experiment(record={"format": "compact"}), dirs["compact"], progress=False)
+    dirs = three_runs
     before = {d: (d / RECORDING).read_bytes() for d in dirs.values()}
     capsys.readouterr()
     assert main([a.format(tmp=tmp_path, **dirs) for a in args]) == 2

@@ -85,9 +85,28 @@ def test_failed_run_does_not_stop_the_others(tmp_path, small_book):
 def test_dry_run_lists_runs_and_disk(tmp_path, capsys):
     assert main(["sweep", str(REPO / "experiments" / "seed_sweep.yaml"), "--runs", str(tmp_path), "--dry-run"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert len(out) == 18 and out[-2] == "16 runs, 16 to train, 14.73 GiB of recordings to write"
+    # 8 compact bf16-true recordings of 163 MiB, 8 of bf16-mixed of 321 MiB (fp32 gradients)
+    assert len(out) == 18
+    assert out[-2] == "16 runs, 16 to train, 3.79 GiB of recordings to write (record.format: compact)"
     assert out[-1].startswith("time: unknown for 16 runs: no run of their shape")
+    assert main(["sweep", str(REPO / "experiments" / "seed_sweep.yaml"), "--runs", str(tmp_path), "--dry-run",
+                 "--set", "record.format=full"]) == 0
+    assert capsys.readouterr().out.splitlines()[-2] == ("16 runs, 16 to train, 14.73 GiB of recordings to write "
+                                                        "(record.format: full; with record.format: compact: 3.79 GiB)")
     assert not any(tmp_path.iterdir())
+
+
+def test_a_sweep_that_does_not_fit_the_disk_is_refused_before_ray(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    free = 5 * 2**30
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**40, 2**40 - free, free))
+    assert main(["sweep", str(REPO / "experiments" / "seed_sweep.yaml"), "--runs", str(tmp_path),
+                 "--set", "record.format=full", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("the recordings of 16 runs need 14.73 GiB but only 5.00 GiB are free on that disk; "
+                        "with record.format: compact: 3.79 GiB, which fits"), err
+    assert not (tmp_path / "seed_sweep").exists()
 
 
 def test_task_options_pick_the_device():

@@ -52,10 +52,9 @@ _RULES: list[tuple[str, typing.Callable[[Any, Experiment], bool], str]] = [
     ("record.every", lambda v, e: 1 <= v <= e.train.steps, "must be between 1 and train.steps"),
     ("record.tensors", lambda v, e: set(v) <= set(RECORDED_TENSORS) and len(set(v)) == len(v),
      f"must be distinct names from {list(RECORDED_TENSORS)}"),
-    ("record.format", lambda v, e: v == "full" or e.record.every == 1,
-     "compact needs record.every 1 (W and Adam's moments are replayed from every step's gradient)"),
-    ("record.format", lambda v, e: v == "full" or {"W", "grads", "momentum", "variance"} <= set(e.record.tensors),
-     "compact needs W, grads, momentum and variance in record.tensors (the replay is made of them)"),
+    ("record.format", lambda v, e: v == "full" or e.record.replayable,
+     "compact needs record.every 1 and W, grads, momentum and variance in record.tensors (W and Adam's moments "
+     "are replayed from every step's gradient)"),
     ("record.model_steps", lambda v, e: isinstance(v, str) or (len(set(v)) == len(v)
                                                                 and all(0 <= s <= e.train.steps for s in v)),
      "must be final, none, pythia or a list of distinct steps between 0 and train.steps"),

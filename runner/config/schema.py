@@ -143,6 +143,11 @@ class RecordConfig:
     # moments replayed from them (docs/recording.md). The same numbers either way.
     format: Literal["full", "compact"] = field(default="full", metadata=NOT_IDENTITY)
 
+    @property
+    def replayable(self) -> bool:
+        """Whether the compact format can record this: every step, with what the replay is made of."""
+        return self.every == 1 and {"W", "grads", "momentum", "variance"} <= set(self.tensors)
+
 
 @dataclass(frozen=True)
 class ResourcesConfig:

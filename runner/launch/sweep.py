@@ -28,6 +28,7 @@ from runner.launch.nodes import check_nodes, check_this_node, identity
 from runner.launch.ray_session import start_or_join
 from runner.layout import INDEX_JSONL, RunFiles
 from runner.recording.format import recording_size
+from runner.recording.writer import check_free_space, compact_hint
 from runner.runs.estimate import estimate_seconds, measured_speeds
 from runner.runs.index import rebuild_index
 from runner.runs.rundir import (
@@ -128,7 +129,9 @@ def describe(runs: list[Run], todo: list[Run], runs_root: Location) -> str:
         time_text = f"  ~{format_duration(estimate[0])}" if estimate else ""
         lines.append(f"{r.run_id}  {'todo' if r.run_id in pending else 'done'}  {r.label}{time_text}")
     need = sum(recording_size(r.experiment) for r in todo)
-    lines.append(f"{plural(len(runs), 'run')}, {len(todo)} to train, {need / 2**30:.2f} GiB of recordings to write")
+    formats = sorted({r.experiment.record.format for r in todo}) or ["full"]
+    lines.append(f"{plural(len(runs), 'run')}, {len(todo)} to train, {need / 2**30:.2f} GiB of recordings to write "
+                 f"(record.format: {', '.join(formats)}{compact_hint([r.experiment for r in todo])})")
     known = [e for e in estimates.values() if e]
     if known:
         lines.append(f"time: ~{format_duration(sum(s for s, _ in known))} of training one run at a time on this "
@@ -198,6 +201,8 @@ def sweep(path: Path, overrides: list[str], runs_root: Location, *, address: str
         print(f"{exp_dir}: {'the run is' if len(runs) == 1 else f'all {len(runs)} runs'} complete; nothing to train "
               f"(--force trains {'it' if len(runs) == 1 else 'them'} again)")
         return 0
+    if exp_dir.local is not None:  # all of them, before any trains (each run checks its own again)
+        check_free_space(exp_dir.local, {RunFiles(exp_dir.local / r.run_id).recording: r.experiment for r in todo})
     book_of, books = read_books(todo)
     joined = start_or_join(address)
     try:

@@ -84,7 +84,8 @@ def run(exp: Experiment, run_dir: Path, *, overrides: dict | None = None, grid_p
     torch_device = resolve_device(device or exp.train.device)
     corpus = corpus or load_corpus(exp.corpus.path, exp.corpus.ascii)
     check_enough_text(len(corpus.text), exp.train.batch_order, exp.model.context_length, exp.train.batch_size)
-    check_free_space(RunFiles(run_dir).recording, exp)
+    recording = RunFiles(run_dir).recording
+    check_free_space(recording, {recording: exp})
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(run_dir):
         if not force and is_complete(run_dir, exp):

@@ -37,7 +37,7 @@ def convertible(source: RowReader, compact: bool) -> str | None:
         return (f"a full {exp.train.precision} recording holds W and its gradients rounded to bf16, not the fp32 "
                 f"values a replay needs: only bf16-true recordings compact (record.format: compact records "
                 f"any precision as it trains)")
-    if compact and (exp.record.every != 1 or not {"W", "grads", "momentum", "variance"} <= set(exp.record.tensors)):
+    if compact and not exp.record.replayable:
         return "recorded with record.every > 1 or without W, grads, momentum or variance: nothing to replay"
     return None
 

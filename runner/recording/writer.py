@@ -46,6 +46,7 @@ from runner.recording.format import (
     tensor_bytes,
 )
 from runner.recording.rows import BITS, RowReader, as_fp32
+from runner.text import size_text
 
 TORCH_DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32}
 
@@ -54,15 +55,29 @@ class DiskSpaceError(UserError):
     """Not enough free space for a recording; refused before training starts."""
 
 
-def check_free_space(path: Path, exp: Experiment) -> None:
-    """Refuse a recording that cannot fit on the disk (a resumed one already has its space)."""
-    if partial(path).exists():
-        return
+def check_free_space(path: Path, recordings: dict[Path, Experiment]) -> None:
+    """Refuse recordings (path -> its run's experiment) that cannot all fit on the disk of `path`
+    (one run's, or a sweep's still to write; a resumed one already has its space): the refusal says
+    what the compact format would need where the recordings are full."""
+    exps = list(recordings.values())
+    needed = sum(recording_size(exp) + HEADER_SLACK for where, exp in recordings.items() if not partial(where).exists())
     existing = next(p for p in (path, *path.parents) if p.exists())
-    needed, free = recording_size(exp) + HEADER_SLACK, shutil.disk_usage(existing).free
+    free = shutil.disk_usage(existing).free
     if needed > free:
-        raise DiskSpaceError(f"{path}: the recording needs {needed / 2**20:,.1f} MiB but only "
-                             f"{free / 2**20:,.1f} MiB are free on that disk")
+        what = "the recording needs" if len(exps) == 1 else f"the recordings of {len(exps)} runs need"
+        raise DiskSpaceError(f"{path}: {what} {size_text(needed)} but only {size_text(free)} are free on that disk"
+                             f"{compact_hint(exps, free)}")
+
+
+def compact_hint(exps: list[Experiment], free: float | None = None) -> str:
+    """What recording the full-format ones compact would take, as a clause ("" when none would change)."""
+    full = [exp for exp in exps if exp.record.format == "full" and exp.record.replayable]
+    if not full:
+        return ""
+    others = sum(recording_size(exp) for exp in exps if exp not in full)
+    compact = others + sum(recording_size(exp, "compact") for exp in full)
+    fits = "" if free is None else (", which fits" if compact <= free else ", which does not fit either")
+    return f"; with record.format: compact: {size_text(compact)}{fits}"
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
