@@ -15,6 +15,8 @@ baseline and the runner alternate. Modes:
                  recording off on both sides: steps/s per seed and 10,000-step runs per hour
   --busy         the reference config on a busy machine: OpenMP's default wait against the project's,
                  quiet, beside spinning loops and other trainings, and in a one-CPU cgroup (bench/busy.py)
+  --compact      full against compact recordings (record.format): speed per precision (--steps,
+                 default 1000), bytes, reading rows back, what zstandard would add (bench/compact.py)
   --live         live metrics and TensorBoard events (`record.live`) on vs off, alternating, on the
                  reference experiment (--steps, default 1000): one run on every core, and a sweep of
                  one run per core; with peak RSS at --steps and 3x as many steps
@@ -266,6 +268,8 @@ def main() -> None:
     parser.add_argument("--packed", action="store_true")
     parser.add_argument("--live", action="store_true")
     parser.add_argument("--busy", action="store_true")
+    parser.add_argument("--compact", action="store_true")
+    parser.add_argument("--precisions", default="bf16-true,bf16-mixed,fp32", help="with --compact")
     parser.add_argument("--sweep-steps", type=int, default=1000)
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--json", type=Path, help="where to write the results (default bench/results/<mode>.json)")
@@ -279,6 +283,13 @@ def main() -> None:
 
         busy.main(args.steps if "--steps" in sys.argv else 150, args.rounds,
                   args.json or REPO / "bench" / "results" / "busy.json")
+        return
+    if args.compact:
+        import compact
+
+        with tempfile.TemporaryDirectory(prefix="lilgatsby-bench-") as tmp:
+            compact.main(args.steps if "--steps" in sys.argv else 1000, args.rounds, args.precisions.split(","),
+                         args.json or REPO / "bench" / "results" / "compact.json", Path(tmp))
         return
     mode = "sweep" if args.sweep else "packed" if args.packed else "live" if args.live else f"steps{args.steps}"
     with tempfile.TemporaryDirectory(prefix="lilgatsby-bench-") as tmp:

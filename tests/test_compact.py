@@ -232,8 +232,8 @@ def test_an_interrupted_compact_leaves_the_full_recording(make_experiment, tmp_p
 
     run(make_experiment(train={"steps": STEPS}), tmp_path / "run", progress=False)
     original = (tmp_path / "run" / RECORDING).read_bytes()
-    slow_compact = ("import sys, time\nfrom runner.recording.compact import Keyframes\nreal = Keyframes.check\n"
-                    "Keyframes.check = lambda self, *a: (time.sleep(0.1), real(self, *a))[1]\n"
+    slow_compact = ("import sys, time\nfrom runner.recording.compact import Keyframes\nreal = Keyframes.choose\n"
+                    "Keyframes.choose = lambda self, *a: (time.sleep(3), real(self, *a))[1]\n"
                     "from runner.cli import main\nsys.exit(main(['compact', sys.argv[1], '--quiet']))\n")
     command = [sys.executable, "-c", slow_compact, str(tmp_path / "run")]
     killed = subprocess.Popen(command)

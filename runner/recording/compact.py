@@ -48,9 +48,9 @@ def uses_fused_adam(metadata: dict[str, str]) -> bool:
     return json.loads(metadata.get("implementation", "{}")).get("adam") == "fused"
 
 
-def _replays(exp: Experiment, fused: bool) -> list[AdamReplay]:
+def _replays(exp: Experiment, fused: bool, device: torch.device | None = None) -> list[AdamReplay]:
     shape = (exp.model.vocab_size, exp.model.hidden_dim)
-    return [AdamReplay(exp.train, fused, shape, TORCH_DTYPES[parameter_dtype(exp)]) for _ in families(exp)]
+    return [AdamReplay(exp.train, fused, shape, TORCH_DTYPES[parameter_dtype(exp)], device) for _ in families(exp)]
 
 
 def as_tensor(bits: np.ndarray, dtype: str) -> torch.Tensor:
@@ -68,8 +68,8 @@ class Keyframer:
     """Chooses a compact recording's keyframes while it is written: rows 0 and 1, every
     KEYFRAME_INTERVAL-th, and every row that the replay of the update before it does not reproduce."""
 
-    def __init__(self, exp: Experiment, fused: bool, rows: int):
-        self.exp, self.families, self.replays = exp, families(exp), _replays(exp, fused)
+    def __init__(self, exp: Experiment, fused: bool, rows: int, device: torch.device | None = None):
+        self.exp, self.families, self.replays = exp, families(exp), _replays(exp, fused, device)
         self.scheduled = set(scheduled_keyframes(rows))
         self.predicted = False  # whether the replays hold the next row's state
 
@@ -100,15 +100,17 @@ class Keyframer:
 
 
 class Keyframes:
-    """A compact recording's keyframes while it is written: which rows (`Keyframer`), where each
-    goes (appended after the tensors of fixed size), their digests (a checkpoint keeps them; the
+    """A compact recording's keyframes while it is written: which rows (`choose`, in the training
+    thread, on the device and with the kernels that train), where each goes (appended after the
+    tensors of fixed size, by the writer thread), their digests (a checkpoint keeps them; the
     writer checks them again before the file is published)."""
 
-    def __init__(self, exp: Experiment, layout: dict, rows: int, fused: bool, checked: dict | None):
+    def __init__(self, exp: Experiment, layout: dict, rows: int, fused: bool, checked: dict | None,
+                 device: torch.device):
         """`checked`: a resumed recording's checkpoint digests, with the keyframes written up to it."""
         dtype, shape = layout[KEYFRAMES]
         self.record_bytes = tensor_bytes(dtype, (1, *shape[1:]))
-        self.keyframer = Keyframer(exp, fused, rows)
+        self.keyframer = Keyframer(exp, fused, rows, device)
         self.family_names = tuple(name for family in families(exp) for name in family)
         self.scheduled_bytes = len(self.keyframer.scheduled) * self.record_bytes
         kept = (checked or {}).get("keyframes", {"rows": [], "records": []})
@@ -125,15 +127,23 @@ class Keyframes:
         """What a checkpoint keeps of them."""
         return {"rows": list(self.rows), "records": list(self.digests)}
 
-    def check(self, row: int, values: dict[str, torch.Tensor], append: Callable[[int, memoryview], None]) -> None:
-        """Row `row` of W's families: `append(offset, bytes)` its keyframe when it is one."""
-        record = self.keyframer.check(row, values)
-        if record is not None:
-            assert not self.rows or row > self.rows[-1], "keyframes must come in order"
-            data = record.contiguous().view(torch.uint8).numpy().data.cast("B")
-            append(len(self.rows) * self.record_bytes, data)
-            self.rows.append(row)
-            self.digests.append(digest(data))
+    def choose(self, first_row: int, rows: dict[str, torch.Tensor]) -> list[tuple[int, torch.Tensor]]:
+        """The keyframes among rows first_row.. of W's families (in the parameters' dtype), as
+        (row, keyframe on the CPU)."""
+        found = []
+        for i in range(len(rows[self.family_names[0]])):
+            record = self.keyframer.check(first_row + i, {name: rows[name][i] for name in self.family_names})
+            if record is not None:
+                found.append((first_row + i, record.cpu()))
+        return found
+
+    def append(self, row: int, record: torch.Tensor, write: Callable[[int, memoryview], None]) -> None:
+        """Keyframe `row`, `write(offset, bytes)` after the ones before it."""
+        assert not self.rows or row > self.rows[-1], "keyframes must come in order"
+        data = record.contiguous().view(torch.uint8).numpy().data.cast("B")
+        write(len(self.rows) * self.record_bytes, data)
+        self.rows.append(row)
+        self.digests.append(digest(data))
 
     def read_back(self, read: Callable[[int, int], bytes]) -> bytes:
         """Every keyframe as the file holds it (`read(first, stop)`), each checked against its digest."""

@@ -36,12 +36,13 @@ class AdamReplay:
     """One matrix's optimizer state (value, `exp_avg`, `exp_avg_sq`, updates so far), stepped by
     torch's optimizer as training stepped it: `reset` to a known state, then `update` per step."""
 
-    def __init__(self, cfg: TrainConfig, fused: bool, shape: tuple[int, ...], dtype: torch.dtype):
+    def __init__(self, cfg: TrainConfig, fused: bool, shape: tuple[int, ...], dtype: torch.dtype,
+                 device: torch.device | None = None):
         self.cfg, self.fused = cfg, fused
         cls, options = adam_class_and_options(cfg, fused)
         if cfg.optimizer == "adamw":
             options["weight_decay"] = cfg.weight_decay  # W and E are 2-D: in the decayed group
-        self.param = torch.nn.Parameter(torch.zeros(shape, dtype=dtype))
+        self.param = torch.nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
         self.optimizer = cls([self.param], **options)
         self.updates = 0
 
@@ -50,7 +51,8 @@ class AdamReplay:
         dtype = self.param.dtype
         with torch.no_grad():
             self.param.copy_(value)
-        step = torch.tensor(float(updates), dtype=torch.float32)  # as torch's Adam keeps it on the CPU
+        # where torch's Adam keeps it: on the parameter's device when fused, else on the CPU
+        step = torch.tensor(float(updates), dtype=torch.float32, device=self.param.device if self.fused else "cpu")
         self.optimizer.state[self.param] = {"step": step, "exp_avg": momentum.to(dtype).clone(),
                                             "exp_avg_sq": variance.to(dtype).clone()}
         self.updates = updates

@@ -29,6 +29,15 @@ def as_fp32(bits: np.ndarray) -> np.ndarray:
     return bits.view(np.float32)
 
 
+def round_to_bf16(bits: np.ndarray) -> np.ndarray:
+    """fp32 bits rounded to bf16 bits, to nearest even, as torch's `.to(torch.bfloat16)` rounds
+    (a NaN becomes its quiet NaN). numpy, not torch: a torch op on large tensors in a second thread
+    starts a second OpenMP team, which slowed training by ~15 % on 2 cores."""
+    one, half = np.uint32(1), np.uint32(0x7FFF)
+    rounded = ((bits + half + ((bits >> np.uint32(16)) & one)) >> np.uint32(16)).astype(np.uint16)
+    return np.where(np.isnan(bits.view(np.float32)), np.uint16(0x7FC0), rounded)
+
+
 class RowReader:
     """`with RowReader(path) as f: f.rows("W", 0, 256)` -> fp32 array of rows 0..255. `path` is a
     local file or an `s3://` object (read by ranges), a recording in either format: `tensors`,

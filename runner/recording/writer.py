@@ -45,7 +45,7 @@ from runner.recording.format import (
     recording_size,
     tensor_bytes,
 )
-from runner.recording.rows import BITS, RowReader, as_fp32
+from runner.recording.rows import BITS, RowReader, as_fp32, round_to_bf16
 from runner.text import size_text
 
 TORCH_DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32}
@@ -127,8 +127,8 @@ class RecordingWriter:
             end += tensor_bytes(dtype, shape)
         rows = len(recorded_steps(exp.train.steps, self.every))
         self.metadata = {"format_version": FORMAT_VERSION, **metadata}
-        self.keyframes = Keyframes(exp, self.layout, rows, uses_fused_adam(metadata), checked_digests) if compact \
-            else None
+        self.keyframes = Keyframes(exp, self.layout, rows, uses_fused_adam(metadata), checked_digests, device) \
+            if compact else None
         if self.keyframes is not None:
             self.metadata.update(self.keyframes.metadata())
         if first_row:
@@ -236,20 +236,22 @@ class RecordingWriter:
             copied.record()
         else:  # one copy per chunk on MPS; a view on the CPU
             host = {n: b[:self._filled].cpu() for n, b in buffers.items()}
+        keyframes = [] if self.keyframes is None else self.keyframes.choose(
+            self._chunk_start, {n: buffers[n][:self._filled] for n in self.keyframes.family_names})
         self._wait()  # the other buffer set's write has finished, so it may be refilled
-        self._pending = self._executor.submit(self._write_rows, self._chunk_start, host, copied, self._wall_times)
+        self._pending = self._executor.submit(self._write_rows, self._chunk_start, host, copied, self._wall_times,
+                                              keyframes)
         self._pending_first = self._chunk_start
         self._active, self._chunk_start, self._filled = 1 - self._active, self._chunk_start + self._filled, 0
         self._wall_times = []
 
     def _write_rows(self, first_row: int, rows: dict[str, torch.Tensor], copied: torch.cuda.Event | None,
-                    wall_times: list[float]) -> None:
+                    wall_times: list[float], keyframes: list[tuple[int, torch.Tensor]]) -> None:
         if copied is not None:
             copied.synchronize()  # the chunk's device->host copy has landed
-        if self.keyframes is not None:
-            for i in range(len(wall_times)):
-                self.keyframes.check(first_row + i, {name: rows[name][i] for name in self.keyframes.family_names},
-                                     self._append)
+        for row, record in keyframes:
+            assert self.keyframes is not None
+            self.keyframes.append(row, record, self._append)
         stored = {}
         for name in self.streams:
             dtype, shape = self.layout[name]
@@ -258,11 +260,16 @@ class RecordingWriter:
             _pwrite_all(self.fd, stored[name], self.data_start + self.offsets[name] + first_row * row_bytes)
         self.digests.update(first_row, stored, len(wall_times))
         if self.sink is not None:  # the values as the full format stores them (bf16 widened exactly)
-            full = {name: _as_bytes(tensor.to(TORCH_DTYPES[self.full_layout[name][0]]))
-                    for name, tensor in rows.items()}
-            self.sink.rows_written(first_row, {
-                name: as_fp32(np.frombuffer(data, dtype=BITS[self.full_layout[name][0]]).reshape(rows[name].shape))
-                for name, data in full.items()}, wall_times)
+            self.sink.rows_written(first_row, {name: self._as_full_fp32(name, tensor) for name, tensor in rows.items()},
+                                   wall_times)
+
+    def _as_full_fp32(self, name: str, rows: torch.Tensor) -> np.ndarray:
+        """Buffered rows as the full format stores them (a compact recording's fp32 W and gradients
+        rounded to bf16), widened to fp32."""
+        bits = np.frombuffer(_as_bytes(rows), dtype=BITS["BF16" if rows.dtype == torch.bfloat16 else "F32"])
+        if rows.dtype == torch.float32 and self.full_layout[name][0] == "BF16":
+            bits = round_to_bf16(bits)
+        return as_fp32(bits).reshape(rows.shape)
 
     def _append(self, offset: int, data: memoryview) -> None:
         """Write a keyframe `offset` bytes after the tensors of fixed size."""
