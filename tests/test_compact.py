@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import runner.recording.format
+from runner import open_recording
 from runner.analysis.compare import compare
 from runner.errors import ConfigError
 from runner.launch.train import run
@@ -15,6 +16,7 @@ from runner.recording.format import KEYFRAMES, scheduled_keyframes
 from runner.recording.replay import AdamReplay
 from runner.recording.rows import RowReader
 from runner.recording.verify import verify
+from runner.runs.rundir import is_complete
 
 from conftest import flip_byte, load_recording
 
@@ -62,7 +64,7 @@ def test_expansion_equals_the_full_recording(make_experiment, tmp_path, precisio
 def test_any_row_read_alone_equals_the_full_one(make_experiment, tmp_path):
     compact_dir, full_dir = _pair(make_experiment, tmp_path, "bf16-true", True)
     full = load_recording(full_dir / RECORDING)
-    with RowReader(compact_dir / RECORDING) as f:
+    with open_recording(compact_dir) as f:  # the public entry point: a run directory stands for its recording
         for row in (37, 3, 16, 15, 0, 1, 40, 17, 18):  # out of order: from keyframes and from where it stopped
             for name in ("W", "momentum", "variance", "grads"):
                 expected = full[name][row:row + 1]
@@ -117,6 +119,7 @@ def test_a_resumed_run_keeps_the_format_it_began_with(make_experiment, tmp_path,
     run(full, tmp_path / "run", progress=False)
     assert json.loads((tmp_path / "run" / "run.json").read_text())["recording"]["format"] == "compact"
     assert verify(tmp_path / "run") == []
+    assert is_complete(tmp_path / "run", full) and is_complete(tmp_path / "run", compact)  # either format counts
 
 
 @pytest.mark.parametrize(("tensor", "row", "message"), [
@@ -251,3 +254,21 @@ def test_an_interrupted_compact_leaves_the_full_recording(make_experiment, tmp_p
     assert identical, "\n".join(lines)
     with RowReader(tmp_path / "run" / RECORDING) as f:
         assert f.compact is not None
+
+
+@pytest.mark.slow
+def test_sigkill_at_a_random_step_then_resume_compact(tmp_path, small_book):
+    """A compact run SIGKILLed mid-run and resumed in a fresh process ends identical to the
+    uninterrupted compact run: tensors, parameters, digests (the keyframes' included)."""
+    import random
+    import subprocess
+
+    from test_resume import EVERY, REPO, STEPS, assert_identical, kill_then_resume, train_cmd
+
+    path = tmp_path / "resume.yaml"
+    path.write_text(f"include: {REPO / 'experiments' / 'smoke.yaml'}\nname: resume\ncorpus: {{path: {small_book}}}\n"
+                    f"train: {{steps: {STEPS}, batch_size: 4, checkpoint_every: {EVERY}}}\n"
+                    "record: {format: compact}\n")
+    assert subprocess.run(train_cmd(path, tmp_path / "whole"), capture_output=True).returncode == 0
+    kill_then_resume(path, tmp_path / "run", random.Random(7))
+    assert_identical(tmp_path / "run", tmp_path / "whole")

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from runner.errors import ConfigError, UserError
+from runner.layout import recording_of
 from runner.recording.format import ITEM_BYTES, experiment_of, is_compact, read_header, stored_layout
 from runner.storage.blob import read
 from runner.storage.location import Location, at
@@ -95,6 +96,14 @@ class RowReader:
         buffer = bytearray((stop - start) * row_bytes)
         self.blob.read_into(self.data_start + info["data_offsets"][0] + start * row_bytes, memoryview(buffer))
         return np.frombuffer(buffer, dtype=BITS[dtype]).reshape(stop - start, *shape[1:])
+
+
+def open_recording(path: str | Path | Location) -> RowReader:
+    """Any tensor of a recording, any rows, in either format (docs/recording.md), on a disk or in a
+    bucket, read lazily: `with open_recording("runs/seed_sweep/<run id>") as f: f.rows("W", 5000,
+    5001)`. A run directory stands for its recording. `f.tensors` names what it holds (the full
+    format's tensors, whatever the file's format), `f.metadata` its metadata."""
+    return RowReader(recording_of(at(path)))
 
 
 def layout_matches(recording: Location) -> bool:
