@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 EXP    ?= experiments/lil_gatsby.yaml
 RUNS   ?= runs
 
-.PHONY: setup setup-test run test test-long test-fast lint sweep index report tensorboard bench bench-analysis bench-profile bench-storage clean wheelhouse image s3-image docker-run docker-sweep job-sweep cluster-up cluster-down test-container
+.PHONY: setup setup-test run test test-long test-fast lint sweep index report tensorboard notebook bench bench-analysis bench-profile bench-storage clean wheelhouse image s3-image docker-run docker-sweep job-sweep cluster-up cluster-down test-container
 
 # The venv is rebuilt when pyproject.toml changes. torch==2.13.0 is the CPU build on this project's
 # machines; for CUDA, install a CUDA build of torch 2.13.0 into .venv first (see README, "Getting lilgatsby on your PATH").
@@ -31,6 +31,12 @@ setup-test: $(VENV)/.test-extras
 
 run: setup
 	$(BIN)/lilgatsby train $(EXP) --runs $(RUNS)
+
+# JupyterLab on 127.0.0.1 (its URL with the token is printed) with the dead-token notebook open; its input
+# is runs/plateau_sweep (`lilgatsby sweep experiments/plateau_sweep.yaml`), or LILGATSBY_NOTEBOOK_RUNS
+notebook: setup
+	$(BIN)/pip install -q -e '.[s3,cluster,notebook]'
+	$(BIN)/jupyter lab --ip 127.0.0.1 --no-browser notebooks/dead_tokens.ipynb
 
 # the default suite: everything but the tests marked long (4.6-6.2 minutes on the 2-core AVX512-BF16 AMD EPYC of
 # 2026-12-03 to -06, 7.0-7.4 on the AVX2 one before this round's tests; docs/development.md)

@@ -23,8 +23,8 @@ from runner.storage.location import Location, at
 UNREADABLE = "unreadable"  # the status of a run whose run.json does not parse
 # Leading columns of the index, in order; the flattened config (dotted keys) follows them.
 COLUMNS = ("run_id", "name", "status", "grid_point", "swept", "seed", "device", "host", "started_at", "ended_at",
-           "duration_s", "steps_per_s", "final_loss", "mean_loss_last_100", "dead_tokens", "dead_row_norm",
-           "live_row_norm", "dead_cosine", "recording_path", "recording_bytes", "git_commit", "error")
+           "duration_s", "steps_per_s", "final_loss", "mean_loss_last_100", "dead_tokens", "dead_token_ids",
+           "dead_row_norm", "live_row_norm", "dead_cosine", "recording_path", "recording_bytes", "git_commit", "error")
 
 
 def flatten_config(config: dict, prefix: str = "") -> dict:
@@ -62,6 +62,7 @@ def index_row(run_dir: Location, manifest: dict) -> dict:
         "mean_loss_last_100": metrics.get("mean_loss_last_100"),
         **{k: manifest.get("dead_token_summary", {}).get(k) for k in
            ("dead_tokens", "dead_row_norm", "live_row_norm", "dead_cosine")},
+        "dead_token_ids": manifest.get("corpus", {}).get("dead_tokens"),
         "recording_path": str(run_dir / recording["path"]) if recording.get("path") else None,
         "recording_bytes": recording.get("bytes"),
         "git_commit": manifest.get("environment", {}).get("git_commit"),
