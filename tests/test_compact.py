@@ -219,7 +219,7 @@ def test_conversions_refused_in_one_line(three_runs, tmp_path, capsys, args, mes
     assert not (tmp_path / "x.safetensors").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_an_interrupted_compact_leaves_the_full_recording(make_experiment, tmp_path):
     """SIGKILL while `compact` writes: the run keeps its full recording, readable and valid; the
     same command then compacts it, and the expansion equals the original."""
@@ -256,7 +256,7 @@ def test_an_interrupted_compact_leaves_the_full_recording(make_experiment, tmp_p
         assert f.compact is not None
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_sigkill_at_a_random_step_then_resume_compact(tmp_path, small_book):
     """A compact run SIGKILLed mid-run and resumed in a fresh process ends identical to the
     uninterrupted compact run: tensors, parameters, digests (the keyframes' included)."""

@@ -495,7 +495,7 @@ def test_rm_in_a_bucket_waits_for_no_live_lease_and_leaves_nothing(s3_root, smal
     assert _objects(run) == {} and load_index(str(s3_root / "smoke")).empty
 
 
-@pytest.mark.slow  # trains two runs
+@pytest.mark.long  # trains two runs, converts in the bucket
 def test_compact_and_expand_in_a_bucket(s3_root, tmp_path, small_book, capsys):
     """`compact` replaces a bucket run's full recording by the compact one (which reads the same bit
     for bit); `expand` writes it back, identical to the full recording, from the bucket to a file
