@@ -36,7 +36,7 @@ run: setup
 # is runs/plateau_sweep (`lilgatsby sweep experiments/plateau_sweep.yaml`), or LILGATSBY_NOTEBOOK_RUNS
 notebook: setup
 	$(BIN)/pip install -q -e '.[s3,cluster,notebook]'
-	$(BIN)/jupyter lab --ip 127.0.0.1 --no-browser notebooks/dead_tokens.ipynb
+	$(BIN)/jupyter lab --ip 127.0.0.1 --no-browser $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/dead_tokens.ipynb
 
 # the default suite: everything but the tests marked long (4.6-6.2 minutes on the 2-core AVX512-BF16 AMD EPYC of
 # 2026-12-03 to -06, 7.0-7.4 on the AVX2 one before this round's tests; docs/development.md)

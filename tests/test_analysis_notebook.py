@@ -2,6 +2,7 @@
 nbclient and a real Jupyter kernel), and it is kept in the repository without outputs."""
 
 import json
+import re
 
 import pytest
 
@@ -19,6 +20,9 @@ def test_the_notebook_is_kept_without_outputs():
     assert code and all(c["outputs"] == [] and c["execution_count"] is None for c in code)
     source = "".join("".join(c["source"]) for c in code)
     assert "from runner import " in source and "runner." not in source.replace("from runner import ", "")
+    # Jupyter runs a notebook in its own folder: the default input is the repository's runs/plateau_sweep
+    (default,) = re.findall(r'"LILGATSBY_NOTEBOOK_RUNS", "([^"]+)"', source)
+    assert (NOTEBOOK.parent / default).resolve() == REPO / "runs" / "plateau_sweep"
 
 
 @pytest.mark.slow  # trains 4 short runs, starts a kernel that imports torch
