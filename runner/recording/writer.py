@@ -45,10 +45,9 @@ from runner.recording.format import (
     recording_size,
     tensor_bytes,
 )
+from runner.recording.replay import TORCH_DTYPES
 from runner.recording.rows import BITS, RowReader, as_fp32, round_to_bf16
 from runner.text import size_text
-
-TORCH_DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32}
 
 
 class DiskSpaceError(UserError):
