@@ -232,7 +232,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
     from runner.recording.rows import RowReader
     from runner.runs.reformat import compact_run
 
-    for path in [run for given in args.paths for run in _recordings_below(at(given, "path"))]:
+    for path in [run for given in args.paths for run in _recordings_below(at(given, "path"), "not compacted")]:
         with RowReader(recording_of(path)) as reader:
             already = is_compact(reader.metadata)
         if already:
@@ -253,9 +253,9 @@ def cmd_expand(args: argparse.Namespace) -> int:
     return 0
 
 
-def _recordings_below(path: Location) -> list[Location]:
+def _recordings_below(path: Location, skipped: str = "not verified") -> list[Location]:
     """A recording or run directory as it is; an experiment directory (or runs root) as its run
-    directories (those whose run is not complete yet are said so and skipped)."""
+    directories (those whose run is not complete yet are said so, `skipped`, and left out)."""
     from runner.runs.index import experiment_dirs, read_runs
 
     files, is_dir = RunFiles(path), path.is_dir()  # (in a bucket, each look is a request)
@@ -269,7 +269,7 @@ def _recordings_below(path: Location) -> list[Location]:
     status = {run_dir: (manifest or {}).get("status") or row["status"] for run_dir, manifest, row in runs}
     for run_dir, said in status.items():
         if said != "complete":
-            print(f"{run_dir}: {said or 'no status'}, not verified")
+            print(f"{run_dir}: {said or 'no status'}, {skipped}")
     return [run_dir for run_dir, said in status.items() if said == "complete"]
 
 

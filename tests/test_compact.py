@@ -272,3 +272,20 @@ def test_sigkill_at_a_random_step_then_resume_compact(tmp_path, small_book):
     assert subprocess.run(train_cmd(path, tmp_path / "whole"), capture_output=True).returncode == 0
     kill_then_resume(path, tmp_path / "run", random.Random(7))
     assert_identical(tmp_path / "run", tmp_path / "whole")
+
+
+def test_compact_of_an_experiment_directory_skips_runs_not_complete(make_experiment, tmp_path, capsys):
+    from runner.cli import main
+    from runner.runs.rundir import new_manifest, write_manifest
+
+    done, running = make_experiment(), make_experiment(train={"seed": 5})
+    run(done, tmp_path / "test" / done.run_id, progress=False)
+    (tmp_path / "test" / running.run_id).mkdir()
+    write_manifest(tmp_path / "test" / running.run_id, {**new_manifest(running, None, None), "status": "running"})
+    capsys.readouterr()
+    assert main(["compact", str(tmp_path / "test"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert f"{running.run_id}: running, not compacted" in out and "compact, " in out, out
+    assert verify(tmp_path / "test" / done.run_id) == []
+    with open_recording(tmp_path / "test" / done.run_id) as f:
+        assert f.compact is not None
