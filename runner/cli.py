@@ -18,7 +18,7 @@ from runner.layout import INDEX_JSONL, RunFiles, is_transient, recording_of
 from runner.settings import check_environment
 from runner.storage.location import Location, at, unless_read_only
 from runner.storage.s3 import StorageError
-from runner.text import plural
+from runner.text import mib, plural
 
 log = logging.getLogger("runner.cli")
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130  # 130: Ctrl-C (128 + SIGINT), as shells report it
@@ -323,7 +323,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
     doomed = choose(experiment_dir, args.run_ids, args.status, args.where)
     for d in doomed:
         print(f"{'would remove' if args.dry_run else 'removing'} {d.run_dir} ({d.row.get('status')}, "
-              f"{d.size / 2**20:,.1f} MiB)")
+              f"{mib(d.size)})")
     if not args.dry_run:
         remove(doomed, experiment_dir)
         print(f"{experiment_dir}: {plural(len(doomed), 'run')} removed; index rebuilt")
@@ -343,7 +343,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     if size == 0:
         raise UserError(f"{source}: nothing there")
     rows = rebuild_index(experiment_dir)
-    print(f"{target}: {size / 2**20:,.1f} MiB from {source}; {experiment_dir}: {plural(len(rows), 'run')} indexed")
+    print(f"{target}: {mib(size)} from {source}; {experiment_dir}: {plural(len(rows), 'run')} indexed")
     return 0
 
 

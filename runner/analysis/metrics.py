@@ -18,6 +18,7 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 
+from runner.analysis.tokens import token_label
 from runner.config import Experiment
 from runner.layout import RunFiles
 from runner.recording.format import experiment_of, header_bytes, recorded_steps, recorded_tensors
@@ -195,7 +196,7 @@ def dead_row_norms(path: str | Path | Location, chunk_rows: int = CHUNK_ROWS) ->
         steps = recorded_steps(exp.train.steps, exp.record.every)
         norms = np.concatenate([np.linalg.norm(f.rows("W", start, min(start + chunk_rows, len(steps)))[:, dead],
                                                axis=2) for start in range(0, len(steps), chunk_rows)])
-    table = pd.DataFrame(norms, columns=[repr(chr(i))[1:-1] for i in dead])
+    table = pd.DataFrame(norms, columns=[token_label(i) for i in dead])
     table.insert(0, "step", list(steps))
     return table
 

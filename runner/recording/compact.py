@@ -34,7 +34,6 @@ from runner.recording.format import (
 from runner.recording.replay import TORCH_DTYPES, AdamReplay
 
 ReadBits = Callable[[str, int, int], np.ndarray]  # (stored tensor, first row, stop row) -> bits as stored
-WIDTHS = {"BF16": torch.int16, "F32": torch.int32}
 
 
 def families(exp: Experiment) -> list[tuple[str, str, str, str]]:
