@@ -35,6 +35,8 @@ EXAMPLES = {
   lilgatsby sweep experiments/seed_sweep.yaml --address 127.0.0.1:6379             # join a cluster
   lilgatsby sweep experiments/seed_sweep.yaml --address http://127.0.0.1:8265 --runs s3://lab-runs/sweeps
                                                        # submit it to a cluster as a Ray job, from any machine
+  lilgatsby sweep experiments/seed_sweep.yaml --slurm --nodes 4 --runs /shared/runs --sbatch "--time=04:00:00"
+                                                       # submit it to Slurm, from a login node
   lilgatsby sweep experiments/smoke_sweep.yaml --runs s3://lab-runs/sweeps         # runs root in a bucket""",
     "verify": """
   lilgatsby verify runs/smoke/30509a8442aa                   # one run directory (or its recording)
@@ -97,7 +99,16 @@ def _parser() -> argparse.ArgumentParser:
                                          "job (its dashboard's http://HOST:8265; default: $RAY_ADDRESS, "
                                          "else start a local instance)")
     sweep.add_argument("--detach", action="store_true",
-                       help="with an http:// --address: submit the job and return, without following its log")
+                       help="with --slurm or an http:// --address: submit the job and return, without following it")
+    sweep.add_argument("--slurm", action="store_true",
+                       help="submit the sweep to Slurm with sbatch (from a login node) and follow it")
+    sweep.add_argument("--nodes", type=int, default=1, help="with --slurm: the nodes the job asks for (default 1)")
+    sweep.add_argument("--sbatch", metavar="OPTIONS",
+                       help="with --slurm: sbatch options, e.g. \"--partition=gpu --time=02:00:00\" "
+                            "(default: $LILGATSBY_SBATCH_ARGS)")
+    sweep.add_argument("--requeue", action="store_true",
+                       help="with --slurm: requeue the job when it nears its time limit (and on preemption)")
+    sweep.add_argument("--expect-nodes", type=int, default=0, help=argparse.SUPPRESS)  # in a Slurm job
     sweep.add_argument("--submission", type=Path, help=argparse.SUPPRESS)  # in a submitted job: what to check
     sweep.add_argument("--max-retries", type=int, default=2, help="retries of a run lost with its worker")
     sweep.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -195,11 +206,24 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from runner.launch.job import check_submission, is_job_address, submit
+    from runner.launch.job import is_job_address, submit
+    from runner.launch.submission import check_submission
 
     address, runs_root = args.address or os.environ.get("RAY_ADDRESS"), at(args.runs, "--runs")
-    if args.detach and not is_job_address(address):
-        raise ConfigError("--detach: only with a dashboard's http://HOST:PORT as --address (a submitted job)")
+    slurm_only = [o for o, given in (("--nodes", args.nodes != 1), ("--sbatch", args.sbatch is not None),
+                                     ("--requeue", args.requeue)) if given]
+    if slurm_only and not args.slurm:
+        raise ConfigError(f"{slurm_only[0]}: only with --slurm")
+    if args.detach and not (args.slurm or is_job_address(address)):
+        raise ConfigError("--detach: only with --slurm or a dashboard's http://HOST:PORT as --address (a job)")
+    if args.slurm and args.address:
+        raise ConfigError("--slurm: the job starts its own Ray cluster; --address is not for it")
+    if args.slurm and not args.dry_run:
+        from runner.launch import slurm
+
+        return slurm.submit(args.experiment, _overrides(args), runs_root, nodes=args.nodes, sbatch=args.sbatch,
+                            requeue=args.requeue, force=args.force, restart=args.restart,
+                            max_retries=args.max_retries, detach=args.detach)
     if is_job_address(address) and not args.dry_run:
         return submit(args.experiment, _overrides(args), runs_root, address=address, force=args.force,
                       restart=args.restart, max_retries=args.max_retries, detach=args.detach)
@@ -208,7 +232,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from runner.launch.sweep import sweep
 
     return sweep(args.experiment, _overrides(args), runs_root, address=address, force=args.force,
-                 dry_run=args.dry_run, max_retries=args.max_retries, progress=not args.quiet, restart=args.restart)
+                 dry_run=args.dry_run, max_retries=args.max_retries, progress=not args.quiet, restart=args.restart,
+                 expect_nodes=args.expect_nodes)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

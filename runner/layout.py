@@ -1,7 +1,7 @@
 """The layout of a run directory and of an experiment directory: every file and folder name, and
 where each lives. Local disks and buckets share it (docs/runs.md, docs/storage.md):
 
-    <runs root>/<experiment>/                index.jsonl, index.csv, report/
+    <runs root>/<experiment>/                index.jsonl, index.csv, report/, slurm/
     <runs root>/<experiment>/<run id>/       run.json, recording.safetensors, metrics.csv, ...
 
 Nothing else spells a run file's name; this module imports nothing, so every layer can use it.
@@ -36,6 +36,7 @@ PROBE_PREFIX = ".lilgatsby-probe-"  # a bucket's write probe (deleted at once)
 # -- an experiment directory ---------------------------------------------------------------------
 INDEX_JSONL, INDEX_CSV = "index.jsonl", "index.csv"
 REPORT, REPORT_PAGE = "report", "report.html"
+SLURM = "slurm"  # a Slurm sweep's job directories: slurm/<tag>/ (its batch script, its log)
 
 _ROWS = re.compile(r"rows-(\d+)-(\d+)")
 _SNAPSHOT = re.compile(rf"{MODELS}/step-(\d+)/.+")

@@ -55,8 +55,8 @@ def test_the_job_refuses_another_lilgatsby_and_a_changed_book_in_one_line(tmp_pa
     other = _submission(tmp_path, small_book, lilgatsby="0.1.0 (code 0123456789ab)")
     assert main([*args, "--submission", str(other)]) == 2
     assert capsys.readouterr().err.splitlines() == [
-        f"lilgatsby: error: the cluster's head {os.uname().nodename} runs lilgatsby {identity()['lilgatsby']}, "
-        f"not the 0.1.0 (code 0123456789ab) of the machine that submitted the job (laptop)"]
+        f"lilgatsby: error: the sweep's driver on {os.uname().nodename} runs lilgatsby {identity()['lilgatsby']}, "
+        f"not the 0.1.0 (code 0123456789ab) of the machine that submitted it (laptop)"]
     changed = _submission(tmp_path, small_book, book_sha256="ab" * 32)
     assert main([*args, "--submission", str(changed)]) == 2
     (line,) = capsys.readouterr().err.splitlines()
@@ -127,7 +127,7 @@ def test_the_submitter_exits_with_the_sweeps_code_and_says_when_the_job_ended_ot
 def test_detach_needs_a_job_address(small_book, capsys):
     assert main(["sweep", str(REPO / "experiments" / "smoke_sweep.yaml"), "--corpus", str(small_book),
                  "--detach"]) == 2
-    assert "--detach: only with a dashboard's http://HOST:PORT" in capsys.readouterr().err
+    assert "--detach: only with --slurm or a dashboard's http://HOST:PORT" in capsys.readouterr().err
 
 
 # --- a real head that sees nothing of the submitting machine ---------------------------------------------------

@@ -7,7 +7,7 @@ only the dashboard's port and the cluster's token. What the driver needs travels
 working directory: the experiment (its includes merged into one file) and the book. The submitter
 checks the input first (experiment, book, runs root); the job's driver checks, before anything
 trains, that it runs the submitter's lilgatsby code and reads the book the submitter hashed
-(`check_submission`), then sweeps as it would on the head (every node checked, the book sent to
+(`runner.launch.submission`), then sweeps as it would on the head (every node checked, the book sent to
 the tasks through the object store). The submitter follows the job's log and exits with its exit
 code; Ctrl-C stops the job the way Ctrl-C stops a sweep (running runs marked cancelled, resumable).
 """
@@ -15,30 +15,22 @@ code; Ctrl-C stops the job the way Ctrl-C stops a sweep (running runs marked can
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
 import shlex
-import socket
 import tempfile
 import time
 from pathlib import Path
 from typing import TypeGuard
 
-import yaml
-
 from runner.config import load_runs
-from runner.config.loading import experiment_data
-from runner.data.corpus import read_book
 from runner.errors import ConfigError, UserError
-from runner.launch.nodes import identity
 from runner.launch.ray_session import TOKEN_HELP, token_mode_on
-from runner.launch.sweep import read_books
+from runner.launch.submission import check_runs_root, stage, the_book
 from runner.storage.location import Location
 from runner.text import plural
 
 SCHEMES = ("http://", "https://")
-EXPERIMENT_FILE, BOOK_DIR, SUBMISSION_FILE = "experiment.yaml", "book", "submission.json"
 # a stopped job gets SIGINT, which a sweep takes as Ctrl-C, and time to mark its runs cancelled
 STOP_ENV = {"RAY_JOB_STOP_SIGNAL": "SIGINT", "RAY_JOB_STOP_WAIT_TIME_S": "60"}
 FINISHED = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -56,26 +48,13 @@ def submit(path: Path, overrides: list[str], runs_root: Location, *, address: st
            restart: bool = False, max_retries: int = 2, detach: bool = False) -> int:
     """Submit the sweep of `path` to the cluster whose dashboard is at `address` and follow it
     (unless `detach`); returns the sweep's exit code on the head (0, 1 or 2), 130 after Ctrl-C."""
-    if runs_root.local is not None and not runs_root.local.is_absolute():
-        raise ConfigError(f"--runs {runs_root}: a relative path would be a directory of the job's own on the "
-                          f"cluster's head: give s3://bucket/prefix or an absolute path every node mounts")
+    check_runs_root(runs_root, "the cluster's head")
     runs = load_runs(path, overrides)  # bad input is refused here, before anything is sent
-    _, books = read_books(runs)  # read and checked to clean, as a sweep's driver does
-    ((where, book),) = books.items()  # one: corpus.path is not part of the run id
-    book_name = Path(where).name
+    book = the_book(runs)
     client = _client(address)
     with tempfile.TemporaryDirectory(prefix="lilgatsby-job-") as staging:
-        work = Path(staging)
-        (work / EXPERIMENT_FILE).write_text(yaml.safe_dump(experiment_data(path), sort_keys=False), encoding="utf-8")
-        (work / BOOK_DIR).mkdir()
-        (work / BOOK_DIR / book_name).write_bytes(book.data)  # the bytes hashed and checked
-        (work / SUBMISSION_FILE).write_text(json.dumps({
-            "lilgatsby": identity()["lilgatsby"], "book_sha256": book.sha256, "host": socket.gethostname()}))
-        kept = [o for o in overrides if not o.replace(" ", "").startswith("corpus.path=")]
-        command = ["lilgatsby", "sweep", EXPERIMENT_FILE, "--runs", str(runs_root),
-                   "--corpus", f"{BOOK_DIR}/{book_name}", "--submission", SUBMISSION_FILE,
-                   "--max-retries", str(max_retries), "--quiet", *[a for o in kept for a in ("--set", o)],
-                   *(["--force"] if force else []), *(["--restart"] if restart else [])]
+        command = stage(Path(staging), path, overrides, book, runs_root, force=force, restart=restart,
+                        max_retries=max_retries)
         job_id = f"lilgatsby-{runs[0].experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         _submit_job(client, address, entrypoint=shlex.join(command), submission_id=job_id,
                     runtime_env={"working_dir": staging, "env_vars": STOP_ENV},
@@ -162,21 +141,6 @@ def _finished(client, job_id: str, timeout_s: float = 120.0):  # -> JobDetails
         if info.status.value in FINISHED or time.monotonic() > deadline:
             return info
         time.sleep(0.5)
-
-
-def check_submission(submission: Path, book: str | None) -> None:
-    """In the job, before the sweep: this node runs the submitter's lilgatsby code, and the book in
-    the job's working directory hashes to what the submitter read (one line naming both, else)."""
-    sent = json.loads(submission.read_text(encoding="utf-8"))
-    here = identity()["lilgatsby"]
-    if sent["lilgatsby"] != here:
-        raise ConfigError(f"the cluster's head {socket.gethostname()} runs lilgatsby {here}, not the "
-                          f"{sent['lilgatsby']} of the machine that submitted the job ({sent['host']})")
-    received = read_book(Path(book or ""))
-    if received.sha256 != sent["book_sha256"]:
-        raise ConfigError(f"{book}: the book's bytes hash to sha256 {received.sha256} here, not the "
-                          f"{sent['book_sha256']} the submitting machine ({sent['host']}) read: changed on the way; "
-                          f"nothing is trained on them")
 
 
 def _first_line(error: object) -> str:

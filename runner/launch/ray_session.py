@@ -28,7 +28,7 @@ from runner.errors import ConfigError
 
 log = logging.getLogger(__name__)
 WORKER_SETUP_HOOK = "runner.launch.train.prepare_worker"  # named, so that the driver does not import it
-CONNECT_TIMEOUT_S, CONNECT_RETRY_S = 60.0, 2.0
+CONNECT_TIMEOUT_S, CONNECT_RETRY_S, NODES_TIMEOUT_S = 60.0, 2.0, 120.0
 LOOPBACK = "127.0.0.1"
 TOKEN_HELP = ("set RAY_AUTH_TOKEN_PATH to the cluster's token file (`make cluster-up` writes docker/cluster-token) "
               "or RAY_AUTH_TOKEN to the token")
@@ -72,6 +72,17 @@ def _loopback_only() -> Iterator[None]:
         yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = before
+
+
+def wait_for_nodes(count: int, timeout_s: float = NODES_TIMEOUT_S) -> None:
+    """Wait until the cluster just joined has `count` alive nodes: a Slurm job's workers join its
+    head while the driver starts, and a sweep started before them would train on the head alone."""
+    deadline = time.monotonic() + timeout_s
+    while (alive := sum(bool(n.get("Alive")) for n in ray.nodes())) < count:
+        if time.monotonic() >= deadline:
+            raise ConfigError(f"--expect-nodes {count}: {alive} of {count} nodes joined the Ray cluster within "
+                              f"{timeout_s:g} s (a Slurm job's directory has each node's ray-NODE.log)")
+        time.sleep(1.0)
 
 
 def token_mode_on() -> None:

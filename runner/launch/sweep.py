@@ -25,7 +25,7 @@ from runner.data.corpus import Book, corpus_of, read_book, resolve_path
 from runner.errors import ConfigError, RunLocked, UserError
 from runner.interrupt import how_cancelled, sigterm_as_interrupt
 from runner.launch.nodes import check_nodes, check_this_node, identity
-from runner.launch.ray_session import start_or_join
+from runner.launch.ray_session import start_or_join, wait_for_nodes
 from runner.layout import INDEX_JSONL, RunFiles
 from runner.recording.format import recording_size
 from runner.recording.writer import check_free_space, compact_hint
@@ -184,7 +184,8 @@ def _mark(run_dir: Location, r: Run, status: str, error: str) -> None:
 
 
 def sweep(path: Path, overrides: list[str], runs_root: Location, *, address: str | None = None, force: bool = False,
-          dry_run: bool = False, max_retries: int = 2, progress: bool = True, restart: bool = False) -> int:
+          dry_run: bool = False, max_retries: int = 2, progress: bool = True, restart: bool = False,
+          expect_nodes: int = 0) -> int:
     """Run every point of the experiment's grid that is not complete; returns the exit code
     (0: every run complete, 1: some failed or are being trained by another process)."""
     runs_root.probe()  # a bucket's reach, credentials, permission: before anything is read there
@@ -207,6 +208,7 @@ def sweep(path: Path, overrides: list[str], runs_root: Location, *, address: str
     joined = start_or_join(address)
     try:
         if joined:
+            wait_for_nodes(expect_nodes)
             check_nodes(exp_dir.parent)
         exp_dir.make_dir()
         cluster, driver = ray.cluster_resources(), identity()
