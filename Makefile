@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 EXP    ?= experiments/lil_gatsby.yaml
 RUNS   ?= runs
 
-.PHONY: setup setup-test run test test-long test-fast lint sweep index report tensorboard notebook bench bench-analysis bench-profile bench-storage clean wheelhouse image s3-image docker-run docker-sweep job-sweep cluster-up cluster-down test-container
+.PHONY: setup setup-test run test test-long test-fast lint sweep index report tensorboard notebook bench bench-analysis bench-profile bench-storage bench-slurm clean wheelhouse image s3-image docker-run docker-sweep job-sweep cluster-up cluster-down test-container
 
 # The venv is rebuilt when pyproject.toml changes. torch==2.13.0 is the CPU build on this project's
 # machines; for CUDA, install a CUDA build of torch 2.13.0 into .venv first (see README, "Getting lilgatsby on your PATH").
@@ -83,6 +83,10 @@ bench-profile: setup
 # a runs root on a local S3 server vs local disk: publish rate, training wall time and RSS (BENCH_ARGS: --seeds 8 --steps 1000)
 bench-storage: setup-test
 	$(BIN)/python bench/storage.py $(BENCH_ARGS)
+
+# a sweep on a real two-node Slurm on this machine (root; slurm-wlm, munge): submit-to-first-step latency, 1 vs 2 nodes
+bench-slurm: setup
+	$(BIN)/python bench/slurm.py
 
 # metrics, end-of-run and report costs, on the reference run (`make run` first)
 bench-analysis: setup

@@ -25,11 +25,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "bench")]
 from run import run_measured  # noqa: E402
-from s3_server import ADMIN, SeaweedFS  # noqa: E402
 
 from runner.storage import s3  # noqa: E402
 from runner.storage.uri import S3Uri  # noqa: E402
 from runner.training.provenance import describe_cpu  # noqa: E402
+
+from s3_server import ADMIN, SeaweedFS  # noqa: E402
 
 REFERENCE = REPO / "experiments" / "lil_gatsby.yaml"
 

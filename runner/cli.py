@@ -35,7 +35,7 @@ EXAMPLES = {
   lilgatsby sweep experiments/seed_sweep.yaml --address 127.0.0.1:6379             # join a cluster
   lilgatsby sweep experiments/seed_sweep.yaml --address http://127.0.0.1:8265 --runs s3://lab-runs/sweeps
                                                        # submit it to a cluster as a Ray job, from any machine
-  lilgatsby sweep experiments/seed_sweep.yaml --slurm --nodes 4 --runs /shared/runs --sbatch "--time=04:00:00"
+  lilgatsby sweep experiments/seed_sweep.yaml --slurm --nodes 4 --runs /shared/runs --sbatch="--time=04:00:00"
                                                        # submit it to Slurm, from a login node
   lilgatsby sweep experiments/smoke_sweep.yaml --runs s3://lab-runs/sweeps         # runs root in a bucket""",
     "verify": """
@@ -104,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="submit the sweep to Slurm with sbatch (from a login node) and follow it")
     sweep.add_argument("--nodes", type=int, default=1, help="with --slurm: the nodes the job asks for (default 1)")
     sweep.add_argument("--sbatch", metavar="OPTIONS",
-                       help="with --slurm: sbatch options, e.g. \"--partition=gpu --time=02:00:00\" "
+                       help="with --slurm: sbatch options, e.g. --sbatch=\"--partition=gpu --time=02:00:00\" "
                             "(default: $LILGATSBY_SBATCH_ARGS)")
     sweep.add_argument("--requeue", action="store_true",
                        help="with --slurm: requeue the job when it nears its time limit (and on preemption)")

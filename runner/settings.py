@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 import tempfile
 from pathlib import Path
 
@@ -19,6 +20,7 @@ CORPUS = "LILGATSBY_CORPUS"  # the book, when no corpus.path or --corpus names i
 LEASE_TTL = "LILGATSBY_LEASE_TTL_S"  # seconds a bucket run's lease outlives its trainer's last renewal
 SCRATCH = "LILGATSBY_SCRATCH"  # where a bucket run trains on a node
 BF16_GEMM = "LILGATSBY_BF16_GEMM"  # force bf16 products native or through fp32 GEMMs
+SBATCH_ARGS = "LILGATSBY_SBATCH_ARGS"  # sbatch options of `sweep --slurm`, when --sbatch gives none
 BF16_GEMM_CHOICES = ("native", "fp32")
 LEASE_TTL_RANGE = (1.0, 86_400.0)
 
@@ -69,9 +71,23 @@ def bf16_gemm() -> str | None:
     return value
 
 
+def split_sbatch_args(text: str, where: str) -> list[str]:
+    """sbatch options as a shell would split them; one line naming `where` if they do not split."""
+    try:
+        return shlex.split(text)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}: {text!r}") from None
+
+
+def sbatch_args() -> list[str]:
+    """Default: none."""
+    return split_sbatch_args(_set(SBATCH_ARGS) or "", SBATCH_ARGS)
+
+
 def check_environment() -> None:
     """Every variable above, before a command writes anything."""
     corpus_path()
     lease_ttl_s()
     scratch_root()
     bf16_gemm()
+    sbatch_args()

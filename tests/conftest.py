@@ -179,10 +179,11 @@ def s3_root(s3_server, monkeypatch, tmp_path, request):
     """A fresh bucket on the test server, with the admin credentials in the environment (as a
     user's AWS chain would give them): returns `s3://<bucket>/runs`. Scratch directories go to tmp_path."""
     import boto3
-    from s3_server import ADMIN
 
     from runner.storage import s3
     from runner.storage.uri import S3Uri
+
+    from s3_server import ADMIN
 
     for key, value in {**ADMIN, "AWS_ENDPOINT_URL": s3_server.endpoint, "LILGATSBY_SCRATCH": str(tmp_path / "scratch"),
                        "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}.items():

@@ -47,20 +47,18 @@ class SlurmCluster:
     base: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="lgs-")))  # short: Ray's socket paths
     tag: int = field(default_factory=lambda: 10 + os.getpid() % 200)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)  # what a client needs (SLURM_CONF, from start())
 
     @property
     def names(self) -> list[str]:
         return [f"n{i}" for i in range(1, self.nodes + 1)]
-
-    @property
-    def env(self) -> dict[str, str]:
-        return {"SLURM_CONF": str(self.base / "slurm.conf")}
 
     def ip(self, i: int) -> str:
         return f"198.18.{self.tag}.{i}"  # .1: the host's end of the bridge; nodes from .11
 
     def start(self) -> SlurmCluster:
         self.base.chmod(0o755)  # munged, as its own user, reaches its socket below it
+        self.env["SLURM_CONF"] = str(self.base / "slurm.conf")
         try:
             self._network()
             self._munge()

@@ -15,7 +15,6 @@ import threading
 
 import boto3
 import pytest
-from s3_server import READER, SeaweedFS
 
 from runner.analysis.metrics import load_metrics
 from runner.cli import main
@@ -27,6 +26,7 @@ from runner.storage.location import at
 from runner.storage.uri import S3Uri, parse_location
 
 from conftest import REPO, events_of, wait_until
+from s3_server import READER, SeaweedFS
 
 SMOKE = str(REPO / "experiments" / "smoke.yaml")
 

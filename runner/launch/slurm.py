@@ -13,7 +13,6 @@ job (`scancel`: its runs are marked cancelled and the same command resumes them)
 from __future__ import annotations
 
 import math
-import os
 import secrets
 import shlex
 import shutil
@@ -22,15 +21,16 @@ import sys
 import time
 from pathlib import Path
 
+from runner import settings
 from runner.config import load_runs
 from runner.errors import ConfigError, UserError
 from runner.launch.slurm_script import EXIT_FILE, LOG_PATTERN, SCRIPT_FILE, TOKEN_FILE, BatchJob, render
 from runner.launch.submission import check_runs_root, stage, the_book
 from runner.layout import SLURM
+from runner.settings import split_sbatch_args
 from runner.storage.location import Location, at
 from runner.text import plural
 
-SBATCH_ENV = "LILGATSBY_SBATCH_ARGS"
 POLL_S = 1.0
 ENDED = ("BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
          "TIMEOUT")
@@ -48,11 +48,8 @@ def job_dir_for(runs_root: Location, experiment: str, tag: str) -> Path:
 
 def sbatch_args(given: str | None) -> list[str]:
     """sbatch options from --sbatch, else from $LILGATSBY_SBATCH_ARGS; one line if they do not parse."""
-    text, where = (given, "--sbatch") if given is not None else (os.environ.get(SBATCH_ENV, ""), SBATCH_ENV)
-    try:
-        args = shlex.split(text)
-    except ValueError as e:
-        raise ConfigError(f"{where}: {e}: {text!r}") from None
+    args, where = (split_sbatch_args(given, "--sbatch"), "--sbatch") if given is not None else \
+        (settings.sbatch_args(), settings.SBATCH_ARGS)
     bad = [a for a in args if a.split("=")[0] in ("--nodes", "-N", "--output", "-o", "--job-name", "-J")]
     if bad:
         raise ConfigError(f"{where}: {bad[0]}: lilgatsby sets it (--nodes N for the node count)")

@@ -68,6 +68,8 @@ export PORT=$((12000 + SLURM_JOB_ID % 100 * 200))
 # Ray's gRPC does not read /etc/hosts: nodes are addressed by IP, this node's first address
 export HEAD_IP=$(hostname -I | awk '{print $1}')
 export NODE_CPUS=${SLURM_CPUS_PER_TASK:-$SLURM_CPUS_ON_NODE}
+# On SIGTERM, `ray start` would first drain its node for 30 s: as long as scancel's grace period (KillWait)
+export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0
 
 ray_node() {  # $1: head or worker. Ray on this node until SIGTERM; then its processes and temp dir go.
   # What `ray start` says: ray-<node>.log in the job directory
@@ -107,20 +109,25 @@ if [ "$SLURM_JOB_NUM_NODES" -gt 1 ]; then
     --kill-on-bad-exit=0 bash -c 'ray_node worker' &
   workers=$!
 fi
-code=2
+code=143  # 128 + SIGTERM: stopped before the sweep began
 if [ -z "$stopping" ]; then
   "${DRIVER[@]}" --address "$HEAD_IP:$PORT" --expect-nodes "$SLURM_JOB_NUM_NODES" &
   driver=$!
   wait_for $driver; code=$?
+  # stopped, its runs cancelled by their workers' SIGTERM before its own arrived: the code of a stop
+  [ -n "$stopping" ] && [ $code = 1 ] && code=143
 fi
-# SIGUSR2 through srun to the workers' ray_node (a SIGTERM to srun cancels the step: SIGKILL, no clean-up)
-[ -n "$workers" ] && kill -USR2 $workers && wait_for $workers
+# Ray stopped: SIGUSR2 through srun to the workers' ray_node (a SIGTERM to srun cancels the step: SIGKILL,
+# no clean-up), SIGTERM to the head's; what must outlive a scancel's grace period (KillWait) comes first
+[ -n "$workers" ] && kill -USR2 $workers 2>/dev/null
 kill -TERM $head 2>/dev/null; wait_for $head
 if [ -n "$warned" ] && [ -n "$REQUEUE" ]; then
   echo "lilgatsby: requeueing job $SLURM_JOB_ID (--requeue)"
+  [ -n "$workers" ] && wait_for $workers
   scontrol requeue "$SLURM_JOB_ID" && exit 0
 fi
 rm -f "$RAY_AUTH_TOKEN_PATH"
 echo $code > exit-code
+[ -n "$workers" ] && wait_for $workers
 exit $code
 """

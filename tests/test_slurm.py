@@ -1,0 +1,280 @@
+"""Sweeps on Slurm (`sweep --slurm`, runner/launch/slurm.py and slurm_script.py; docs/sweeps.md,
+"On a Slurm cluster").
+
+The refusals and the batch script are checked without Slurm. The rest runs on a real two-node Slurm
+(tests/slurm_cluster.py: Debian's slurm-wlm and munge, each node in network namespaces of its own;
+needs root; CI installs the packages).
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runner.cli import main
+from runner.launch.slurm_script import BatchJob, render
+
+from conftest import REPO, wait_until
+from slurm_cluster import SlurmCluster, missing
+
+SMOKE_SWEEP = str(REPO / "experiments" / "smoke_sweep.yaml")
+LILGATSBY = str(Path(sys.executable).parent / "lilgatsby")
+
+
+def _job(**changes) -> BatchJob:
+    fields = {"name": "lilgatsby-smoke_sweep", "job_dir": "/shared/runs/smoke_sweep/slurm/x", "nodes": 2,
+              "cpus_per_node": 1, "gpus_per_node": 0, "requeue": False, "sbatch_args": ["--time=00:05:00"],
+              "bin_dir": "/shared/venv/bin", "driver": ["lilgatsby", "sweep", "experiment.yaml", "--set", "a=b c"],
+              "made_by": "lilgatsby sweep x.yaml --slurm"}
+    return BatchJob(**{**fields, **changes})
+
+
+def test_the_batch_script_is_valid_bash_with_the_users_options_last(tmp_path):
+    script = render(_job())
+    path = tmp_path / "sweep.sbatch"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    options = re.findall(r"^#SBATCH (.+)$", script, flags=re.M)
+    assert options[:3] == ["--job-name=lilgatsby-smoke_sweep", "--nodes=2", "--ntasks-per-node=1"]
+    assert options[-1] == "--time=00:05:00"  # sbatch takes the last: the user's win
+    assert "--cpus-per-task=1" in options and "--no-requeue" in options
+    assert not any(o.startswith("--gpus") for o in options)
+    assert "DRIVER=(lilgatsby sweep experiment.yaml --set 'a=b c')" in script
+    # the token is a file the job's processes read, never a value in the script or on a command line
+    assert 'RAY_AUTH_TOKEN_PATH="$JOB_DIR/ray-token"' in script and "RAY_AUTH_TOKEN=" not in script
+    assert "ray stop" not in script.replace("a bare `ray stop`", "")  # never every Ray on the node
+    gpu = render(_job(gpus_per_node=2, cpus_per_node=None, requeue=True, sbatch_args=[]))
+    assert "#SBATCH --gpus-per-node=2" in gpu and "#SBATCH --requeue" in gpu and "--cpus-per-task" not in gpu
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--nodes", "2"], "--nodes: only with --slurm"),
+    (["--slurm", "--address", "127.0.0.1:6379"],
+     "--slurm: the job starts its own Ray cluster; --address is not for it"),
+    (["--slurm", "--nodes", "0"], "--nodes 0: at least 1"),
+    (["--slurm", "--sbatch=--nodes=3"], "--sbatch: --nodes=3: lilgatsby sets it (--nodes N for the node count)"),
+    (["--slurm", "--sbatch=--time='1"], "--sbatch: No closing quotation: \"--time='1\""),
+    (["--slurm"], "--slurm: sbatch is not on PATH: run the sweep on a Slurm login node"),
+])
+def test_what_a_slurm_submission_refuses_in_one_line(args, error, tmp_path, small_book, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no Slurm commands
+    runs = tmp_path / "runs"
+    assert main(["sweep", SMOKE_SWEEP, "--runs", str(runs), "--corpus", str(small_book), *args]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"lilgatsby: error: {error}"]
+    assert not runs.exists()  # nothing written
+
+
+def test_sbatch_options_from_the_environment_are_checked_like_a_config_key(tmp_path, small_book, capsys,
+                                                                          monkeypatch):
+    monkeypatch.setenv("LILGATSBY_SBATCH_ARGS", "--partition=gpu --time='1")
+    assert main(["sweep", SMOKE_SWEEP, "--runs", str(tmp_path / "runs"), "--corpus", str(small_book), "--slurm"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "lilgatsby: error: LILGATSBY_SBATCH_ARGS: No closing quotation: \"--partition=gpu --time='1\""]
+    monkeypatch.setenv("LILGATSBY_SBATCH_ARGS", "--output=x.out")
+    assert main(["sweep", SMOKE_SWEEP, "--runs", str(tmp_path / "runs"), "--corpus", str(small_book), "--slurm"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "lilgatsby: error: LILGATSBY_SBATCH_ARGS: --output=x.out: lilgatsby sets it (--nodes N for the node count)"]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_job_sbatch_refuses_leaves_nothing(tmp_path, small_book, capsys, monkeypatch):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name, body in (("sbatch", "echo 'sbatch: error: Invalid partition name specified' >&2; exit 1"),
+                       ("sinfo", "exit 0")):
+        (fake / name).write_text(f"#!/bin/sh\n{body}\n")
+        (fake / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    runs = tmp_path / "runs"
+    assert main(["sweep", SMOKE_SWEEP, "--runs", str(runs), "--corpus", str(small_book), "--slurm",
+                 "--sbatch=--partition=nope"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "lilgatsby: error: sbatch refused the job: sbatch: error: Invalid partition name specified"]
+    assert not list((runs / "smoke_sweep" / "slurm").iterdir())  # the job directory is gone, token included
+
+
+# -- on a real Slurm -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slurm(book_path):
+    why = missing()
+    if why:
+        pytest.skip(why)
+    cluster = SlurmCluster().start()
+    cluster.env["LILGATSBY_CORPUS"] = str(book_path)
+    yield cluster
+    cluster.stop()
+
+
+def _env(cluster: SlurmCluster) -> dict:
+    """The submitter's: nothing of this session's Ray or lilgatsby settings but the book."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "LILGATSBY_", "SLURM_"))}
+    return {**env, **cluster.env}
+
+
+def _sweep(cluster, runs: Path, *args: str, **popen) -> subprocess.Popen:
+    return subprocess.Popen([LILGATSBY, "sweep", SMOKE_SWEEP, "--runs", str(runs), "--slurm", *args],
+                            env=_env(cluster), cwd=cluster.base, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, **popen)
+
+
+def _finish(proc: subprocess.Popen, timeout_s: float = 300) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout_s)
+    return proc.returncode, out
+
+
+def _manifests(exp_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(exp_dir.glob("*/run.json"))]
+
+
+def _job_dir(out: str) -> Path:
+    return Path(re.search(r"its script and log: (\S+)", out).group(1))
+
+
+def _wait_training(proc: subprocess.Popen, exp_dir: Path, past_step: int) -> None:
+    """Until a run of the sweep is past `past_step` (a sweep that ends first fails the test, with its output)."""
+    def training() -> bool:
+        assert proc.poll() is None, proc.communicate()[0]
+        return any(json.loads(p.read_text()).get("step", 0) > past_step for p in exp_dir.glob("*/progress.json"))
+
+    wait_until(training, f"a run past step {past_step}", timeout_s=180, poll_s=0.5)
+
+
+def _nothing_left(cluster: SlurmCluster, job_id: str) -> None:
+    """No process of the job on any node, no Ray temp dir in any node's scratch."""
+    for name in cluster.names:
+        left = [cluster.cmdline(p) for p in cluster.node_pids(name)]
+        assert not left, f"{name}: {left}"
+        assert not list((cluster.base / "tmp" / name).glob(f"lilgatsby-ray-{job_id}*"))
+
+
+@pytest.mark.long
+def test_a_sweep_on_two_nodes_trains_on_both_the_bits_of_a_local_run_and_leaves_nothing(slurm, tmp_path):
+    runs = slurm.base / "runs-two-nodes"
+    code, out = _finish(_sweep(slurm, runs, "--nodes", "2"))
+    assert code == 0, out
+    job_id = re.search(r"submitted Slurm job (\d+) \(2 nodes\)", out).group(1)
+    assert "4/4 runs complete" in out and f"job {job_id} running (n[1-2])" in out
+    manifests = _manifests(runs / "smoke_sweep")
+    assert [m["status"] for m in manifests] == ["complete"] * 4
+    assert {m["environment"]["host"] for m in manifests} == {"n1", "n2"}  # both nodes trained
+    job_dir = _job_dir(out)
+    assert (job_dir / "exit-code").read_text() == "0\n" and not (job_dir / "ray-token").exists()
+    assert (job_dir / "sweep.sbatch").read_text().startswith("#!/bin/bash\n")
+    _nothing_left(slurm, job_id)
+
+    # the same config trained here, alone, on one CPU as the sweep gave each run: the same bits
+    (swept,) = [runs / "smoke_sweep" / m["run_id"] for m in manifests
+                if m["config"]["train"]["seed"] == 1 and m["config"]["train"]["precision"] == "bf16-true"]
+    local = tmp_path / "local"
+    subprocess.run(["taskset", "-c", "0", LILGATSBY, "train", str(REPO / "experiments" / "smoke.yaml"), "--set",
+                    "train.seed=1", "--set", "train.precision=bf16-true", "--out", str(local), "--quiet"],
+                   env=_env(slurm), check=True, capture_output=True)
+    assert main(["compare", str(swept), str(local)]) == 0
+
+
+@pytest.mark.long
+def test_two_sweeps_at_once_on_the_same_nodes_both_complete(slurm):
+    first, second = slurm.base / "runs-a", slurm.base / "runs-b"
+    procs = [_sweep(slurm, runs, "--nodes", "2") for runs in (first, second)]
+    both_running = []
+
+    def running_together() -> bool:
+        states = subprocess.run(["squeue", "-h", "-o", "%T"], env=_env(slurm), capture_output=True, text=True)
+        both_running.append(states.stdout.split().count("RUNNING") == 2)
+        return both_running[-1] or any(p.poll() is not None for p in procs)
+
+    wait_until(running_together, "both jobs running", timeout_s=120, poll_s=0.5)
+    results = [_finish(p) for p in procs]
+    assert both_running[-1], "the two jobs did not run at the same time"
+    for (code, out), runs in zip(results, (first, second), strict=True):
+        assert code == 0, out
+        assert [m["status"] for m in _manifests(runs / "smoke_sweep")] == ["complete"] * 4
+    ports = {re.search(r"Ray head [\d.]+:(\d+)", out).group(1) for _, out in results}
+    assert len(ports) == 2  # a port block each
+
+
+@pytest.mark.long
+def test_scancel_cancels_the_runs_and_the_same_command_resumes_them(slurm):
+    runs = slurm.base / "runs-scancel"
+    longer = ("--nodes", "2", "--set", "train.steps=1500", "--set", "train.checkpoint_every=50")
+    proc = _sweep(slurm, runs, *longer)
+    exp_dir = runs / "smoke_sweep"
+    _wait_training(proc, exp_dir, past_step=100)
+    wait_until(lambda: list(exp_dir.glob("slurm/*/slurm-*.out")), "the job's log", timeout_s=30)
+    (log,) = exp_dir.glob("slurm/*/slurm-*.out")
+    job_id = log.stem.removeprefix("slurm-")
+    subprocess.run(["scancel", job_id], env=_env(slurm), check=True)
+    code, out = _finish(proc)
+    assert code == 143, out  # the sweep's own: 128 + SIGTERM
+    statuses = [m["status"] for m in _manifests(exp_dir)]
+    assert "cancelled" in statuses and "complete" not in statuses, out
+    assert all("SIGTERM" in m["error"] for m in _manifests(exp_dir) if m["status"] == "cancelled")
+    _nothing_left(slurm, job_id)
+
+    code, out = _finish(_sweep(slurm, runs, *longer))
+    assert code == 0, out
+    assert [m["status"] for m in _manifests(exp_dir)] == ["complete"] * 4
+    assert "resum" in out
+
+
+@pytest.mark.long
+def test_a_job_stopped_at_its_time_limit_resumes_on_resubmission_bit_for_bit(slurm, tmp_path):
+    runs = slurm.base / "runs-time"
+    longer = ("--set", "train.seed=[1]", "--set", "train.steps=3000", "--set", "train.checkpoint_every=100")
+    code, out = _finish(_sweep(slurm, runs, "--nodes", "2", "--sbatch=--time=1", *longer))
+    assert code == 143, out
+    assert "Slurm warns of the time limit (SIGUSR1)" in out or "TIMEOUT" in out
+    exp_dir = runs / "smoke_sweep"
+    assert {m["status"] for m in _manifests(exp_dir)} == {"cancelled"}, out
+
+    code, out = _finish(_sweep(slurm, runs, "--nodes", "2", *longer))
+    assert code == 0, out
+    manifests = _manifests(exp_dir)
+    assert [m["status"] for m in manifests] == ["complete"] * 2
+    (fp32,) = [exp_dir / m["run_id"] for m in manifests if m["config"]["train"]["precision"] == "fp32"]
+    local = tmp_path / "local"
+    subprocess.run(["taskset", "-c", "0", LILGATSBY, "train", str(REPO / "experiments" / "smoke.yaml"), "--set",
+                    "train.seed=1", "--set", "train.precision=fp32", "--set", "train.steps=3000", "--set",
+                    "train.checkpoint_every=100", "--out", str(local), "--quiet"],
+                   env=_env(slurm), check=True, capture_output=True)
+    assert main(["compare", str(fp32), str(local)]) == 0  # resumed: the bits of an uninterrupted run
+
+
+@pytest.mark.long
+def test_a_ray_worker_without_the_jobs_token_is_refused_and_the_sweep_completes(slurm, tmp_path):
+    runs = slurm.base / "runs-token"
+    proc = _sweep(slurm, runs, "--nodes", "2", "--set", "train.steps=600")
+    exp_dir = runs / "smoke_sweep"
+    _wait_training(proc, exp_dir, past_step=0)
+    (log,) = exp_dir.glob("slurm/*/slurm-*.out")
+    head = re.search(r"Ray head ([\d.]+:\d+)", log.read_text()).group(1)
+    intruder = subprocess.run(
+        [sys.executable, "-m", "ray.scripts.scripts", "start", f"--address={head}", f"--temp-dir={tmp_path}/ray",
+         f"--node-ip-address={slurm.ip(1)}", "--num-cpus=1"],
+        env={**_env(slurm), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(32).hex()},
+        capture_output=True, text=True, timeout=120)
+    assert intruder.returncode != 0
+    assert re.search(r"(?i)auth|token", intruder.stdout + intruder.stderr)
+    code, out = _finish(proc)
+    assert code == 0, out
+    manifests = _manifests(exp_dir)
+    assert [m["status"] for m in manifests] == ["complete"] * 4
+    assert {m["environment"]["host"] for m in manifests} <= {"n1", "n2"}
+    stray = [p for p in Path("/proc").glob("[0-9]*") if f"{tmp_path}/ray".encode() in _cmdline(p)]
+    for p in stray:  # what the refused `ray start` may have left, stopped by PID before the assertion
+        os.kill(int(p.name), signal.SIGKILL)
+    assert not stray
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
