@@ -19,7 +19,7 @@ import pytest
 from runner.cli import main
 from runner.launch.slurm_script import BatchJob, render
 
-from conftest import REPO, wait_until
+from conftest import REPO, sigint_as_in_a_terminal, wait_until
 from slurm_cluster import SlurmCluster, missing
 
 SMOKE_SWEEP = str(REPO / "experiments" / "smoke_sweep.yaml")
@@ -82,14 +82,42 @@ def test_sbatch_options_from_the_environment_are_checked_like_a_config_key(tmp_p
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_job_sbatch_refuses_leaves_nothing(tmp_path, small_book, capsys, monkeypatch):
+def _fake_slurm(tmp_path: Path, monkeypatch, sbatch: str, sinfo: str = "exit 0") -> None:
+    """sbatch and sinfo as shell scripts on PATH: what the submitter makes of their answers."""
     fake = tmp_path / "bin"
     fake.mkdir()
-    for name, body in (("sbatch", "echo 'sbatch: error: Invalid partition name specified' >&2; exit 1"),
-                       ("sinfo", "exit 0")):
+    for name, body in (("sbatch", sbatch), ("sinfo", sinfo)):
         (fake / name).write_text(f"#!/bin/sh\n{body}\n")
         (fake / name).chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+
+
+@pytest.mark.parametrize("sinfo, sbatch_option, gpus", [
+    ("echo '(null)'", "--time=10", None),
+    ("echo 'gpu:a100:4(S:0-1)'", "--time=10", "--gpus-per-node=1"),  # a run's gpus_per_run (1), rounded up
+    ("echo 'gpu:a100:4(S:0-1)'", "--gres=gpu:2", None),  # the user's own GPU request wins
+])
+def test_the_submitted_script_asks_for_what_the_experiment_needs(sinfo, sbatch_option, gpus, tmp_path, small_book,
+                                                                 capsys, monkeypatch):
+    _fake_slurm(tmp_path, monkeypatch, sbatch='echo "4242;cluster"', sinfo=sinfo)
+    runs = tmp_path / "runs"
+    assert main(["sweep", SMOKE_SWEEP, "--runs", str(runs), "--corpus", str(small_book), "--slurm", "--nodes", "3",
+                 f"--sbatch={sbatch_option}", "--detach"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"submitted Slurm job 4242 (3 nodes): 4 runs of smoke_sweep into {runs}; its script and "
+                          f"log: ")
+    (job_dir,) = (runs / "smoke_sweep" / "slurm").iterdir()
+    assert f"follow it: tail -f {job_dir}/slurm-4242.out; stop it: scancel 4242" in out
+    assert sorted(p.name for p in job_dir.iterdir()) == ["book", "experiment.yaml", "ray-token", "submission.json",
+                                                         "sweep.sbatch"]
+    assert (job_dir / "ray-token").stat().st_mode & 0o777 == 0o600
+    options = re.findall(r"^#SBATCH (.+)$", (job_dir / "sweep.sbatch").read_text(), flags=re.M)
+    assert "--nodes=3" in options and "--cpus-per-task=1" in options and options[-1] == sbatch_option
+    assert [o for o in options if o.startswith("--gpus-per-node")] == ([gpus] if gpus else [])
+
+
+def test_a_job_sbatch_refuses_leaves_nothing(tmp_path, small_book, capsys, monkeypatch):
+    _fake_slurm(tmp_path, monkeypatch, sbatch="echo 'sbatch: error: Invalid partition name specified' >&2; exit 1")
     runs = tmp_path / "runs"
     assert main(["sweep", SMOKE_SWEEP, "--runs", str(runs), "--corpus", str(small_book), "--slurm",
                  "--sbatch=--partition=nope"]) == 2
@@ -181,47 +209,57 @@ def test_a_sweep_on_two_nodes_trains_on_both_the_bits_of_a_local_run_and_leaves_
 
 @pytest.mark.long
 def test_two_sweeps_at_once_on_the_same_nodes_both_complete(slurm):
+    """The first submitted with --detach (its submitter returns at once), the second followed."""
     first, second = slurm.base / "runs-a", slurm.base / "runs-b"
-    procs = [_sweep(slurm, runs, "--nodes", "2") for runs in (first, second)]
+    code, detached = _finish(_sweep(slurm, first, "--nodes", "2", "--detach"), timeout_s=60)
+    assert code == 0 and "stop it: scancel" in detached, detached
+    followed = _sweep(slurm, second, "--nodes", "2")
     both_running = []
 
     def running_together() -> bool:
         states = subprocess.run(["squeue", "-h", "-o", "%T"], env=_env(slurm), capture_output=True, text=True)
         both_running.append(states.stdout.split().count("RUNNING") == 2)
-        return both_running[-1] or any(p.poll() is not None for p in procs)
+        return both_running[-1] or followed.poll() is not None
 
     wait_until(running_together, "both jobs running", timeout_s=120, poll_s=0.5)
-    results = [_finish(p) for p in procs]
+    code, out = _finish(followed)
+    assert code == 0, out
     assert both_running[-1], "the two jobs did not run at the same time"
-    for (code, out), runs in zip(results, (first, second), strict=True):
-        assert code == 0, out
+    first_dir = _job_dir(detached)
+    wait_until(lambda: (first_dir / "exit-code").exists(), "the detached job's end", timeout_s=120, poll_s=0.5)
+    assert (first_dir / "exit-code").read_text() == "0\n"
+    for runs in (first, second):
         assert [m["status"] for m in _manifests(runs / "smoke_sweep")] == ["complete"] * 4
-    ports = {re.search(r"Ray head [\d.]+:(\d+)", out).group(1) for _, out in results}
-    assert len(ports) == 2  # a port block each
+    logs = [out, next(first_dir.glob("slurm-*.out")).read_text()]
+    assert len({re.search(r"Ray head [\d.]+:(\d+)", log).group(1) for log in logs}) == 2  # a port block each
 
 
 @pytest.mark.long
-def test_scancel_cancels_the_runs_and_the_same_command_resumes_them(slurm):
-    runs = slurm.base / "runs-scancel"
-    longer = ("--nodes", "2", "--set", "train.steps=1500", "--set", "train.checkpoint_every=50")
-    proc = _sweep(slurm, runs, *longer)
+@pytest.mark.parametrize("stop", ["scancel", "ctrl-c"])
+def test_a_cancelled_job_leaves_its_runs_cancelled_and_the_same_command_resumes_them(stop, slurm):
+    """`scancel` from anywhere, or Ctrl-C in the submitter (which cancels the job itself)."""
+    runs = slurm.base / f"runs-{stop}"
+    longer = ("--nodes", "2", "--set", "train.steps=1000", "--set", "train.checkpoint_every=50")
+    proc = _sweep(slurm, runs, *longer, preexec_fn=sigint_as_in_a_terminal)
     exp_dir = runs / "smoke_sweep"
     _wait_training(proc, exp_dir, past_step=100)
-    wait_until(lambda: list(exp_dir.glob("slurm/*/slurm-*.out")), "the job's log", timeout_s=30)
     (log,) = exp_dir.glob("slurm/*/slurm-*.out")
     job_id = log.stem.removeprefix("slurm-")
-    subprocess.run(["scancel", job_id], env=_env(slurm), check=True)
+    if stop == "scancel":
+        subprocess.run(["scancel", job_id], env=_env(slurm), check=True)
+    else:
+        proc.send_signal(signal.SIGINT)
     code, out = _finish(proc)
-    assert code == 143, out  # the sweep's own: 128 + SIGTERM
+    assert code == (143 if stop == "scancel" else 130), out  # the sweep's own; the submitter's after Ctrl-C
     statuses = [m["status"] for m in _manifests(exp_dir)]
     assert "cancelled" in statuses and "complete" not in statuses, out
     assert all("SIGTERM" in m["error"] for m in _manifests(exp_dir) if m["status"] == "cancelled")
+    assert (log.parent / "exit-code").read_text() == "143\n"  # the job's own end, within scancel's grace
     _nothing_left(slurm, job_id)
 
     code, out = _finish(_sweep(slurm, runs, *longer))
     assert code == 0, out
     assert [m["status"] for m in _manifests(exp_dir)] == ["complete"] * 4
-    assert "resum" in out
 
 
 @pytest.mark.long
