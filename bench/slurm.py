@@ -67,7 +67,7 @@ def main() -> None:
         raise SystemExit("bench-slurm: set LILGATSBY_CORPUS to the book (pg64317.txt)")
     cluster = SlurmCluster().start()
     try:
-        results = {}
+        results: dict[str, dict] = {}
         for name, args in CONFIGS.items():
             results[name] = submit_and_time(cluster, cluster.base / f"runs-{len(results)}", args)
             print(f"{name}: {results[name]}", flush=True)

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from runner.cli import main
+from runner.errors import UserError
+from runner.launch.slurm import exit_code, follow
 from runner.launch.slurm_script import BatchJob, render
 
 from conftest import REPO, sigint_as_in_a_terminal, wait_until
@@ -114,6 +116,32 @@ def test_the_submitted_script_asks_for_what_the_experiment_needs(sinfo, sbatch_o
     options = re.findall(r"^#SBATCH (.+)$", (job_dir / "sweep.sbatch").read_text(), flags=re.M)
     assert "--nodes=3" in options and "--cpus-per-task=1" in options and options[-1] == sbatch_option
     assert [o for o in options if o.startswith("--gpus-per-node")] == ([gpus] if gpus else [])
+
+
+def test_following_a_job_rides_out_squeue_failures_and_prints_its_log(tmp_path, capsys, monkeypatch):
+    """squeue's answers in turn: a controller that times out, the job pending, running, completed."""
+    answers = tmp_path / "answers"
+    answers.write_text("fail\nPENDING|Priority|\nRUNNING|None|n[1-2]\nCOMPLETED|None|n[1-2]\n")
+    _fake_slurm(tmp_path, monkeypatch, sbatch="exit 1")
+    squeue = tmp_path / "bin" / "squeue"
+    squeue.write_text(f"""#!/bin/sh
+line=$(head -n1 {answers}); [ "$(wc -l < {answers})" -gt 1 ] && sed -i 1d {answers}
+[ "$line" = fail ] && {{ echo 'squeue: error: Socket timed out on send/recv operation' >&2; exit 1; }}
+echo "$line"
+""")
+    squeue.chmod(0o755)
+    monkeypatch.setattr("runner.launch.slurm.POLL_S", 0.01)
+    log = tmp_path / "slurm-7.out"
+    log.write_text("train.seed=1 (abc) complete\nhalf a line")
+    assert follow("7", log) == "COMPLETED"
+    assert capsys.readouterr().out.splitlines() == [
+        "lilgatsby: job 7 pending (Priority)", "train.seed=1 (abc) complete", "lilgatsby: job 7 running (n[1-2])"]
+    (tmp_path / "exit-code").write_text("1\n")
+    assert exit_code(tmp_path, "7", "COMPLETED", log) == 1
+    (tmp_path / "exit-code").unlink()
+    with pytest.raises(UserError, match=r"^Slurm job 7 timeout before its sweep did \(its log: .*slurm-7.out\); "
+                                        r"the same command resumes its runs$"):
+        exit_code(tmp_path, "7", "TIMEOUT", log)
 
 
 def test_a_job_sbatch_refuses_leaves_nothing(tmp_path, small_book, capsys, monkeypatch):

@@ -131,10 +131,13 @@ def _gives(args: list[str], options: tuple[str, ...]) -> bool:
     return any(a.split("=")[0] in options for a in args)
 
 
-def job_state(job_id: str) -> tuple[str, str]:
-    """(state, reason or nodes) of the job as squeue has it; ("", "") once Slurm has forgotten it."""
+def job_state(job_id: str) -> tuple[str, str] | None:
+    """(state, reason or nodes) of the job as squeue has it; ("", "") once Slurm has forgotten it;
+    None when squeue could not say (the controller busy or restarting: ask again)."""
     done = subprocess.run([_command("squeue"), "-h", "-t", "all", "-j", job_id, "-o", "%T|%r|%N"],
                           capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        return ("", "") if "Invalid job id" in done.stderr else None
     state, _, rest = done.stdout.strip().partition("|")
     reason, _, where = rest.partition("|")
     return state, (where if state == "RUNNING" else reason)
@@ -144,7 +147,11 @@ def follow(job_id: str, log: Path) -> str:
     """Print the job's state as it changes and its log as it grows, until it has ended; its last state."""
     said, offset = ("", ""), 0
     while True:
-        state, detail = job_state(job_id)
+        answer = job_state(job_id)
+        if answer is None:
+            time.sleep(POLL_S)
+            continue
+        state, detail = answer
         if (state, detail) != said and state and state not in ENDED:
             print(f"lilgatsby: job {job_id} {state.lower()}" + (f" ({detail})" if detail and detail != "None" else ""),
                   flush=True)
