@@ -86,7 +86,7 @@ bench-storage: setup-test
 
 # a sweep on a real two-node Slurm on this machine (root; slurm-wlm, munge): submit-to-first-step latency, 1 vs 2 nodes
 bench-slurm: setup
-	$(BIN)/python bench/slurm.py
+	$(BIN)/python bench/slurm.py $(BENCH_ARGS)
 
 # metrics, end-of-run and report costs, on the reference run (`make run` first)
 bench-analysis: setup

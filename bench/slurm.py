@@ -2,7 +2,7 @@
 (tests/slurm_cluster.py: Slurm 22.05, two nodes in network namespaces of their own, sharing this
 machine's CPUs). Needs root and Debian's slurm-wlm and munge.
 
-For the smoke sweep (4 runs), each configuration in a fresh runs root:
+For the smoke sweep (4 runs of `--steps` steps, default 1000), each configuration in a fresh runs root:
   - submit -> the job running, submit -> the first training step (the first progress.json of a
     run at step >= 1), submit -> the submitter's exit: seconds;
   - on one node with one CPU per task (a run at a time), one node with two CPUs (two at a time) and
@@ -14,6 +14,7 @@ Writes bench/results/slurm.json.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -30,11 +31,12 @@ CONFIGS = {"1 node x 1 CPU": ["--nodes", "1"], "1 node x 2 CPUs": ["--nodes", "1
            "2 nodes x 1 CPU": ["--nodes", "2"]}
 
 
-def submit_and_time(cluster: SlurmCluster, runs: Path, args: list[str]) -> dict:
+def submit_and_time(cluster: SlurmCluster, runs: Path, args: list[str], steps: int) -> dict:
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "SLURM_"))}, **cluster.env}
     start = time.monotonic()
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "lilgatsby"), "sweep",
-                             str(REPO / "experiments" / "smoke_sweep.yaml"), "--runs", str(runs), "--slurm", *args],
+    command = [str(Path(sys.executable).parent / "lilgatsby"), "sweep", str(REPO / "experiments" / "smoke_sweep.yaml"),
+               "--runs", str(runs), "--slurm", "--set", f"train.steps={steps}", *args]
+    proc = subprocess.Popen(command,
                             env=env, cwd=cluster.base, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     running = first_step = None
     while proc.poll() is None:
@@ -48,8 +50,12 @@ def submit_and_time(cluster: SlurmCluster, runs: Path, args: list[str]) -> dict:
     out = proc.stdout.read() if proc.stdout else ""
     if proc.returncode != 0:
         raise SystemExit(f"the sweep failed (exit code {proc.returncode}):\n{out}")
-    return {"submit_to_running_s": running, "submit_to_first_step_s": first_step,
-            "wall_s": round(time.monotonic() - start, 2)}
+    return {"submit_to_running_s": _round(running), "submit_to_first_step_s": _round(first_step),
+            "wall_s": _round(time.monotonic() - start)}
+
+
+def _round(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 1)
 
 
 def _step(progress: Path) -> int:
@@ -60,6 +66,9 @@ def _step(progress: Path) -> int:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=1000, help="steps of each run (default 1000)")
+    args = parser.parse_args()
     why = missing()
     if why:
         raise SystemExit(f"bench-slurm: {why}")
@@ -68,8 +77,8 @@ def main() -> None:
     cluster = SlurmCluster().start()
     try:
         results: dict[str, dict] = {}
-        for name, args in CONFIGS.items():
-            results[name] = submit_and_time(cluster, cluster.base / f"runs-{len(results)}", args)
+        for name, options in CONFIGS.items():
+            results[name] = submit_and_time(cluster, cluster.base / f"runs-{len(results)}", options, args.steps)
             print(f"{name}: {results[name]}", flush=True)
     finally:
         cluster.stop()
@@ -77,7 +86,8 @@ def main() -> None:
                 if line.startswith("model name")), platform.processor())
     out = REPO / "bench" / "results" / "slurm.json"
     out.write_text(json.dumps({"cpu": cpu, "cores": os.cpu_count(), "load_average": os.getloadavg(),
-                               "sweep": "smoke_sweep (4 runs x 30 steps)", "results": results}, indent=2) + "\n")
+                               "sweep": f"smoke_sweep (4 runs x {args.steps} steps)", "results": results},
+                              indent=2) + "\n")
     print(f"written: {out}")
 
 

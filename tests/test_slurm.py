@@ -48,7 +48,8 @@ def test_the_batch_script_is_valid_bash_with_the_users_options_last(tmp_path):
     assert not any(o.startswith("--gpus") for o in options)
     assert "DRIVER=(lilgatsby sweep experiment.yaml --set 'a=b c')" in script
     # the token is a file the job's processes read, never a value in the script or on a command line
-    assert 'RAY_AUTH_TOKEN_PATH="$JOB_DIR/ray-token"' in script and "RAY_AUTH_TOKEN=" not in script
+    assert "TOKEN_FILE=ray-token" in script and 'RAY_AUTH_TOKEN_PATH="$JOB_DIR/$TOKEN_FILE"' in script
+    assert "RAY_AUTH_TOKEN=" not in script
     assert "ray stop" not in script.replace("a bare `ray stop`", "")  # never every Ray on the node
     gpu = render(_job(gpus_per_node=2, cpus_per_node=None, requeue=True, sbatch_args=[]))
     assert "#SBATCH --gpus-per-node=2" in gpu and "#SBATCH --requeue" in gpu and "--cpus-per-task" not in gpu

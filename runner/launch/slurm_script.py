@@ -19,7 +19,6 @@ from dataclasses import dataclass
 EXIT_FILE, TOKEN_FILE, SCRIPT_FILE = "exit-code", "ray-token", "sweep.sbatch"
 LOG_PATTERN = "slurm-%j.out"  # sbatch's %j: the job id
 WARN_BEFORE_LIMIT_S = 120  # Slurm may send it up to 60 s earlier than asked
-PORT_BASE, PORT_BLOCK, PORT_BLOCKS = 12000, 200, 100  # ports 12000-31999, under Linux's ephemeral range
 
 
 @dataclass(frozen=True)
@@ -47,7 +46,8 @@ def render(job: BatchJob) -> str:
                f"--output={job.job_dir}/{LOG_PATTERN}", "--open-mode=append",
                f"--signal=B:USR1@{WARN_BEFORE_LIMIT_S}", "--requeue" if job.requeue else "--no-requeue",
                *job.sbatch_args]
-    settings = {"JOB_DIR": job.job_dir, "LILGATSBY_BIN": job.bin_dir, "REQUEUE": "1" if job.requeue else ""}
+    settings = {"JOB_DIR": job.job_dir, "LILGATSBY_BIN": job.bin_dir, "REQUEUE": "1" if job.requeue else "",
+                "TOKEN_FILE": TOKEN_FILE, "EXIT_FILE": EXIT_FILE}
     return (f"#!/bin/bash\n# {job.name}: a lilgatsby sweep on Slurm, written {time.strftime('%Y-%m-%d %H:%M %Z')} by\n"
             f"#   {job.made_by}\n"
             "# `sbatch` this file again to resume it: finished runs are skipped, interrupted ones resume from\n"
@@ -61,9 +61,10 @@ BODY = r"""
 set -u
 export JOB_DIR PATH="$LILGATSBY_BIN:$PATH"
 # Every Ray process of this job presents this token, read from a file (mode 0600), never an argument
-export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$JOB_DIR/ray-token"
+export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$JOB_DIR/$TOKEN_FILE"
 # A block of 200 ports and a Ray temp directory (in the node's TMPDIR, else /tmp) of this job's own on
-# every node: jobs sharing a node do not collide (two jobs whose ids are equal modulo 100 would)
+# every node: jobs sharing a node do not collide (two jobs whose ids are equal modulo 100 would); ports
+# 12000-31999, below Linux's ephemeral range
 export PORT=$((12000 + SLURM_JOB_ID % 100 * 200))
 # Ray's gRPC does not read /etc/hosts: nodes are addressed by IP, this node's first address
 export HEAD_IP=$(hostname -I | awk '{print $1}')
@@ -81,7 +82,7 @@ ray_node() {  # $1: head or worker. Ray on this node until SIGTERM; then its pro
     --dashboard-agent-listen-port=$((PORT + 6)) --metrics-export-port=$((PORT + 7)) \
     --min-worker-port=$((PORT + 10)) --max-worker-port=$((PORT + 199)) >"$JOB_DIR/ray-$SLURMD_NODENAME.log" 2>&1 &
   local ray=$!
-  # the processes it started end with it (Linux's parent-death signal); USR2: srun passes it on as it is
+  # on SIGTERM, `ray start` stops the processes it started; USR2: srun passes it on as it is
   trap 'kill -TERM $ray 2>/dev/null' TERM USR2
   wait_for $ray
   rm -rf "$temp"
@@ -99,7 +100,7 @@ trap 'echo "lilgatsby: Slurm warns of the time limit (SIGUSR1): stopping the swe
       warned=1; stop' USR1
 trap stop TERM INT
 
-cd "$JOB_DIR" && rm -f exit-code
+cd "$JOB_DIR" && rm -f "$EXIT_FILE"
 echo "lilgatsby: Slurm job $SLURM_JOB_ID on $SLURM_JOB_NODELIST: Ray head $HEAD_IP:$PORT"
 ray_node head &
 head=$!
@@ -127,7 +128,7 @@ if [ -n "$warned" ] && [ -n "$REQUEUE" ]; then
   scontrol requeue "$SLURM_JOB_ID" && exit 0
 fi
 rm -f "$RAY_AUTH_TOKEN_PATH"
-echo $code > exit-code
+echo $code > "$EXIT_FILE"
 [ -n "$workers" ] && wait_for $workers
 exit $code
 """
