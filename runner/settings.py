@@ -79,7 +79,7 @@ def split_sbatch_args(text: str, where: str) -> list[str]:
         raise ConfigError(f"{where}: {e}: {text!r}") from None
 
 
-def sbatch_args() -> list[str]:
+def sbatch_args_from_env() -> list[str]:
     """Default: none."""
     return split_sbatch_args(_set(SBATCH_ARGS) or "", SBATCH_ARGS)
 
@@ -90,4 +90,4 @@ def check_environment() -> None:
     lease_ttl_s()
     scratch_root()
     bf16_gemm()
-    sbatch_args()
+    sbatch_args_from_env()

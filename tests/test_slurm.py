@@ -111,9 +111,7 @@ def test_the_submitted_script_asks_for_what_the_experiment_needs(sinfo, sbatch_o
                           f"log: ")
     (job_dir,) = (runs / "smoke_sweep" / "slurm").iterdir()
     assert f"follow it: tail -f {job_dir}/slurm-4242.out; stop it: scancel 4242" in out
-    assert sorted(p.name for p in job_dir.iterdir()) == ["book", "experiment.yaml", "ray-token", "submission.json",
-                                                         "sweep.sbatch"]
-    assert (job_dir / "ray-token").stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in job_dir.iterdir()) == ["book", "experiment.yaml", "submission.json", "sweep.sbatch"]
     options = re.findall(r"^#SBATCH (.+)$", (job_dir / "sweep.sbatch").read_text(), flags=re.M)
     assert "--nodes=3" in options and "--cpus-per-task=1" in options and options[-1] == sbatch_option
     assert [o for o in options if o.startswith("--gpus-per-node")] == ([gpus] if gpus else [])
@@ -286,8 +284,15 @@ def test_a_cancelled_job_leaves_its_runs_cancelled_and_the_same_command_resumes_
     assert (log.parent / "exit-code").read_text() == "143\n"  # the job's own end, within scancel's grace
     _nothing_left(slurm, job_id)
 
-    code, out = _finish(_sweep(slurm, runs, *longer))
-    assert code == 0, out
+    if stop == "scancel":  # resumed by the script alone, submitted again as it stands
+        (log.parent / "exit-code").unlink()
+        subprocess.run(["sbatch", "sweep.sbatch"], cwd=log.parent, env=_env(slurm), check=True, capture_output=True)
+        wait_until(lambda: (log.parent / "exit-code").exists(), "the resubmitted script's end", timeout_s=300,
+                   poll_s=0.5)
+        assert (log.parent / "exit-code").read_text() == "0\n"
+    else:  # resumed by the same command
+        code, out = _finish(_sweep(slurm, runs, *longer))
+        assert code == 0, out
     assert [m["status"] for m in _manifests(exp_dir)] == ["complete"] * 4
 
 
@@ -322,6 +327,10 @@ def test_a_ray_worker_without_the_jobs_token_is_refused_and_the_sweep_completes(
     _wait_training(proc, exp_dir, past_step=0)
     (log,) = exp_dir.glob("slurm/*/slurm-*.out")
     head = re.search(r"Ray head ([\d.]+:\d+)", log.read_text()).group(1)
+    token_file = log.parent / "ray-token"  # the job's, made by its script, readable by its user alone
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    token = token_file.read_text().strip().encode()
+    assert len(token) == 64 and not [p for p in Path("/proc").glob("[0-9]*") if token in _cmdline(p)]
     intruder = subprocess.run(
         [sys.executable, "-m", "ray.scripts.scripts", "start", f"--address={head}", f"--temp-dir={tmp_path}/ray",
          f"--node-ip-address={slurm.ip(1)}", "--num-cpus=1"],
@@ -334,6 +343,8 @@ def test_a_ray_worker_without_the_jobs_token_is_refused_and_the_sweep_completes(
     manifests = _manifests(exp_dir)
     assert [m["status"] for m in manifests] == ["complete"] * 4
     assert {m["environment"]["host"] for m in manifests} <= {"n1", "n2"}
+    assert not token_file.exists()
+    assert not [f for f in log.parent.rglob("*") if f.is_file() and token in f.read_bytes()]
     stray = [p for p in Path("/proc").glob("[0-9]*") if f"{tmp_path}/ray".encode() in _cmdline(p)]
     for p in stray:  # what the refused `ray start` may have left, stopped by PID before the assertion
         os.kill(int(p.name), signal.SIGKILL)

@@ -2,8 +2,8 @@
 
 The submitter writes a job directory on the shared filesystem (`<runs root>/<experiment>/slurm/<tag>/`
 for a local runs root, `slurm/<experiment>/<tag>/` in the current directory for a bucket): what the
-driver needs (`runner.launch.submission`: the experiment as one file, the book, what it checks), the
-job's Ray token (mode 0600) and the batch script (`runner.launch.slurm_script`); submits it with
+driver needs (`runner.launch.submission`: the experiment as one file, the book, what it checks) and
+the batch script (`runner.launch.slurm_script`, which makes the job's Ray token); submits it with
 `sbatch` and follows it as an `--address` sweep is followed: the job's state while it waits, then its
 log line by line, then the sweep's exit code (which the script leaves in the job directory: Slurm's
 own record of it needs accounting, which many clusters do not give their users). Ctrl-C cancels the
@@ -21,13 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-from runner import settings
 from runner.config import load_runs
 from runner.errors import ConfigError, UserError
-from runner.launch.slurm_script import EXIT_FILE, LOG_PATTERN, SCRIPT_FILE, TOKEN_FILE, BatchJob, render
+from runner.launch.slurm_script import EXIT_FILE, LOG_PATTERN, SCRIPT_FILE, BatchJob, render
 from runner.launch.submission import check_runs_root, stage, the_book
 from runner.layout import SLURM
-from runner.settings import split_sbatch_args
+from runner.settings import SBATCH_ARGS, sbatch_args_from_env, split_sbatch_args
 from runner.storage.location import Location, at
 from runner.text import plural
 
@@ -49,7 +48,7 @@ def job_dir_for(runs_root: Location, experiment: str, tag: str) -> Path:
 def sbatch_args(given: str | None) -> list[str]:
     """sbatch options from --sbatch, else from $LILGATSBY_SBATCH_ARGS; one line if they do not parse."""
     args, where = (split_sbatch_args(given, "--sbatch"), "--sbatch") if given is not None else \
-        (settings.sbatch_args(), settings.SBATCH_ARGS)
+        (sbatch_args_from_env(), SBATCH_ARGS)
     bad = [a for a in args if a.split("=")[0] in ("--nodes", "-N", "--output", "-o", "--job-name", "-J")]
     if bad:
         raise ConfigError(f"{where}: {bad[0]}: lilgatsby sets it (--nodes N for the node count)")
@@ -92,9 +91,6 @@ def submit(path: Path, overrides: list[str], runs_root: Location, *, nodes: int,
     try:
         driver = stage(job_dir, path, overrides, book, runs_root, force=force, restart=restart,
                        max_retries=max_retries)
-        token = job_dir / TOKEN_FILE
-        token.touch(mode=0o600)
-        token.write_text(secrets.token_hex(32))
         gpus = math.ceil(exp.resources.gpus_per_run) if partition_has_gpus(args) and not _gives(args, GPU_OPTIONS) \
             else 0
         script = job_dir / SCRIPT_FILE

@@ -60,7 +60,7 @@ def render(job: BatchJob) -> str:
 BODY = r"""
 set -u
 export JOB_DIR PATH="$LILGATSBY_BIN:$PATH"
-# Every Ray process of this job presents this token, read from a file (mode 0600), never an argument
+# Every Ray process of this job presents its token, made below, read from a file (mode 0600), never an argument
 export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$JOB_DIR/$TOKEN_FILE"
 # A block of 200 ports and a Ray temp directory (in the node's TMPDIR, else /tmp) of this job's own on
 # every node: jobs sharing a node do not collide (two jobs whose ids are equal modulo 100 would); ports
@@ -101,6 +101,7 @@ trap 'echo "lilgatsby: Slurm warns of the time limit (SIGUSR1): stopping the swe
 trap stop TERM INT
 
 cd "$JOB_DIR" && rm -f "$EXIT_FILE"
+(umask 077 && python -c 'import secrets; print(secrets.token_hex(32))' > "$RAY_AUTH_TOKEN_PATH")  # this run's
 echo "lilgatsby: Slurm job $SLURM_JOB_ID on $SLURM_JOB_NODELIST: Ray head $HEAD_IP:$PORT"
 ray_node head &
 head=$!
