@@ -98,3 +98,21 @@ def test_the_embedded_instance_listens_on_loopback_only(embedded_instance):
     assert address.startswith("127.0.0.1:") and any(name == "gcs_server" for _, name in listening), listening
     assert all(local.rpartition(":")[0] in ("127.0.0.1", "[::ffff:127.0.0.1]", "[::1]") for local, _ in listening), \
         listening
+
+
+def test_sigterm_while_the_driver_waits_for_its_nodes_is_taken_as_ctrl_c(embedded_instance, tmp_path, small_book):
+    """A Slurm job's driver waits for the job's nodes (`--expect-nodes`) after joining the head, where
+    Ray's own handler would take SIGTERM (a stack dump, exit 1): lilgatsby's takes it, one line, 143."""
+    address, token, _ = embedded_instance
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "runner.cli", "sweep", str(REPO / "experiments" / "smoke_sweep.yaml"), "--address",
+         address, "--expect-nodes", "3", "--runs", str(tmp_path / "runs"), "--corpus", str(small_book)],
+        stderr=subprocess.PIPE, text=True, env={**clean_env(tmp_path), "RAY_AUTH_TOKEN": token})
+    try:
+        sweep.wait(timeout=20)  # joined in a few seconds, then waiting for nodes that never come
+    except subprocess.TimeoutExpired:
+        sweep.terminate()
+    err = sweep.communicate(timeout=60)[1]
+    assert sweep.returncode == 143, err
+    assert "lilgatsby: terminated (SIGTERM)" in err and "SIGTERM received" not in err, err
+    assert not list((tmp_path / "runs").glob("smoke_sweep/*/run.json"))  # nothing had started

@@ -251,3 +251,15 @@ def test_sigterm_to_a_worker_cancels_its_run_resumably(long_sweep, tmp_path):
     assert manifest["status"] == "cancelled" and "SIGTERM" in manifest["error"], manifest
     assert subprocess.run(_sweep_cmd(long_sweep, runs), capture_output=True).returncode == 0
     assert json.loads((terminated / "run.json").read_text())["resumed_from_step"] >= 20
+
+
+def test_waiting_for_nodes_that_do_not_come_is_one_line(monkeypatch):
+    """A Slurm job's driver waits for the job's nodes to join; a node that never does is named by count."""
+    alive = [{"Alive": True}, {"Alive": False}]
+    monkeypatch.setattr(ray_session.ray, "nodes", lambda: alive)
+    with pytest.raises(ray_session.ConfigError, match=r"^--expect-nodes 2: 1 of 2 nodes joined the Ray cluster "
+                                                      r"within 0.2 s \(a Slurm job's directory has each node's "
+                                                      r"ray-NODE.log\)$"):
+        ray_session.wait_for_nodes(2, timeout_s=0.2)
+    alive[1]["Alive"] = True
+    ray_session.wait_for_nodes(2, timeout_s=0.2)  # both: returns

@@ -207,22 +207,22 @@ def sweep(path: Path, overrides: list[str], runs_root: Location, *, address: str
     book_of, books = read_books(todo)
     joined = start_or_join(address)
     try:
-        if joined:
-            wait_for_nodes(expect_nodes)
-            check_nodes(exp_dir.parent)
-        exp_dir.make_dir()
-        cluster, driver = ray.cluster_resources(), identity()
-        sent = {where: ray.put(book.data) for where, book in books.items()}  # once each, not once per task
-        pending = {}
-        for r in todo:
-            options = task_options(r.experiment, cluster)
-            book = book_of[r.run_id]  # where the driver read it
-            ref = _train_task.options(**options, max_retries=max_retries, retry_exceptions=False,
-                                      name=f"{r.experiment.name}/{r.run_id}").remote(
-                driver, sent[book], book, books[book].sha256, r.experiment.to_dict(), r.overrides, r.point,
-                str(exp_dir / r.run_id), restart, force)
-            pending[ref] = r
         with sigterm_as_interrupt():  # again: Ray's core took SIGTERM over when it started
+            if joined:
+                wait_for_nodes(expect_nodes)
+                check_nodes(exp_dir.parent)
+            exp_dir.make_dir()
+            cluster, driver = ray.cluster_resources(), identity()
+            sent = {where: ray.put(book.data) for where, book in books.items()}  # once each, not once per task
+            pending = {}
+            for r in todo:
+                options = task_options(r.experiment, cluster)
+                book = book_of[r.run_id]  # where the driver read it
+                ref = _train_task.options(**options, max_retries=max_retries, retry_exceptions=False,
+                                          name=f"{r.experiment.name}/{r.run_id}").remote(
+                    driver, sent[book], book, books[book].sha256, r.experiment.to_dict(), r.overrides, r.point,
+                    str(exp_dir / r.run_id), restart, force)
+                pending[ref] = r
             return _collect(pending, exp_dir, len(runs) - len(todo), progress)
     finally:
         ray.shutdown()
