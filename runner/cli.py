@@ -90,6 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     experiment_args(train)
     train.add_argument("--out", help="run directory, local or s3:// (default: <runs>/<name>/<run id>/)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--point", type=int, help=argparse.SUPPRESS)  # a Slurm array task: this grid point
+    train.add_argument("--submission", type=Path, help=argparse.SUPPRESS)  # a Slurm array task: what to check
 
     sweep = command("sweep", "run every point of an experiment's grid on Ray")
     experiment_args(sweep)
@@ -108,6 +110,10 @@ def _parser() -> argparse.ArgumentParser:
                             "(default: $LILGATSBY_SBATCH_ARGS)")
     sweep.add_argument("--requeue", action="store_true",
                        help="with --slurm: requeue the job when it nears its time limit (and on preemption)")
+    sweep.add_argument("--slurm-array", action="store_true",
+                       help="submit a Slurm job array instead: a task per grid point still to train, no Ray")
+    sweep.add_argument("--array-limit", type=int, metavar="N",
+                       help="with --slurm-array: at most N tasks at once (sbatch's --array=...%%N)")
     sweep.add_argument("--expect-nodes", type=int, default=0, help=argparse.SUPPRESS)  # in a Slurm job
     sweep.add_argument("--submission", type=Path, help=argparse.SUPPRESS)  # in a submitted job: what to check
     sweep.add_argument("--max-retries", type=int, default=2, help="retries of a run lost with its worker")
@@ -179,8 +185,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     from runner.runs.rundir import is_complete, tidy_complete
 
     runs = load_runs(args.experiment, _overrides(args))
+    if args.point is not None:  # one task of a Slurm array: its point of the grid
+        if not 0 <= args.point < len(runs):
+            raise ConfigError(f"--point {args.point}: the grid has {plural(len(runs), 'run')}")
+        runs = [runs[args.point]]
     if len(runs) != 1:
         raise ConfigError(f"{args.experiment}: grid: has {plural(len(runs), 'run')}; use `lilgatsby sweep` for grids")
+    if args.submission:
+        from runner.launch.submission import check_submission
+
+        check_submission(args.submission, args.corpus)
     (spec,) = runs
     out = at(args.out, "--out") if args.out else None
     run_dir = out or at(args.runs, "--runs") / spec.experiment.name / spec.run_id
@@ -210,20 +224,28 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from runner.launch.submission import check_submission
 
     address, runs_root = args.address or os.environ.get("RAY_ADDRESS"), at(args.runs, "--runs")
+    slurm = args.slurm or args.slurm_array
     slurm_only = [o for o, given in (("--nodes", args.nodes != 1), ("--sbatch", args.sbatch is not None),
                                      ("--requeue", args.requeue)) if given]
-    if slurm_only and not args.slurm:
-        raise ConfigError(f"{slurm_only[0]}: only with --slurm")
-    if args.detach and not (args.slurm or is_job_address(address)):
+    if slurm_only and not slurm:
+        raise ConfigError(f"{slurm_only[0]}: only with --slurm or --slurm-array")
+    if args.array_limit is not None and not args.slurm_array:
+        raise ConfigError("--array-limit: only with --slurm-array")
+    if args.slurm_array and (args.slurm or args.nodes != 1):
+        raise ConfigError(f"--slurm-array: a task per run on a node of Slurm's choosing; not with "
+                          f"{'--slurm' if args.slurm else '--nodes'}")
+    if args.detach and not (slurm or is_job_address(address)):
         raise ConfigError("--detach: only with --slurm or a dashboard's http://HOST:PORT as --address (a job)")
-    if args.slurm and args.address:
-        raise ConfigError("--slurm: the job starts its own Ray cluster; --address is not for it")
-    if args.slurm and not args.dry_run:
-        from runner.launch import slurm
+    if slurm and args.address:
+        raise ConfigError(f"{'--slurm' if args.slurm else '--slurm-array'}: the job runs where Slurm puts it; "
+                          f"--address is not for it")
+    if slurm and not args.dry_run:
+        from runner.launch.slurm import submit as submit_to_slurm
 
-        return slurm.submit(args.experiment, _overrides(args), runs_root, nodes=args.nodes, sbatch=args.sbatch,
-                            requeue=args.requeue, force=args.force, restart=args.restart,
-                            max_retries=args.max_retries, detach=args.detach)
+        return submit_to_slurm(args.experiment, _overrides(args), runs_root, nodes=args.nodes, sbatch=args.sbatch,
+                               array=args.slurm_array, array_limit=args.array_limit, requeue=args.requeue,
+                               force=args.force, restart=args.restart, max_retries=args.max_retries,
+                               detach=args.detach)
     if is_job_address(address) and not args.dry_run:
         return submit(args.experiment, _overrides(args), runs_root, address=address, force=args.force,
                       restart=args.restart, max_retries=args.max_retries, detach=args.detach)

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 
 from runner.cli import main
+from runner.config import load_runs
 from runner.errors import UserError
 from runner.launch.slurm import exit_code, follow
-from runner.launch.slurm_script import BatchJob, render
+from runner.launch.slurm_script import BatchJob, render, render_array
 
 from conftest import REPO, sigint_as_in_a_terminal, wait_until
 from slurm_cluster import SlurmCluster, missing
@@ -55,10 +56,24 @@ def test_the_batch_script_is_valid_bash_with_the_users_options_last(tmp_path):
     assert "#SBATCH --gpus-per-node=2" in gpu and "#SBATCH --requeue" in gpu and "--cpus-per-task" not in gpu
 
 
+def test_the_array_script_trains_one_point_per_task_and_keeps_its_exit_code(tmp_path):
+    script = render_array(_job(driver=["lilgatsby", "train", "experiment.yaml", "--quiet"]), [0, 2, 3], limit=2)
+    path = tmp_path / "sweep.sbatch"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    options = re.findall(r"^#SBATCH (.+)$", script, flags=re.M)
+    assert "--array=0-2%2" in options and "--ntasks=1" in options and options[-1] == "--time=00:05:00"
+    assert "POINTS=(0 2 3)" in script and 'TRAIN=(lilgatsby train experiment.yaml --quiet)' in script
+    assert '"${TRAIN[@]}" --point "${POINTS[$SLURM_ARRAY_TASK_ID]}"' in script
+
+
 @pytest.mark.parametrize("args, error", [
-    (["--nodes", "2"], "--nodes: only with --slurm"),
-    (["--slurm", "--address", "127.0.0.1:6379"],
-     "--slurm: the job starts its own Ray cluster; --address is not for it"),
+    (["--nodes", "2"], "--nodes: only with --slurm or --slurm-array"),
+    (["--slurm", "--address", "127.0.0.1:6379"], "--slurm: the job runs where Slurm puts it; --address is not for it"),
+    (["--array-limit", "2"], "--array-limit: only with --slurm-array"),
+    (["--slurm-array", "--nodes", "2"],
+     "--slurm-array: a task per run on a node of Slurm's choosing; not with --nodes"),
+    (["--slurm-array", "--array-limit", "0"], "--array-limit 0: at least 1"),
     (["--slurm", "--nodes", "0"], "--nodes 0: at least 1"),
     (["--slurm", "--sbatch=--nodes=3"], "--sbatch: --nodes=3: lilgatsby sets it (--nodes N for the node count)"),
     (["--slurm", "--sbatch=--time='1"], "--sbatch: No closing quotation: \"--time='1\""),
@@ -120,7 +135,7 @@ def test_the_submitted_script_asks_for_what_the_experiment_needs(sinfo, sbatch_o
 def test_following_a_job_rides_out_squeue_failures_and_prints_its_log(tmp_path, capsys, monkeypatch):
     """squeue's answers in turn: a controller that times out, the job pending, running, completed."""
     answers = tmp_path / "answers"
-    answers.write_text("fail\nPENDING|Priority|\nRUNNING|None|n[1-2]\nCOMPLETED|None|n[1-2]\n")
+    answers.write_text("fail\n7|PENDING|Priority|\n7|RUNNING|None|n[1-2]\n7|COMPLETED|None|n[1-2]\n")
     _fake_slurm(tmp_path, monkeypatch, sbatch="exit 1")
     squeue = tmp_path / "bin" / "squeue"
     squeue.write_text(f"""#!/bin/sh
@@ -132,7 +147,7 @@ echo "$line"
     monkeypatch.setattr("runner.launch.slurm.POLL_S", 0.01)
     log = tmp_path / "slurm-7.out"
     log.write_text("train.seed=1 (abc) complete\nhalf a line")
-    assert follow("7", log) == "COMPLETED"
+    assert follow(["7"], tmp_path, log.name) == "COMPLETED"
     assert capsys.readouterr().out.splitlines() == [
         "lilgatsby: job 7 pending (Priority)", "train.seed=1 (abc) complete", "lilgatsby: job 7 running (n[1-2])"]
     (tmp_path / "exit-code").write_text("1\n")
@@ -174,7 +189,8 @@ def _env(cluster: SlurmCluster) -> dict:
 
 
 def _sweep(cluster, runs: Path, *args: str, **popen) -> subprocess.Popen:
-    return subprocess.Popen([LILGATSBY, "sweep", SMOKE_SWEEP, "--runs", str(runs), "--slurm", *args],
+    mode = [] if "--slurm-array" in args else ["--slurm"]
+    return subprocess.Popen([LILGATSBY, "sweep", SMOKE_SWEEP, "--runs", str(runs), *mode, *args],
                             env=_env(cluster), cwd=cluster.base, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, **popen)
 
@@ -356,3 +372,31 @@ def _cmdline(proc: Path) -> bytes:
         return (proc / "cmdline").read_bytes()
     except OSError:
         return b""
+
+
+@pytest.mark.long
+def test_a_job_array_trains_every_point_once_with_the_sweeps_run_ids_and_indexes_them(slurm, tmp_path):
+    runs = slurm.base / "runs-array"
+    code, out = _finish(_sweep(slurm, runs, "--slurm-array", "--array-limit", "3"))
+    assert code == 0, out
+    assert re.search(r"submitted Slurm array job (\d+) \(4 tasks, index job \d+\)", out), out
+    exp_dir = runs / "smoke_sweep"
+    manifests = _manifests(exp_dir)
+    assert sorted(m["run_id"] for m in manifests) == sorted(r.run_id for r in load_runs(SMOKE_SWEEP))
+    assert [m["status"] for m in manifests] == ["complete"] * 4
+    for m in manifests:  # each trained once, by one task
+        assert (exp_dir / m["run_id"] / "train.log").read_text().count(" complete: final loss") == 1
+    assert sorted(json.loads(line)["run_id"] for line in (exp_dir / "index.jsonl").read_text().splitlines()) == \
+        sorted(m["run_id"] for m in manifests)
+    job_dir = _job_dir(out)
+    assert sorted(p.name for p in job_dir.glob("exit-code-*")) == [f"exit-code-{i}" for i in range(4)]
+    # a task trains as `lilgatsby train` does on the same CPUs: the same bits
+    (task_run,) = [exp_dir / m["run_id"] for m in manifests
+                   if m["config"]["train"]["seed"] == 2 and m["config"]["train"]["precision"] == "fp32"]
+    local = tmp_path / "local"
+    subprocess.run([LILGATSBY, "train", str(REPO / "experiments" / "smoke.yaml"), "--set", "train.seed=2", "--set",
+                    "train.precision=fp32", "--out", str(local), "--quiet"], env=_env(slurm), check=True,
+                   capture_output=True)
+    assert main(["compare", str(task_run), str(local)]) == 0
+    code, out = _finish(_sweep(slurm, runs, "--slurm-array"))  # again: nothing left to train
+    assert code == 0 and "all 4 runs complete; nothing to submit" in out, out

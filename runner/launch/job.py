@@ -54,7 +54,7 @@ def submit(path: Path, overrides: list[str], runs_root: Location, *, address: st
     client = _client(address)
     with tempfile.TemporaryDirectory(prefix="lilgatsby-job-") as staging:
         command = stage(Path(staging), path, overrides, book, runs_root, force=force, restart=restart,
-                        max_retries=max_retries)
+                        options=("--max-retries", str(max_retries)))
         job_id = f"lilgatsby-{runs[0].experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         _submit_job(client, address, entrypoint=shlex.join(command), submission_id=job_id,
                     runtime_env={"working_dir": staging, "env_vars": STOP_ENV},

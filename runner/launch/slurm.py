@@ -7,7 +7,9 @@ the batch script (`runner.launch.slurm_script`, which makes the job's Ray token)
 `sbatch` and follows it as an `--address` sweep is followed: the job's state while it waits, then its
 log line by line, then the sweep's exit code (which the script leaves in the job directory: Slurm's
 own record of it needs accounting, which many clusters do not give their users). Ctrl-C cancels the
-job (`scancel`: its runs are marked cancelled and the same command resumes them).
+job (`scancel`: its runs are marked cancelled and the same command resumes them). With
+`--slurm-array`, a job array instead (a task per grid point still to train, `lilgatsby train --point`,
+no Ray) and a job after it that rebuilds the index, followed the same way.
 """
 
 from __future__ import annotations
@@ -21,10 +23,19 @@ import sys
 import time
 from pathlib import Path
 
-from runner.config import load_runs
 from runner.errors import ConfigError, UserError
-from runner.launch.slurm_script import EXIT_FILE, LOG_PATTERN, SCRIPT_FILE, BatchJob, render
+from runner.launch.slurm_script import (
+    ARRAY_LOG_PATTERN,
+    EXIT_FILE,
+    INDEX_LOG_PATTERN,
+    LOG_PATTERN,
+    SCRIPT_FILE,
+    BatchJob,
+    render,
+    render_array,
+)
 from runner.launch.submission import check_runs_root, stage, the_book
+from runner.launch.sweep import plan
 from runner.layout import SLURM
 from runner.settings import SBATCH_ARGS, sbatch_args_from_env, split_sbatch_args
 from runner.storage.location import Location, at
@@ -71,92 +82,128 @@ def partition_has_gpus(args: list[str]) -> bool:
 
 
 def submit(path: Path, overrides: list[str], runs_root: Location, *, nodes: int, sbatch: str | None,
-           requeue: bool = False, force: bool = False, restart: bool = False, max_retries: int = 2,
-           detach: bool = False) -> int:
+           array: bool = False, array_limit: int | None = None, requeue: bool = False, force: bool = False,
+           restart: bool = False, max_retries: int = 2, detach: bool = False) -> int:
     """Write the job directory, submit it and follow it (unless `detach`); returns the sweep's exit
-    code on the head node (0, 1 or 2), or 130 after Ctrl-C here."""
+    code (0, 1 or 2; 143 if it was stopped), or 130 after Ctrl-C here. `array`: a job array, a task
+    per grid point still to train, and a job after it that rebuilds the index."""
     if nodes < 1:
         raise ConfigError(f"--nodes {nodes}: at least 1")
+    if array_limit is not None and array_limit < 1:
+        raise ConfigError(f"--array-limit {array_limit}: at least 1")
     if runs_root.local is not None:
         runs_root = at(runs_root.local.absolute())
     check_runs_root(runs_root, "a Slurm node")
     args = sbatch_args(sbatch)
-    runs = load_runs(path, overrides)  # bad input is refused here, before anything is written
-    book = the_book(runs)
+    runs, todo, exp_dir = plan(path, overrides, runs_root, force)  # bad input is refused here
     exp = runs[0].experiment
+    if array and not todo:
+        print(f"{exp_dir}: all {plural(len(runs), 'run')} complete; nothing to submit (--force trains them again)")
+        return 0
+    book = the_book(runs)
     sbatch_bin = _command("sbatch")
-    tag = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-    job_dir = job_dir_for(runs_root, exp.name, tag)
+    job_dir = job_dir_for(runs_root, exp.name, f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}")
     job_dir.mkdir(parents=True)
     try:
-        driver = stage(job_dir, path, overrides, book, runs_root, force=force, restart=restart,
-                       max_retries=max_retries)
+        command = stage(job_dir, path, overrides, book, runs_root, force=force, restart=restart,
+                        command="train" if array else "sweep",
+                        options=() if array else ("--max-retries", str(max_retries)))
         gpus = math.ceil(exp.resources.gpus_per_run) if partition_has_gpus(args) and not _gives(args, GPU_OPTIONS) \
             else 0
-        script = job_dir / SCRIPT_FILE
-        script.write_text(render(BatchJob(
-            name=f"lilgatsby-{exp.name}", job_dir=str(job_dir), nodes=nodes,
-            cpus_per_node=None if _gives(args, CPU_OPTIONS) else math.ceil(exp.resources.cpus_per_run),
-            gpus_per_node=gpus, requeue=requeue, sbatch_args=args, bin_dir=str(Path(sys.executable).parent),
-            driver=driver, made_by=shlex.join(["lilgatsby", *sys.argv[1:]]))))
-        done = subprocess.run([sbatch_bin, "--parsable", str(script)], capture_output=True, text=True, cwd=job_dir)
-        if done.returncode != 0:
-            raise UserError(f"sbatch refused the job: {(done.stderr.strip().splitlines() or ['no message'])[-1]}")
+        job = BatchJob(name=f"lilgatsby-{exp.name}", job_dir=str(job_dir), nodes=nodes,
+                       cpus_per_node=None if _gives(args, CPU_OPTIONS) else math.ceil(exp.resources.cpus_per_run),
+                       gpus_per_node=gpus, requeue=requeue, sbatch_args=args, bin_dir=str(Path(sys.executable).parent),
+                       driver=command, made_by=shlex.join(["lilgatsby", *sys.argv[1:]]))
+        todo_ids = {r.run_id for r in todo}
+        points = [i for i, r in enumerate(runs) if r.run_id in todo_ids]
+        (job_dir / SCRIPT_FILE).write_text(render_array(job, points, array_limit) if array else render(job))
+        job_id = _sbatch(sbatch_bin, job_dir, SCRIPT_FILE)
+        reindex = shlex.join([str(Path(sys.executable).parent / "lilgatsby"), "index", str(exp_dir)])
+        index_id = _sbatch(sbatch_bin, job_dir, f"--dependency=afterany:{job_id}", f"--job-name={job.name}-index",
+                           f"--output={job_dir}/{INDEX_LOG_PATTERN}", f"--wrap={reindex}") if array else None
     except BaseException:
         shutil.rmtree(job_dir, ignore_errors=True)  # nothing half-written: no job, no directory
         raise
-    job_id = done.stdout.strip().split(";")[0]
-    log = job_dir / LOG_PATTERN.replace("%j", job_id)
-    print(f"submitted Slurm job {job_id} ({plural(nodes, 'node')}): {plural(len(runs), 'run')} of {exp.name} "
-          f"into {runs_root}; its script and log: {job_dir}", flush=True)
+    log = job_dir / (ARRAY_LOG_PATTERN.replace("%A", job_id).replace("%a", "*") if array
+                     else LOG_PATTERN.replace("%j", job_id))
+    what = f"array job {job_id} ({plural(len(points), 'task')}, index job {index_id})" if array else \
+        f"job {job_id} ({plural(nodes, 'node')})"
+    print(f"submitted Slurm {what}: {plural(len(todo if array else runs), 'run')} of {exp.name} into {runs_root}; "
+          f"its script and log: {job_dir}", flush=True)
+    jobs = [job_id, *([index_id] if index_id else [])]
     if detach:
-        print(f"follow it: tail -f {log}; stop it: scancel {job_id}")
+        print(f"follow it: tail -f {log}; stop it: scancel {' '.join(jobs)}")
         return 0
     try:
-        state = follow(job_id, log)
+        state = follow(jobs, job_dir, log.name)
     except KeyboardInterrupt:
         print(f"lilgatsby: cancelling Slurm job {job_id} (its running runs are marked cancelled; the same command "
               f"resumes them)", flush=True)
-        subprocess.run([_command("scancel"), job_id], check=False)
-        follow(job_id, log)
+        subprocess.run([_command("scancel"), *jobs], check=False)
+        follow(jobs, job_dir, log.name)
         return 130
-    return exit_code(job_dir, job_id, state, log)
+    if array:
+        return array_exit_code(job_dir, job_id, len(points))
+    return exit_code(job_dir, job_id, state, job_dir / log.name)
+
+
+def _sbatch(sbatch_bin: str, job_dir: Path, *args: str) -> str:
+    """Submit; the job's id."""
+    done = subprocess.run([sbatch_bin, "--parsable", *args], capture_output=True, text=True, cwd=job_dir)
+    if done.returncode != 0:
+        raise UserError(f"sbatch refused the job: {(done.stderr.strip().splitlines() or ['no message'])[-1]}")
+    return done.stdout.strip().split(";")[0]
 
 
 def _gives(args: list[str], options: tuple[str, ...]) -> bool:
     return any(a.split("=")[0] in options for a in args)
 
 
-def job_state(job_id: str) -> tuple[str, str] | None:
-    """(state, reason or nodes) of the job as squeue has it; ("", "") once Slurm has forgotten it;
-    None when squeue could not say (the controller busy or restarting: ask again)."""
-    done = subprocess.run([_command("squeue"), "-h", "-t", "all", "-j", job_id, "-o", "%T|%r|%N"],
+def job_states(jobs: list[str]) -> list[tuple[str, str, str]] | None:
+    """(job id, state, reason or nodes) of each job or array task as squeue has it (none once Slurm
+    has forgotten them); None when squeue could not say (the controller busy or restarting: ask again)."""
+    done = subprocess.run([_command("squeue"), "-h", "-t", "all", "-j", ",".join(jobs), "-o", "%i|%T|%r|%N"],
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        return ("", "") if "Invalid job id" in done.stderr else None
-    state, _, rest = done.stdout.strip().partition("|")
-    reason, _, where = rest.partition("|")
-    return state, (where if state == "RUNNING" else reason)
+        return [] if "Invalid job id" in done.stderr else None
+    states = []
+    for line in done.stdout.splitlines():
+        job, state, reason, where = (line.strip().split("|") + ["", "", ""])[:4]
+        states.append((job.partition("_")[0], state, where if state == "RUNNING" else reason))
+    return states
 
 
-def follow(job_id: str, log: Path) -> str:
-    """Print the job's state as it changes and its log as it grows, until it has ended; its last state."""
-    said, offset = ("", ""), 0
+def follow(jobs: list[str], job_dir: Path, log_glob: str) -> str:
+    """Print the jobs' states as they change and their logs (`log_glob` in `job_dir`) as they grow,
+    until all have ended; the first job's last state."""
+    said: list[tuple[str, str, str]] = []
+    offsets: dict[Path, int] = {}
     while True:
-        answer = job_state(job_id)
-        if answer is None:
+        states = job_states(jobs)
+        if states is None:
             time.sleep(POLL_S)
             continue
-        state, detail = answer
-        if (state, detail) != said and state and state not in ENDED:
-            print(f"lilgatsby: job {job_id} {state.lower()}" + (f" ({detail})" if detail and detail != "None" else ""),
-                  flush=True)
-            said = (state, detail)
-        offset = _print_new(log, offset)
-        if not state or state in ENDED:
-            _print_new(log, offset)
-            return state
+        live = [s for s in states if s[1] not in ENDED]
+        if live and live != said:
+            print("lilgatsby: " + "; ".join(_describe(job, [s for s in live if s[0] == job]) for job in jobs
+                                             if any(s[0] == job for s in live)), flush=True)
+            said = live
+        for log in sorted(job_dir.glob(log_glob)):
+            offsets[log] = _print_new(log, offsets.get(log, 0))
+        if not live:
+            return states[0][1] if states else ""
         time.sleep(POLL_S)
+
+
+def _describe(job: str, live: list[tuple[str, str, str]]) -> str:
+    """`job 12 running (n1)`, or for an array's tasks `job 12: 2 running, 3 pending`."""
+    if len(live) == 1:
+        _, state, detail = live[0]
+        return f"job {job} {state.lower()}" + (f" ({detail})" if detail and detail != "None" else "")
+    counts: dict[str, int] = {}
+    for _, state, _ in live:
+        counts[state.lower()] = counts.get(state.lower(), 0) + 1
+    return f"job {job}: " + ", ".join(f"{n} {state}" for state, n in counts.items())
 
 
 def _print_new(log: Path, offset: int) -> int:
@@ -183,3 +230,17 @@ def exit_code(job_dir: Path, job_id: str, state: str, log: Path) -> int:
         how = state.lower() if state else "ended"
         raise UserError(f"Slurm job {job_id} {how} before its sweep did (its log: {log}); the same command "
                         f"resumes its runs") from None
+
+
+def array_exit_code(job_dir: Path, job_id: str, tasks: int) -> int:
+    """The highest of the array tasks' exit codes (0 all complete, 1 a run failed, 143 stopped); a
+    task that ended before its run did is one line naming it."""
+    codes = []
+    for task in range(tasks):
+        try:
+            codes.append(int((job_dir / f"{EXIT_FILE}-{task}").read_text().strip()))
+        except (FileNotFoundError, ValueError):
+            raise UserError(f"Slurm array task {job_id}_{task} ended before its run did (its log: "
+                            f"{job_dir / ARRAY_LOG_PATTERN.replace('%A', job_id).replace('%a', str(task))}); "
+                            f"the same command resumes its run") from None
+    return max(codes)

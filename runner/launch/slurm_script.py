@@ -7,7 +7,8 @@ one node never collide: ray#59551), token authentication with the job's token fi
 command line), nodes addressed by IP, the sweep's driver on the head node, and on the sweep's end,
 on `scancel` (SIGTERM) or on Slurm's warning before the time limit (SIGUSR1), the driver stopped as
 after Ctrl-C (runs marked cancelled, resumable) and this job's Ray alone stopped on every node (a
-bare `ray stop` would kill other jobs' Ray), its temp directories and the token removed.
+bare `ray stop` would kill other jobs' Ray), its temp directories and the token removed. A job
+array's script (`render_array`) is simpler: each task trains one grid point with `lilgatsby train`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 
 EXIT_FILE, TOKEN_FILE, SCRIPT_FILE = "exit-code", "ray-token", "sweep.sbatch"
 LOG_PATTERN = "slurm-%j.out"  # sbatch's %j: the job id
+ARRAY_LOG_PATTERN = "slurm-%A_%a.out"  # an array's id and the task's index
+INDEX_LOG_PATTERN = "index-%j.out"  # the job that rebuilds an array's index
 WARN_BEFORE_LIMIT_S = 120  # Slurm may send it up to 60 s earlier than asked
 
 
@@ -39,7 +42,7 @@ class BatchJob:
 
 
 def render(job: BatchJob) -> str:
-    """The whole script."""
+    """The whole script of a sweep on Ray in one allocation."""
     options = [f"--job-name={job.name}", f"--nodes={job.nodes}", "--ntasks-per-node=1",
                *([f"--cpus-per-task={job.cpus_per_node}"] if job.cpus_per_node else []),
                *([f"--gpus-per-node={job.gpus_per_node}"] if job.gpus_per_node else []),
@@ -48,13 +51,42 @@ def render(job: BatchJob) -> str:
                *job.sbatch_args]
     settings = {"JOB_DIR": job.job_dir, "LILGATSBY_BIN": job.bin_dir, "REQUEUE": "1" if job.requeue else "",
                 "TOKEN_FILE": TOKEN_FILE, "EXIT_FILE": EXIT_FILE}
+    return _header(job, options, settings) + f"DRIVER=({shlex.join(job.driver)})\n" + BODY
+
+
+def render_array(job: BatchJob, points: list[int], limit: int | None) -> str:
+    """The whole script of a job array: task i trains grid point points[i] with `lilgatsby train`."""
+    options = [f"--job-name={job.name}", f"--array=0-{len(points) - 1}" + (f"%{limit}" if limit else ""),
+               "--ntasks=1", *([f"--cpus-per-task={job.cpus_per_node}"] if job.cpus_per_node else []),
+               *([f"--gpus={job.gpus_per_node}"] if job.gpus_per_node else []),
+               f"--output={job.job_dir}/{ARRAY_LOG_PATTERN}", "--open-mode=append",
+               "--requeue" if job.requeue else "--no-requeue", *job.sbatch_args]
+    settings = {"JOB_DIR": job.job_dir, "LILGATSBY_BIN": job.bin_dir, "EXIT_FILE": EXIT_FILE}
+    return (_header(job, options, settings) + f"POINTS=({' '.join(map(str, points))})\n"
+            + f"TRAIN=({shlex.join(job.driver)})\n" + ARRAY_BODY)
+
+
+def _header(job: BatchJob, options: list[str], settings: dict[str, str]) -> str:
     return (f"#!/bin/bash\n# {job.name}: a lilgatsby sweep on Slurm, written {time.strftime('%Y-%m-%d %H:%M %Z')} by\n"
             f"#   {job.made_by}\n"
             "# `sbatch` this file again to resume it: finished runs are skipped, interrupted ones resume from\n"
             "# their checkpoints. What it does and needs: docs/sweeps.md, \"On a Slurm cluster\".\n"
             + "".join(f"#SBATCH {shlex.quote(o)}\n" for o in options) + "\n"
-            + "".join(f"{k}={shlex.quote(v)}\n" for k, v in settings.items())
-            + f"DRIVER=({shlex.join(job.driver)})\n" + BODY)
+            + "".join(f"{k}={shlex.quote(v)}\n" for k, v in settings.items()))
+
+
+ARRAY_BODY = r"""
+# One grid point per array task, trained by `lilgatsby train` without Ray; SIGTERM (scancel, the time
+# limit) cancels its run resumably, as Ctrl-C does
+set -u
+export PATH="$LILGATSBY_BIN:$PATH"
+trap : TERM  # this shell outlives the signal (its child gets it too) to write the exit code
+cd "$JOB_DIR" && rm -f "$EXIT_FILE-$SLURM_ARRAY_TASK_ID"
+"${TRAIN[@]}" --point "${POINTS[$SLURM_ARRAY_TASK_ID]}"
+code=$?
+echo $code > "$EXIT_FILE-$SLURM_ARRAY_TASK_ID"
+exit $code
+"""
 
 
 BODY = r"""

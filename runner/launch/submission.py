@@ -44,9 +44,9 @@ def the_book(runs: list[Run]) -> tuple[str, Book]:
 
 
 def stage(work: Path, path: Path, overrides: list[str], book: tuple[str, Book], runs_root: Location, *,
-          force: bool, restart: bool, max_retries: int) -> list[str]:
-    """Write the experiment, the book and submission.json into `work`; return the driver's command,
-    with paths relative to `work` (the directory it runs in)."""
+          force: bool, restart: bool, command: str = "sweep", options: tuple[str, ...] = ()) -> list[str]:
+    """Write the experiment, the book and submission.json into `work`; return the driver's `lilgatsby
+    command` (sweep, or train for one point), with paths relative to `work` (the directory it runs in)."""
     book_name, book_bytes = book
     (work / EXPERIMENT_FILE).write_text(yaml.safe_dump(experiment_data(path), sort_keys=False), encoding="utf-8")
     (work / BOOK_DIR).mkdir()
@@ -54,9 +54,9 @@ def stage(work: Path, path: Path, overrides: list[str], book: tuple[str, Book], 
     (work / SUBMISSION_FILE).write_text(json.dumps({
         "lilgatsby": identity()["lilgatsby"], "book_sha256": book_bytes.sha256, "host": socket.gethostname()}))
     kept = [o for o in overrides if not o.replace(" ", "").startswith("corpus.path=")]
-    return ["lilgatsby", "sweep", EXPERIMENT_FILE, "--runs", str(runs_root),
-            "--corpus", f"{BOOK_DIR}/{book_name}", "--submission", SUBMISSION_FILE,
-            "--max-retries", str(max_retries), "--quiet", *[a for o in kept for a in ("--set", o)],
+    return ["lilgatsby", command, EXPERIMENT_FILE, "--runs", str(runs_root),
+            "--corpus", f"{BOOK_DIR}/{book_name}", "--submission", SUBMISSION_FILE, *options,
+            "--quiet", *[a for o in kept for a in ("--set", o)],
             *(["--force"] if force else []), *(["--restart"] if restart else [])]
 
 
