@@ -400,3 +400,21 @@ def test_a_job_array_trains_every_point_once_with_the_sweeps_run_ids_and_indexes
     assert main(["compare", str(task_run), str(local)]) == 0
     code, out = _finish(_sweep(slurm, runs, "--slurm-array"))  # again: nothing left to train
     assert code == 0 and "all 4 runs complete; nothing to submit" in out, out
+
+
+@pytest.mark.long
+def test_ctrl_c_cancels_a_job_arrays_runs_and_the_same_command_resumes_them(slurm):
+    runs = slurm.base / "runs-array-cancel"
+    longer = ("--slurm-array", "--set", "train.steps=600", "--set", "train.checkpoint_every=50")
+    proc = _sweep(slurm, runs, *longer, preexec_fn=sigint_as_in_a_terminal)
+    exp_dir = runs / "smoke_sweep"
+    _wait_training(proc, exp_dir, past_step=100)
+    proc.send_signal(signal.SIGINT)
+    code, out = _finish(proc)
+    assert code == 130 and "lilgatsby: cancelling Slurm job" in out, out
+    manifests = _manifests(exp_dir)
+    assert manifests and {m["status"] for m in manifests} == {"cancelled"}, out
+    assert {p.read_text() for p in _job_dir(out).glob("exit-code-*")} == {"143\n"}  # each task's own end
+    code, out = _finish(_sweep(slurm, runs, *longer))
+    assert code == 0, out
+    assert [m["status"] for m in _manifests(exp_dir)] == ["complete"] * 4
