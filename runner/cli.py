@@ -93,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--point", type=int, help=argparse.SUPPRESS)  # a Slurm array task: this grid point
     train.add_argument("--submission", type=Path, help=argparse.SUPPRESS)  # a Slurm array task: what to check
 
-    sweep = command("sweep", "run every point of an experiment's grid on Ray")
+    sweep = command("sweep", "run every point of an experiment's grid on Ray (or as a Slurm job array)")
     experiment_args(sweep)
     sweep.add_argument("--dry-run", action="store_true",
                        help="list the runs, the disk and the time they need; run nothing")

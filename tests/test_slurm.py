@@ -158,6 +158,22 @@ echo "$line"
         exit_code(tmp_path, "7", "TIMEOUT", log)
 
 
+def test_an_array_whose_index_job_is_refused_is_cancelled_and_leaves_nothing(tmp_path, small_book, capsys,
+                                                                              monkeypatch):
+    """sbatch takes the array, then refuses the job after it: the array is cancelled, not left to run."""
+    cancelled = tmp_path / "cancelled"
+    _fake_slurm(tmp_path, monkeypatch, sbatch='case "$*" in *--dependency*) echo "sbatch: error: '
+                                               'QOSMaxSubmitJobPerUserLimit" >&2; exit 1;; esac; echo 77')
+    (tmp_path / "bin" / "scancel").write_text(f'#!/bin/sh\necho "$*" >> {cancelled}\n')
+    (tmp_path / "bin" / "scancel").chmod(0o755)
+    runs = tmp_path / "runs"
+    assert main(["sweep", SMOKE_SWEEP, "--runs", str(runs), "--corpus", str(small_book), "--slurm-array"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "lilgatsby: error: sbatch refused the job: sbatch: error: QOSMaxSubmitJobPerUserLimit"]
+    assert cancelled.read_text() == "77\n"
+    assert not list((runs / "smoke_sweep" / "slurm").iterdir())
+
+
 def test_a_job_sbatch_refuses_leaves_nothing(tmp_path, small_book, capsys, monkeypatch):
     _fake_slurm(tmp_path, monkeypatch, sbatch="echo 'sbatch: error: Invalid partition name specified' >&2; exit 1")
     runs = tmp_path / "runs"

@@ -104,6 +104,7 @@ def submit(path: Path, overrides: list[str], runs_root: Location, *, nodes: int,
     sbatch_bin = _command("sbatch")
     job_dir = job_dir_for(runs_root, exp.name, f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}")
     job_dir.mkdir(parents=True)
+    job_id = None
     try:
         command = stage(job_dir, path, overrides, book, runs_root, force=force, restart=restart,
                         command="train" if array else "sweep",
@@ -121,8 +122,10 @@ def submit(path: Path, overrides: list[str], runs_root: Location, *, nodes: int,
         reindex = shlex.join([str(Path(sys.executable).parent / "lilgatsby"), "index", str(exp_dir)])
         index_id = _sbatch(sbatch_bin, job_dir, f"--dependency=afterany:{job_id}", f"--job-name={job.name}-index",
                            f"--output={job_dir}/{INDEX_LOG_PATTERN}", f"--wrap={reindex}") if array else None
-    except BaseException:
-        shutil.rmtree(job_dir, ignore_errors=True)  # nothing half-written: no job, no directory
+    except BaseException:  # nothing half-submitted: no job (an array without its index job), no directory
+        if job_id is not None:
+            subprocess.run([_command("scancel"), job_id], check=False)
+        shutil.rmtree(job_dir, ignore_errors=True)
         raise
     log = job_dir / (ARRAY_LOG_PATTERN.replace("%A", job_id).replace("%a", "*") if array
                      else LOG_PATTERN.replace("%j", job_id))
