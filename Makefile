@@ -39,8 +39,8 @@ notebook: setup
 	$(BIN)/jupyter lab --ip 127.0.0.1 --no-browser $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/dead_tokens.ipynb
 
 # the default suite: everything but the tests marked long (4.6-6.2 minutes on the 2-core AVX512-BF16 AMD EPYC of
-# 2026-12-03 to -06, 6.0 with the compact recordings and the notebook; 7.0-7.4 on the AVX2 one before this
-# round's tests; docs/development.md)
+# 2026-12-03 to -06, 6.0 with the compact recordings and the notebook, 7.25 in CI with the Slurm sweeps before
+# three tests moved to the long tier; 7.0-7.4 on the AVX2 one before this round's tests; docs/development.md)
 test: setup-test
 	$(BIN)/python -m pytest -m "not long"
 

@@ -93,12 +93,13 @@ def kill_then_resume(experiment_file: Path, out: Path, rng: random.Random) -> No
     assert manifest["status"] == "complete" and manifest["resumed_from_step"] >= killed_at - EVERY - 10
 
 
-@pytest.mark.parametrize("trial", range(2))
+@pytest.mark.parametrize("trial", [0, pytest.param(1, marks=pytest.mark.long)])  # a second kill point: long tier
 def test_sigkill_at_a_random_step_then_resume(experiment_file, uninterrupted, tmp_path, trial):
     kill_then_resume(experiment_file, tmp_path / "run", random.Random(1000 + trial))  # seeded: a failure can be retried
     assert_identical(tmp_path / "run", uninterrupted)
 
 
+@pytest.mark.long  # 16 s: the resume again, with the other bf16 product path
 def test_sigkill_then_resume_with_bf16_products_through_fp32(experiment_file, tmp_path, monkeypatch):
     """The same on the fp32-GEMM path (bf16_via_fp32), forced on any CPU: the processes inherit it."""
     from runner.config import load_runs

@@ -16,6 +16,7 @@ from conftest import REPO
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.long  # 23 s: a training, a sweep and every command, searched for the secrets
 def test_secrets_in_the_environment_are_never_written(tmp_path, small_book, capsys):
     fake = {"RAY_AUTH_TOKEN": secrets.token_hex(32), "AWS_ACCESS_KEY_ID": "AKIA" + secrets.token_hex(8).upper(),
             "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30), "AWS_SESSION_TOKEN": secrets.token_urlsafe(60)}
