@@ -43,30 +43,29 @@ class BatchJob:
 
 def render(job: BatchJob) -> str:
     """The whole script of a sweep on Ray in one allocation."""
-    options = [f"--job-name={job.name}", f"--nodes={job.nodes}", "--ntasks-per-node=1",
-               *([f"--cpus-per-task={job.cpus_per_node}"] if job.cpus_per_node else []),
+    options = [f"--nodes={job.nodes}", "--ntasks-per-node=1",
                *([f"--gpus-per-node={job.gpus_per_node}"] if job.gpus_per_node else []),
-               f"--output={job.job_dir}/{LOG_PATTERN}", "--open-mode=append",
-               f"--signal=B:USR1@{WARN_BEFORE_LIMIT_S}", "--requeue" if job.requeue else "--no-requeue",
-               *job.sbatch_args]
-    settings = {"JOB_DIR": job.job_dir, "LILGATSBY_BIN": job.bin_dir, "REQUEUE": "1" if job.requeue else "",
-                "TOKEN_FILE": TOKEN_FILE, "EXIT_FILE": EXIT_FILE}
-    return _header(job, options, settings) + f"DRIVER=({shlex.join(job.driver)})\n" + BODY
+               f"--signal=B:USR1@{WARN_BEFORE_LIMIT_S}"]
+    settings = {"REQUEUE": "1" if job.requeue else "", "TOKEN_FILE": TOKEN_FILE}
+    return _header(job, options, LOG_PATTERN, settings) + f"DRIVER=({shlex.join(job.driver)})\n" + BODY
 
 
 def render_array(job: BatchJob, points: list[int], limit: int | None) -> str:
     """The whole script of a job array: task i trains grid point points[i] with `lilgatsby train`."""
-    options = [f"--job-name={job.name}", f"--array=0-{len(points) - 1}" + (f"%{limit}" if limit else ""),
-               "--ntasks=1", *([f"--cpus-per-task={job.cpus_per_node}"] if job.cpus_per_node else []),
-               *([f"--gpus={job.gpus_per_node}"] if job.gpus_per_node else []),
-               f"--output={job.job_dir}/{ARRAY_LOG_PATTERN}", "--open-mode=append",
-               "--requeue" if job.requeue else "--no-requeue", *job.sbatch_args]
-    settings = {"JOB_DIR": job.job_dir, "LILGATSBY_BIN": job.bin_dir, "EXIT_FILE": EXIT_FILE}
-    return (_header(job, options, settings) + f"POINTS=({' '.join(map(str, points))})\n"
+    options = [f"--array=0-{len(points) - 1}" + (f"%{limit}" if limit else ""), "--ntasks=1",
+               *([f"--gpus={job.gpus_per_node}"] if job.gpus_per_node else [])]
+    return (_header(job, options, ARRAY_LOG_PATTERN, {}) + f"POINTS=({' '.join(map(str, points))})\n"
             + f"TRAIN=({shlex.join(job.driver)})\n" + ARRAY_BODY)
 
 
-def _header(job: BatchJob, options: list[str], settings: dict[str, str]) -> str:
+def _header(job: BatchJob, shape: list[str], log_pattern: str, settings: dict[str, str]) -> str:
+    """The comment, the #SBATCH lines (the job's `shape` among the options both scripts share, the
+    user's last) and the variables the body reads."""
+    options = [f"--job-name={job.name}", *shape,
+               *([f"--cpus-per-task={job.cpus_per_node}"] if job.cpus_per_node else []),
+               f"--output={job.job_dir}/{log_pattern}", "--open-mode=append",
+               "--requeue" if job.requeue else "--no-requeue", *job.sbatch_args]
+    settings = {"JOB_DIR": job.job_dir, "LILGATSBY_BIN": job.bin_dir, "EXIT_FILE": EXIT_FILE, **settings}
     return (f"#!/bin/bash\n# {job.name}: a lilgatsby sweep on Slurm, written {time.strftime('%Y-%m-%d %H:%M %Z')} by\n"
             f"#   {job.made_by}\n"
             "# `sbatch` this file again to resume it: finished runs are skipped, interrupted ones resume from\n"
