@@ -23,7 +23,11 @@ _received = False  # whether SIGTERM arrived in the current block (Ray re-raises
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
+    """The first SIGTERM only: `scancel` signals every process of a job, and its batch script passes
+    its own on, so a second one would otherwise cut short the clean-up (runs marked cancelled) of the first."""
     global _received
+    if _received:
+        return
     _received = True
     raise Terminated()
 

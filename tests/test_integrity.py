@@ -7,12 +7,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from runner.cli import main
 from runner.errors import ConfigError
+from runner.interrupt import Terminated, sigterm_as_interrupt
 from runner.launch.run_at import train_at
 from runner.storage.location import at
 
@@ -107,6 +109,22 @@ def test_ctrl_c_and_sigterm_cancel_the_run_and_the_same_command_resumes_it(tmp_p
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((out / "run.json").read_text())["resumed_from_step"] >= 20
     assert resumed.stdout.count("sample 'Gatsby' -> ") == 1 and "sample" not in resumed.stderr
+
+
+def test_a_second_sigterm_does_not_cut_short_the_clean_up_of_the_first():
+    """`scancel` signals every process of the job and the batch script passes its SIGTERM on: the
+    driver's marking of its runs as cancelled, in the handler of the first, must run to its end."""
+    cleaned_up = False
+    with pytest.raises(Terminated), sigterm_as_interrupt():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # interrupted
+        except KeyboardInterrupt:
+            os.kill(os.getpid(), signal.SIGTERM)  # the second
+            time.sleep(0.05)
+            cleaned_up = True
+            raise
+    assert cleaned_up
 
 
 HOSTILE_YAML = [

@@ -265,10 +265,11 @@ def _collect(pending: dict, exp_dir: Location, already_done: int, progress: bool
             bar.set_postfix(done=bar.n + 1 - len(failed) - len(busy), failed=len(failed), refresh=False)
             bar.update()
     except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (runner.interrupt)
-        for ref, r in pending.items():
-            ray.cancel(ref, force=True)
+        for r in pending.values():  # first: Ray itself may be stopping too (scancel signals every process)
             _mark(exp_dir / r.run_id, r, CANCELLED, how_cancelled(interrupt))
         rebuild_index(exp_dir)
+        for ref in pending:
+            ray.cancel(ref, force=True)
         raise
     finally:
         bar.close()
