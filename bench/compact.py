@@ -6,8 +6,8 @@
 - reading the compact recording of the first precision: one row of W at random steps (each from a
   fresh reader: replayed from its keyframe), and all rows of W, momentum and variance in chunks
   of 256 rows, against the same reads of the full recording;
-- compression: what zstandard (if installed; not a dependency) would take off the stored streams,
-  with and without byte shuffling, and at what speed.
+- compression: how much smaller the compact file is than its tensors uncompressed, and what the
+  compression took when the run completed (run.json).
 """
 
 from __future__ import annotations
@@ -61,26 +61,13 @@ def reads(path: Path, samples: int = 20) -> dict:
             "all_rows_s": time.perf_counter() - t, "rows": rows}
 
 
-def compression(path: Path) -> dict | None:
-    """zstandard (level 3) on the stored per-step streams, as they are and byte-shuffled."""
-    try:
-        import numpy as np
-        import zstandard
-    except ImportError:
-        return None
-    with RowReader(path) as f:
-        streams = {name: f.stored_bits(name, 0, info["shape"][0]) for name, info in f.stored.items()
-                   if name in ("grads", "E_grads", "logits")}
-    raw = sum(a.nbytes for a in streams.values())
-    out: dict = {"raw_bytes": raw}
-    for label, shuffle in (("plain", False), ("shuffled", True)):
-        t, packed = time.perf_counter(), 0
-        for a in streams.values():
-            data = a.reshape(-1).view(np.uint8).reshape(-1, a.itemsize).T.copy() if shuffle else a
-            packed += len(zstandard.ZstdCompressor(level=3).compress(data.tobytes()))
-        seconds = time.perf_counter() - t
-        out[label] = {"ratio": raw / packed, "mb_per_s": raw / seconds / 1e6}
-    return out
+def compression(run_dir: Path) -> dict:
+    """A compact run's compression (done when it completed): its file against the same tensors
+    uncompressed, and the seconds it took, from run.json."""
+    recording = json.loads((run_dir / "run.json").read_text())["recording"]
+    ratio = recording["uncompressed_bytes"] / recording["bytes"]
+    return {"ratio": ratio, "compress_s": recording["compress_s"],
+            "mb_per_s": recording["uncompressed_bytes"] / recording["compress_s"] / 1e6}
 
 
 def main(steps: int, rounds: int, precisions: list[str], out_json: Path, work: Path) -> None:
@@ -98,25 +85,23 @@ def main(steps: int, rounds: int, precisions: list[str], out_json: Path, work: P
         results["reference_bytes"][precision] = {fmt: recording_size(exp, fmt) for fmt in FORMATS}
     first = precisions[0]
     results["reads"] = {fmt: reads(work / f"{first}-{fmt}" / "recording.safetensors") for fmt in FORMATS}
-    results["compression"] = {p: compression(work / f"{p}-compact" / "recording.safetensors") for p in precisions}
+    results["compression"] = {p: compression(work / f"{p}-compact") for p in precisions}
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps({"mode": "compact", "cpu": describe_cpu(), "results": results}, indent=2) + "\n")
     print(describe_cpu())
     print(f"{steps} steps, best of {rounds}")
     for precision in precisions:
         speed, size, ref = (results[k][precision] for k in ("speed", "bytes", "reference_bytes"))
+        ratio = results["compression"][precision]["ratio"] * 2**20
         print(f"{precision:<11} steps/s full {speed['full']:.1f} compact {speed['compact']:.1f} "
               f"({speed['compact'] / speed['full']:.3f}x); bytes {size['full'] / 2**20:.1f} -> "
               f"{size['compact'] / 2**20:.1f} MiB ({size['full'] / size['compact']:.2f}x smaller); reference run "
-              f"{ref['full'] / 2**20:.1f} -> {ref['compact'] / 2**20:.1f} MiB")
+              f"{ref['full'] / 2**20:.1f} -> {ref['compact'] / 2**20:.1f} MiB uncompressed, "
+              f"~{ref['compact'] / ratio:.1f} MiB at this run's compression")
     for fmt, r in results["reads"].items():
         print(f"read {fmt:<8} ({first}, {r['rows']} rows): one row of W median {r['one_row_ms_median']:.1f} ms, "
               f"max {r['one_row_ms_max']:.1f} ms; all rows of W, momentum, variance {r['all_rows_s']:.2f} s")
     for precision, c in results["compression"].items():
-        if c is None:
-            print("compression: zstandard is not installed (pip install zstandard to measure it)")
-            break
-        print(f"zstd -3 of {precision}'s stored streams: {c['plain']['ratio']:.3f}x at "
-              f"{c['plain']['mb_per_s']:.0f} MB/s; byte-shuffled {c['shuffled']['ratio']:.3f}x at "
-              f"{c['shuffled']['mb_per_s']:.0f} MB/s")
+        print(f"compression of {precision}'s compact recording: {c['ratio']:.3f}x smaller than uncompressed, "
+              f"{c['compress_s']:.2f} s at the end of the run ({c['mb_per_s']:.0f} MB/s)")
     print(f"\nresults: {out_json}")

@@ -16,7 +16,7 @@ baseline and the runner alternate. Modes:
   --busy         the reference config on a busy machine: OpenMP's default wait against the project's,
                  quiet, beside spinning loops and other trainings, and in a one-CPU cgroup (bench/busy.py)
   --compact      full against compact recordings (record.format): speed per precision (--steps,
-                 default 1000), bytes, reading rows back, what zstandard would add (bench/compact.py)
+                 default 1000), bytes, reading rows back, the compression at the end (bench/compact.py)
   --live         live metrics and TensorBoard events (`record.live`) on vs off, alternating, on the
                  reference experiment (--steps, default 1000): one run on every core, and a sweep of
                  one run per core; with peak RSS at --steps and 3x as many steps

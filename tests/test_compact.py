@@ -54,10 +54,13 @@ def test_expansion_equals_the_full_recording(make_experiment, tmp_path, precisio
     assert (compact_dir / "metrics.csv").read_bytes() == (full_dir / "metrics.csv").read_bytes()
     stored = load_recording(compact_dir / RECORDING)  # any safetensors reader opens it
     assert "W" not in stored and "momentum" not in stored
-    assert stored["grads"].dtype == (torch.bfloat16 if precision == "bf16-true" else torch.float32)
-    assert stored[KEYFRAMES].shape[:2] == (len(scheduled_keyframes(STEPS + 1)), 3 if tied else 6)
+    assert stored["grads"].dtype == stored[KEYFRAMES].dtype == torch.uint8  # compressed byte strings
+    with RowReader(compact_dir / RECORDING) as f:  # what they hold
+        assert f.stored["grads"]["dtype"] == ("BF16" if precision == "bf16-true" else "F32")
+        assert f.stored[KEYFRAMES]["shape"][:2] == [len(scheduled_keyframes(STEPS + 1)), 3 if tied else 6]
     summary = json.loads((compact_dir / "run.json").read_text())["recording"]
     assert summary["format"] == "compact" and summary["unscheduled_keyframes"] == 0
+    assert summary["uncompressed_bytes"] > summary["bytes"]  # the compression took some off
     assert summary["bytes"] < (full_dir / RECORDING).stat().st_size / (2.5 if precision == "bf16-true" else 1.7)
 
 
@@ -123,9 +126,9 @@ def test_a_resumed_run_keeps_the_format_it_began_with(make_experiment, tmp_path,
 
 
 @pytest.mark.parametrize(("tensor", "row", "message"), [
-    ("grads", 20, "grads: rows 0..40 differ from the digest written with them"),
+    ("grads", 20, "grads: rows 0..15: the compressed block does not decompress"),
     ("loss", 3, "loss: rows 0..40 differ"),
-    (KEYFRAMES, 2, "keyframes: differs from the digest written with it"),
+    (KEYFRAMES, 2, "keyframes: keyframe 0: the compressed block does not decompress"),
 ])
 def test_verify_names_a_flipped_bit(make_experiment, tmp_path, tensor, row, message):
     exp = make_experiment(train={"steps": STEPS}, record={"format": "compact"})
@@ -133,6 +136,41 @@ def test_verify_names_a_flipped_bit(make_experiment, tmp_path, tensor, row, mess
     flip_byte(tmp_path / RECORDING, tensor, row)
     problems = verify(tmp_path)  # the digests name it (the values replayed from it may break too)
     assert any(message in p for p in problems), problems
+
+
+def test_a_reader_without_this_project_decompresses_it_as_the_doc_says(make_experiment, tmp_path):
+    """docs/recording.md, "Compression": the stored bytes, blocks at `ends`, zstd, bytes unshuffled,
+    give the gradients the full recording holds (bf16-true: the same dtype), bit for bit."""
+    import zstandard
+    from safetensors import safe_open
+
+    compact_dir, full_dir = _pair(make_experiment, tmp_path, "bf16-true", True)
+    with safe_open(str(compact_dir / RECORDING), framework="np") as f:
+        spec = json.loads(f.metadata()["compression"])
+        stored = f.get_tensor("grads")
+    grads = spec["tensors"]["grads"]
+    assert (spec["codec"], spec["shuffle"], grads["dtype"], grads["block_rows"]) == ("zstd", "byte", "BF16", INTERVAL)
+    blocks, begin = [], 0
+    for end in grads["ends"]:
+        planes = np.frombuffer(zstandard.ZstdDecompressor().decompress(stored[begin:end].tobytes()), np.uint8)
+        blocks.append(planes.reshape(2, -1).T.copy().view("<u2"))  # 2 bytes a value: byte 0s, then byte 1s
+        begin = end
+    assert len(blocks) == 3  # 41 rows in blocks of 16
+    decoded = np.concatenate(blocks).reshape(grads["shape"])
+    full = load_recording(full_dir / RECORDING, ("grads",))["grads"]
+    assert np.array_equal(decoded, full.view(torch.int16).numpy().view("<u2"))
+
+
+def test_a_compression_index_that_does_not_fit_its_bytes_is_one_line(make_experiment, tmp_path):
+    run(make_experiment(train={"steps": STEPS}, record={"format": "compact"}), tmp_path, progress=False)
+    path = tmp_path / RECORDING
+    data = path.read_bytes()
+    edited = data.replace(b'\\"block_rows\\":16', b'\\"block_rows\\":8 ', 1)  # same length: 6 blocks, not 3
+    assert edited != data
+    path.write_bytes(edited)
+    problems = verify(tmp_path)
+    assert len(problems) == 1 and "metadata: compression unusable (grads: its blocks do not cover" in problems[0], \
+        problems
 
 
 def test_verify_refuses_a_truncated_compact_file(make_experiment, tmp_path):
@@ -178,6 +216,7 @@ def test_compact_in_place_then_expand_gives_the_original_back(make_experiment, t
     assert verify(tmp_path / "run") == [] and is_current(tmp_path / "run")  # metrics.csv still stands
     manifest = json.loads((tmp_path / "run" / "run.json").read_text())["recording"]
     assert manifest["format"] == "compact" and manifest["bytes"] == (tmp_path / "run" / RECORDING).stat().st_size
+    assert manifest["uncompressed_bytes"] > manifest["bytes"]  # as training's own run.json says it
     assert main(["compact", str(tmp_path / "run"), "--quiet"]) == 0
     assert "already compact" in capsys.readouterr().out
     assert main(["expand", str(tmp_path / "run"), "--out", str(tmp_path / "expanded.safetensors"), "--quiet"]) == 0
@@ -272,6 +311,39 @@ def test_sigkill_at_a_random_step_then_resume_compact(tmp_path, small_book):
     assert subprocess.run(train_cmd(path, tmp_path / "whole"), capture_output=True).returncode == 0
     kill_then_resume(path, tmp_path / "run", random.Random(7))
     assert_identical(tmp_path / "run", tmp_path / "whole")
+
+
+@pytest.mark.slow
+def test_sigkill_while_the_recording_is_compressed_then_resume(tmp_path, small_book):
+    """Killed while its finished recording is compressed, a run has no recording yet (only the
+    uncompressed `.partial` and a half-written `.tmp`); the same command ends it as an
+    uninterrupted run does, byte for byte."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO, wait_until
+
+    args = ["train", str(REPO / "experiments" / "smoke.yaml"), "--corpus", str(small_book), "--quiet",
+            "--set", "train.steps=60", "--set", "train.checkpoint_every=20", "--set", "record.format=compact"]
+    stalled = ("import sys, time\nimport runner.recording.writer as w\nreal = w.compress\n"
+               "w.compress = lambda source, target: (real(source, target), time.sleep(600))\n"
+               "from runner.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    run_dir = tmp_path / "run"
+    killed = subprocess.Popen([sys.executable, "-c", stalled, *args, "--out", str(run_dir)])
+    tmp = run_dir / (RECORDING + ".tmp")
+    wait_until(lambda: tmp.exists() and tmp.stat().st_size > 0, "the compressed recording being written", 120)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert not (run_dir / RECORDING).exists() and (run_dir / (RECORDING + ".partial")).exists()
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "running"
+    for out in (run_dir, tmp_path / "whole"):
+        assert subprocess.run([sys.executable, "-m", "runner.cli", *args, "--out", str(out)]).returncode == 0
+    a, b = (load_recording(d / RECORDING) for d in (run_dir, tmp_path / "whole"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the compressed bytes too
+    assert not tmp.exists() and not (run_dir / (RECORDING + ".partial")).exists()
+    assert verify(run_dir) == []
 
 
 def test_compact_of_an_experiment_directory_skips_runs_not_complete(make_experiment, tmp_path, capsys):

@@ -87,7 +87,8 @@ def test_dry_run_lists_runs_and_disk(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     # 8 compact bf16-true recordings of 163 MiB, 8 of bf16-mixed of 321 MiB (fp32 gradients)
     assert len(out) == 18
-    assert out[-2] == "16 runs, 16 to train, 3.79 GiB of recordings to write (record.format: compact)"
+    assert out[-2] == ("16 runs, 16 to train, 3.79 GiB of recordings to write "
+                       "(record.format: compact, before compression)")
     assert out[-1].startswith("time: unknown for 16 runs: no run of their shape")
     assert main(["sweep", str(REPO / "experiments" / "seed_sweep.yaml"), "--runs", str(tmp_path), "--dry-run",
                  "--set", "record.format=full"]) == 0
@@ -105,7 +106,7 @@ def test_a_sweep_that_does_not_fit_the_disk_is_refused_before_ray(tmp_path, caps
                  "--set", "record.format=full", "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith("the recordings of 16 runs need 14.73 GiB but only 5.00 GiB are free on that disk; "
-                        "with record.format: compact: 3.79 GiB, which fits"), err
+                        "with record.format: compact: 4.10 GiB, which fits"), err  # 16 recordings, one compressed copy
     assert not (tmp_path / "seed_sweep").exists()
 
 

@@ -130,8 +130,9 @@ def describe(runs: list[Run], todo: list[Run], runs_root: Location) -> str:
         lines.append(f"{r.run_id}  {'todo' if r.run_id in pending else 'done'}  {r.label}{time_text}")
     need = sum(recording_size(r.experiment) for r in todo)
     formats = sorted({r.experiment.record.format for r in todo}) or ["full"]
+    compressed_later = ", before compression" if "compact" in formats else ""  # done as each completes
     lines.append(f"{plural(len(runs), 'run')}, {len(todo)} to train, {need / 2**30:.2f} GiB of recordings to write "
-                 f"(record.format: {', '.join(formats)}{compact_hint([r.experiment for r in todo])})")
+                 f"(record.format: {', '.join(formats)}{compressed_later}{compact_hint([r.experiment for r in todo])})")
     known = [e for e in estimates.values() if e]
     if known:
         lines.append(f"time: ~{format_duration(sum(s for s, _ in known))} of training one run at a time on this "

@@ -19,13 +19,14 @@ from tqdm import tqdm
 from runner.errors import UserError
 from runner.layout import partial
 from runner.recording.compact import as_tensor
-from runner.recording.format import KEYFRAMES, UPDATE_TENSORS, experiment_of, is_compact, recorded_tensors
+from runner.recording.format import COMPRESSION, UPDATE_TENSORS, experiment_of, is_compact, recorded_tensors
 from runner.recording.rows import RowReader
 from runner.recording.writer import RecordingWriter
 
 CHUNK_ROWS = 256
 # What describes the bytes of one format, not the run: the writer sets them anew
-FORMAT_KEYS = ("digests", "recording_format", "keyframe_interval", "keyframe_rows", "unscheduled_keyframes")
+FORMAT_KEYS = ("digests", "recording_format", "keyframe_interval", "keyframe_rows", "unscheduled_keyframes",
+               COMPRESSION)
 
 
 def convertible(source: RowReader, compact: bool) -> str | None:
@@ -42,10 +43,11 @@ def convertible(source: RowReader, compact: bool) -> str | None:
     return None
 
 
-def rewrite(source: Path, target: Path, compact: bool, progress: bool = True, desc: str = "") -> None:
+def rewrite(source: Path, target: Path, compact: bool, progress: bool = True, desc: str = "") -> dict:
     """Write `source` (a complete recording) to `target` in the full or the compact format (through
-    `target.partial`: an interrupted rewrite leaves no file with the final name). Refuses, in one
-    line, what cannot be rewritten (`convertible`)."""
+    `target.partial`: an interrupted rewrite leaves no file with the final name); returns what
+    run.json's `recording` says of its format. Refuses, in one line, what cannot be rewritten
+    (`convertible`)."""
     with RowReader(source) as reader:
         why = convertible(reader, compact)
         if why:
@@ -79,6 +81,7 @@ def rewrite(source: Path, target: Path, compact: bool, progress: bool = True, de
     if difference:
         target.unlink()
         raise RuntimeError(f"{source}: the rewritten recording differs from it ({difference}); nothing changed")
+    return writer.format_summary()
 
 
 def first_different_rows(a: Path, b: Path) -> str | None:
@@ -91,9 +94,3 @@ def first_different_rows(a: Path, b: Path) -> str | None:
                 if not np.array_equal(x.bits(name, start, stop), y.bits(name, start, stop)):
                     return f"{name}: rows {start}..{stop - 1}"
     return None
-
-
-def keyframes(path: Path) -> tuple[int, int]:
-    """A compact recording's keyframes: (all, those the replay made)."""
-    with RowReader(path) as reader:
-        return reader.stored[KEYFRAMES]["shape"][0], int(reader.metadata.get("unscheduled_keyframes", "0"))

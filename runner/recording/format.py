@@ -69,6 +69,7 @@ def recorded_tensors(exp: Experiment) -> tuple[str, ...]:
 REPLAYED = ("W", "momentum", "variance", "E", "E_momentum", "E_variance")
 KEYFRAME_INTERVAL = 256  # rows between scheduled keyframes: one row of W replays in <= 255 updates
 KEYFRAMES = "keyframes"  # the compact format's keyframe tensor: (K, matrices, vocab, dim)
+COMPRESSION = "compression"  # metadata of a complete compact recording's compressed tensors (compression.py)
 
 
 def is_compact(metadata: dict[str, str]) -> bool:

@@ -16,7 +16,7 @@ import numpy as np
 
 from runner.errors import ConfigError, UserError
 from runner.layout import recording_of
-from runner.recording.format import ITEM_BYTES, experiment_of, is_compact, read_header, stored_layout
+from runner.recording.format import COMPRESSION, ITEM_BYTES, experiment_of, is_compact, read_header, stored_layout
 from runner.storage.blob import read
 from runner.storage.location import Location, at
 
@@ -61,6 +61,17 @@ class RowReader:
             raise UserError(f"{self.path}: truncated: its header describes {need:,} bytes, the file has "
                             f"{self.blob.size:,}")
         self.stored = self.tensors
+        self.compressed = None
+        if COMPRESSION in self.metadata:  # a complete compact recording's large tensors (compression.py)
+            from runner.recording.compression import CompressedTensors
+
+            try:
+                self.compressed = CompressedTensors(str(self.path), self.metadata, self.tensors,
+                                                    lambda offset, n: read(self.blob, self.data_start + offset, n))
+            except UserError:
+                self.blob.close()
+                raise
+            self.stored = {**self.tensors, **self.compressed.layout()}
         self.compact = None
         if is_compact(self.metadata):
             from runner.recording.compact import CompactRows  # torch, for the replay
@@ -89,7 +100,9 @@ class RowReader:
         return self.stored_bits(name, start, stop)
 
     def stored_bits(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows start..stop-1 of tensor `name` as the file stores it."""
+        """Rows start..stop-1 of tensor `name` as the file stores it (uncompressed)."""
+        if self.compressed is not None and name in self.compressed.specs:
+            return self.compressed.bits(name, start, stop)
         info = self.stored[name]
         dtype, shape = info["dtype"], info["shape"]
         row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * ITEM_BYTES[dtype]

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from runner.config import Experiment
 from runner.errors import UserError
 from runner.layout import recording_of
+from runner.recording.compression import CorruptBlock
 from runner.recording.digests import first_difference
 from runner.recording.format import (
     FORMAT_VERSION,
@@ -111,18 +112,27 @@ def verify(path: Path, full: bool = True) -> list[str]:
             opens = _opens_problems(path)
             if opens:
                 return problems + opens
-            problems += _finite_problems(path, reader)
-        recorded = set(recorded_tensors(exp))
-        for moments in (("momentum", "variance", "grads"), ("E_momentum", "E_variance", "E_grads")):
-            if exp.record.every == 1 and set(moments) <= recorded:
-                problems += _adam_problems(path, exp, reader, moments, every_step=full)
-        if "lr" in recorded:
-            lr = reader.rows("lr", 0, reader.tensors["lr"]["shape"][0])
-            problems += _lr_problems(path, exp, torch.from_numpy(lr))
-        if full and reader.compact is not None:
-            problems += _final_replay_problems(path, reader)
-        if full and "digests" in meta:
-            problems += _digest_problems(path, reader, json.loads(meta["digests"]))
+        try:
+            return problems + _content_problems(path, reader, exp, full)
+        except CorruptBlock as e:  # a compressed block that no longer decompresses: where, once
+            return problems + [str(e)]
+
+
+def _content_problems(path: Path, reader: RowReader, exp: Experiment, full: bool) -> list[str]:
+    """The values (finite, Adam's relation, the schedule, a compact recording's last replay) and,
+    with `full`, every byte against its digest."""
+    problems = _finite_problems(path, reader) if full else []
+    recorded = set(recorded_tensors(exp))
+    for moments in (("momentum", "variance", "grads"), ("E_momentum", "E_variance", "E_grads")):
+        if exp.record.every == 1 and set(moments) <= recorded:
+            problems += _adam_problems(path, exp, reader, moments, every_step=full)
+    if "lr" in recorded:
+        lr = reader.rows("lr", 0, reader.tensors["lr"]["shape"][0])
+        problems += _lr_problems(path, exp, torch.from_numpy(lr))
+    if full and reader.compact is not None:
+        problems += _final_replay_problems(path, reader)
+    if full and "digests" in reader.metadata:
+        problems += _digest_problems(path, reader, json.loads(reader.metadata["digests"]))
     return problems
 
 

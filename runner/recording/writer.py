@@ -26,9 +26,10 @@ import torch
 
 from runner.config import Experiment
 from runner.errors import UserError
-from runner.files import publish
-from runner.layout import partial
+from runner.files import atomic_path, publish
+from runner.layout import TMP, partial
 from runner.recording.compact import Keyframes, uses_fused_adam
+from runner.recording.compression import compress
 from runner.recording.digests import RowDigests, reserved_bytes
 from runner.recording.format import (
     FORMAT_VERSION,
@@ -60,6 +61,7 @@ def check_free_space(path: Path, recordings: dict[Path, Experiment]) -> None:
     what the compact format would need where the recordings are full."""
     exps = list(recordings.values())
     needed = sum(recording_size(exp) + HEADER_SLACK for where, exp in recordings.items() if not partial(where).exists())
+    needed += compression_room([recording_size(exp) for exp in exps if exp.record.format == "compact"])
     existing = next(p for p in (path, *path.parents) if p.exists())
     free = shutil.disk_usage(existing).free
     if needed > free:
@@ -68,13 +70,23 @@ def check_free_space(path: Path, recordings: dict[Path, Experiment]) -> None:
                              f"{compact_hint(exps, free)}")
 
 
+def compression_room(compact_sizes: list[int]) -> int:
+    """A compact recording is compressed into a second file when it completes, beside its
+    uncompressed one until that is removed: room for the largest (runs complete one at a time, as
+    far as that second is concerned)."""
+    return max(compact_sizes, default=0)
+
+
 def compact_hint(exps: list[Experiment], free: float | None = None) -> str:
-    """What recording the full-format ones compact would take, as a clause ("" when none would change)."""
+    """What recording the full-format ones compact would take, as a clause ("" when none would change);
+    with `free`, what the disk check would need and whether it fits."""
     full = [exp for exp in exps if exp.record.format == "full" and exp.record.replayable]
     if not full:
         return ""
-    others = sum(recording_size(exp) for exp in exps if exp not in full)
-    compact = others + sum(recording_size(exp, "compact") for exp in full)
+    sizes = [recording_size(exp, "compact") for exp in full]
+    compact = sum(recording_size(exp) for exp in exps if exp not in full) + sum(sizes)
+    if free is not None:  # the disk check's: with the room compressing takes
+        compact += compression_room(sizes + [recording_size(exp) for exp in exps if exp.record.format == "compact"])
     fits = "" if free is None else (", which fits" if compact <= free else ", which does not fit either")
     return f"; with record.format: compact: {size_text(compact)}{fits}"
 
@@ -169,6 +181,7 @@ class RecordingWriter:
         self.sink = sink
         if sink is not None:
             sink.start(first_row)
+        self.uncompressed_bytes, self.compress_s = 0, 0.0  # a compact recording's, when it is closed
 
     def _buffer_dtype(self, exp: Experiment, name: str) -> torch.dtype:
         """The full format's dtype; a compact recording's replay needs W's family as training holds it."""
@@ -286,7 +299,8 @@ class RecordingWriter:
         if self.keyframes is None:
             return {"format": "full"}
         return {"format": "compact", "keyframes": len(self.keyframes.rows),
-                "unscheduled_keyframes": int(self.keyframes.metadata()["unscheduled_keyframes"])}
+                "unscheduled_keyframes": int(self.keyframes.metadata()["unscheduled_keyframes"]),
+                "uncompressed_bytes": self.uncompressed_bytes, "compress_s": round(self.compress_s, 3)}
 
     def _read_keyframes(self, first: int, stop: int) -> bytes:
         return self._read_rows(KEYFRAMES, first, stop)
@@ -342,7 +356,14 @@ class RecordingWriter:
             del self.metadata["digests"]
         self._write_header()
         os.close(self.fd)
-        publish(self.partial, self.path)
+        if self.keyframes is None:
+            publish(self.partial, self.path)
+        else:  # compressed now that no row moves (runner.recording.compression)
+            began, self.uncompressed_bytes = time.perf_counter(), self.partial.stat().st_size
+            with atomic_path(self.path, tmp=self.path.with_name(self.path.name + TMP)) as tmp:
+                compress(self.partial, tmp)
+            self.partial.unlink()
+            self.compress_s = time.perf_counter() - began
         return self.path
 
     def abort(self) -> None:

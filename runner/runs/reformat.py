@@ -12,7 +12,7 @@ from pathlib import Path
 from runner.errors import RunLocked, UserError
 from runner.files import publish
 from runner.layout import CONVERTING, partial, recording_of
-from runner.recording.convert import keyframes, rewrite
+from runner.recording.convert import rewrite
 from runner.runs.rundir import is_training, read_manifest, run_lock, write_manifest
 from runner.storage.location import Location, at
 from runner.text import mib
@@ -44,8 +44,7 @@ def compact_run(path: Location, progress: bool = True) -> str:
             target = scratch / CONVERTING
             for stale in (target, partial(target)):  # an interrupted conversion's
                 stale.unlink(missing_ok=True)
-            rewrite(source, target, compact=True, progress=progress, desc=str(run_dir.name))
-            count, made = keyframes(target)
+            summary = rewrite(source, target, compact=True, progress=progress, desc=str(run_dir.name))
             size = target.stat().st_size
             if run_dir.local is not None:
                 publish(target, source)
@@ -53,10 +52,10 @@ def compact_run(path: Location, progress: bool = True) -> str:
                 recording.upload(target)
         manifest = read_manifest(run_dir)
         if manifest is not None and "recording" in manifest:
-            manifest["recording"].update(bytes=size, format="compact", keyframes=count, unscheduled_keyframes=made)
+            manifest["recording"].update(bytes=size, **summary)
             write_manifest(run_dir, manifest)
-    return (f"{recording}: compact, {mib(full)} -> {mib(size)} ({full / size:.1f}x smaller), {count} keyframes "
-            f"({made} where the replay differed)")
+    return (f"{recording}: compact, {mib(full)} -> {mib(size)} ({full / size:.1f}x smaller), {summary['keyframes']} "
+            f"keyframes ({summary['unscheduled_keyframes']} where the replay differed)")
 
 
 def expand_run(path: Location, out: str, progress: bool = True) -> str:
