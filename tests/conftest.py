@@ -75,19 +75,19 @@ def crash_after_checkpoint(monkeypatch):
     return crash
 
 
+def small_experiment(book: Path, **sections):
+    """An Experiment on `book`: the reference model, few steps, small batches, CPU; `sections`
+    update the config's sections (a dict) or replace them."""
+    data = {"name": "test", "corpus": {"path": str(book)}, "train": {"steps": 12, "batch_size": 4, "device": "cpu"}}
+    for section, values in sections.items():
+        data[section] = {**data.get(section, {}), **values} if isinstance(values, dict) else values
+    return build_experiment(data)
+
+
 @pytest.fixture
 def make_experiment(small_book):
-    """An Experiment on the small book: the reference model, few steps, small batches, CPU."""
-    def make(**sections):
-        data = {"name": "test", "corpus": {"path": str(small_book)},
-                "train": {"steps": 12, "batch_size": 4, "device": "cpu"}}
-        for section, values in sections.items():
-            if isinstance(values, dict):
-                data[section] = {**data.get(section, {}), **values}
-            else:
-                data[section] = values
-        return build_experiment(data)
-    return make
+    """`small_experiment` on the small book."""
+    return lambda **sections: small_experiment(small_book, **sections)
 
 
 def load_recording(path: Path, names: tuple[str, ...] | None = None) -> dict:

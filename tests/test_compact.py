@@ -1,6 +1,8 @@
 """Compact recordings: the full format's every bit, from gradients, logits, loss and keyframes."""
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +20,7 @@ from runner.recording.rows import RowReader
 from runner.recording.verify import verify
 from runner.runs.rundir import is_complete
 
-from conftest import flip_byte, load_recording
+from conftest import flip_byte, load_recording, small_experiment
 
 # AdamW with decay, warm-up then cosine, and a clip that bites: every input of the update varies
 KNOBS = {"optimizer": "adamw", "weight_decay": 0.1, "lr_schedule": "cosine", "warmup_steps": 5, "min_lr": 1e-4,
@@ -30,6 +32,21 @@ INTERVAL = 16  # scheduled keyframes at 0, 1, 16, 32: replays across them and be
 @pytest.fixture(autouse=True)
 def short_keyframe_interval(monkeypatch):
     monkeypatch.setattr(runner.recording.format, "KEYFRAME_INTERVAL", INTERVAL)
+
+
+@pytest.fixture(scope="module")
+def bf16_pair(tmp_path_factory, small_book):
+    """`_pair` in bf16-true, tied, trained once for the tests that only read it or copy it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner.recording.format, "KEYFRAME_INTERVAL", INTERVAL)
+        return _pair(lambda **sections: small_experiment(small_book, **sections), tmp_path_factory.mktemp("pair"),
+                     "bf16-true", True)
+
+
+@pytest.fixture
+def compact_copy(bf16_pair, tmp_path):
+    """A copy of `bf16_pair`'s compact run, to damage."""
+    return Path(shutil.copytree(bf16_pair[0], tmp_path / "compact"))
 
 
 def _pair(make_experiment, tmp_path, precision, tied, **record):
@@ -64,8 +81,8 @@ def test_expansion_equals_the_full_recording(make_experiment, tmp_path, precisio
     assert summary["bytes"] < (full_dir / RECORDING).stat().st_size / (2.5 if precision == "bf16-true" else 1.7)
 
 
-def test_any_row_read_alone_equals_the_full_one(make_experiment, tmp_path):
-    compact_dir, full_dir = _pair(make_experiment, tmp_path, "bf16-true", True)
+def test_any_row_read_alone_equals_the_full_one(bf16_pair):
+    compact_dir, full_dir = bf16_pair
     full = load_recording(full_dir / RECORDING)
     with open_recording(compact_dir) as f:  # the public entry point: a run directory stands for its recording
         for row in (37, 3, 16, 15, 0, 1, 40, 17, 18):  # out of order: from keyframes and from where it stopped
@@ -130,21 +147,19 @@ def test_a_resumed_run_keeps_the_format_it_began_with(make_experiment, tmp_path,
     ("loss", 3, "loss: rows 0..40 differ"),
     (KEYFRAMES, 2, "keyframes: keyframe 0: the compressed block does not decompress"),
 ])
-def test_verify_names_a_flipped_bit(make_experiment, tmp_path, tensor, row, message):
-    exp = make_experiment(train={"steps": STEPS}, record={"format": "compact"})
-    run(exp, tmp_path, progress=False)
-    flip_byte(tmp_path / RECORDING, tensor, row)
-    problems = verify(tmp_path)  # the digests name it (the values replayed from it may break too)
+def test_verify_names_a_flipped_bit(compact_copy, tensor, row, message):
+    flip_byte(compact_copy / RECORDING, tensor, row)
+    problems = verify(compact_copy)  # the digests name it (the values replayed from it may break too)
     assert any(message in p for p in problems), problems
 
 
-def test_a_reader_without_this_project_decompresses_it_as_the_doc_says(make_experiment, tmp_path):
+def test_a_reader_without_this_project_decompresses_it_as_the_doc_says(bf16_pair):
     """docs/recording.md, "Compression": the stored bytes, blocks at `ends`, zstd, bytes unshuffled,
     give the gradients the full recording holds (bf16-true: the same dtype), bit for bit."""
     import zstandard
     from safetensors import safe_open
 
-    compact_dir, full_dir = _pair(make_experiment, tmp_path, "bf16-true", True)
+    compact_dir, full_dir = bf16_pair
     with safe_open(str(compact_dir / RECORDING), framework="np") as f:
         spec = json.loads(f.metadata()["compression"])
         stored = f.get_tensor("grads")
@@ -161,23 +176,21 @@ def test_a_reader_without_this_project_decompresses_it_as_the_doc_says(make_expe
     assert np.array_equal(decoded, full.view(torch.int16).numpy().view("<u2"))
 
 
-def test_a_compression_index_that_does_not_fit_its_bytes_is_one_line(make_experiment, tmp_path):
-    run(make_experiment(train={"steps": STEPS}, record={"format": "compact"}), tmp_path, progress=False)
-    path = tmp_path / RECORDING
+def test_a_compression_index_that_does_not_fit_its_bytes_is_one_line(compact_copy):
+    path = compact_copy / RECORDING
     data = path.read_bytes()
     edited = data.replace(b'\\"block_rows\\":16', b'\\"block_rows\\":8 ', 1)  # same length: 6 blocks, not 3
     assert edited != data
     path.write_bytes(edited)
-    problems = verify(tmp_path)
+    problems = verify(compact_copy)
     assert len(problems) == 1 and "metadata: compression unusable (grads: its blocks do not cover" in problems[0], \
         problems
 
 
-def test_verify_refuses_a_truncated_compact_file(make_experiment, tmp_path):
-    run(make_experiment(record={"format": "compact"}), tmp_path, progress=False)
-    path = tmp_path / RECORDING
+def test_verify_refuses_a_truncated_compact_file(compact_copy):
+    path = compact_copy / RECORDING
     path.write_bytes(path.read_bytes()[:-100])
-    problems = verify(tmp_path)
+    problems = verify(compact_copy)
     assert len(problems) == 1 and "truncated" in problems[0], problems
 
 

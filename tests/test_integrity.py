@@ -322,6 +322,7 @@ def test_a_read_only_runs_root_is_one_line_and_nothing_is_written(tmp_path, smal
     assert not any(readonly.iterdir())
 
 
+@pytest.mark.slow  # a training that the full disk stops (~3.5 s)
 def test_a_disk_that_fills_up_mid_run_is_one_line(tmp_path, small_book, capsys, monkeypatch):
     """`lilgatsby train` when a write fails with ENOSPC after some chunks: one line naming the error,
     exit 2, the run `failed` and its partial recording kept for the resume (test_resume resumes one)."""

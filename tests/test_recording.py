@@ -34,7 +34,8 @@ KNOBS = {"optimizer": "adamw", "weight_decay": 0.1, "lr_schedule": "cosine", "wa
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, small_book):
-    """One short run per precision (and a repeat and another seed in bf16-true), trained once."""
+    """One short run per precision (and a repeat and another seed in bf16-true), trained once (~17 s:
+    the tests that use it are `slow`, so that `make test-fast` stays under a minute)."""
     from runner.config import build_experiment
     base = {"name": "t", "corpus": {"path": str(small_book)}, "train": {"steps": 24, "batch_size": 4, "device": "cpu"}}
     out = {}
@@ -125,6 +126,7 @@ def reference_loop(exp):
     return {**{k: torch.stack(v) for k, v in rows.items()}, **finals}, fingerprints
 
 
+@pytest.mark.slow
 def test_names_shapes_dtypes(runs):
     exp, _, rec = runs["bf16-true"]
     n = exp.train.steps + 1
@@ -136,6 +138,7 @@ def test_names_shapes_dtypes(runs):
     assert {k: (tuple(v.shape), v.dtype) for k, v in rec.items()} == expected
 
 
+@pytest.mark.slow
 def test_row_zero_is_initialisation(runs):
     for _, _, rec in runs.values():
         for name in ("grads", "momentum", "variance"):
@@ -149,6 +152,7 @@ def test_row_zero_is_initialisation(runs):
 
 @pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed", "fp32", "bf16-true-hf", "bf16-mixed-hf", "fp32-hf",
                                        "bf16-true-knobs", "bf16-mixed-knobs", "fp32-knobs"])
+@pytest.mark.slow
 def test_equals_reference_loop_bitwise(runs, precision):
     """Bit for bit. Known exception (docs/reproducibility.md): in bf16-mixed, some processes train
     with last-bit differences from the first update on, depending on what ran earlier in the process
@@ -169,6 +173,7 @@ def test_equals_reference_loop_bitwise(runs, precision):
                       stacklevel=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16-mixed", "bf16-true"])
 def test_adam_relation_between_rows(runs, precision):
     exp, _, rec = runs[precision]
@@ -181,6 +186,7 @@ def test_adam_relation_between_rows(runs, precision):
     assert not torch.equal(m[2], m[3]) and not torch.equal(rec["W"][2], rec["W"][3])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16-true"])
 def test_finals_are_the_state_after_the_last_update(runs, precision):
     exp, _, rec = runs[precision]
@@ -189,6 +195,7 @@ def test_finals_are_the_state_after_the_last_update(runs, precision):
     assert not torch.equal(rec["W_final"], rec["W"][-1])
 
 
+@pytest.mark.slow
 def test_same_seed_same_bits_other_seed_differs(runs):
     _, _, a = runs["bf16-true"]
     _, _, b = runs["bf16-true-again"]
@@ -197,6 +204,7 @@ def test_same_seed_same_bits_other_seed_differs(runs):
     assert not torch.equal(a["W"][0], c["W"][0]) and not torch.equal(a["loss"], c["loss"])
 
 
+@pytest.mark.slow
 def test_metadata_describes_the_run(runs):
     exp, run_dir, rec = runs["bf16-true"]
     meta = read_metadata(run_dir / RECORDING)
@@ -240,6 +248,7 @@ def test_metadata_describes_the_run(runs):
     assert not list(run_dir.glob("*.partial"))
 
 
+@pytest.mark.slow
 def test_knobs_layout_lr_clipping_and_verify(runs):
     """Untied, AdamW, warm-up + cosine, clipping: E's rows beside W's, the lr and the pre-clip norm
     per step; the recorded gradient is the clipped one; verify checks E's moments and the lr row."""
@@ -272,6 +281,7 @@ def test_knobs_layout_lr_clipping_and_verify(runs):
     assert all(name.endswith(".bias") or ".ln_" in name for name in manifest["optimizer"]["not_decayed"])
 
 
+@pytest.mark.slow
 def test_untied_dead_rows_of_e_get_no_gradient_and_decay_moves_them(runs):
     """Dead tokens never occur in the input: their rows of E get no gradient, so Adam never moves
     them; only AdamW's decay does. Their rows of W (the unembedding) get a gradient as always."""
@@ -286,6 +296,7 @@ def test_untied_dead_rows_of_e_get_no_gradient_and_decay_moves_them(runs):
     assert (shrink < 1).all()  # decay alone moves them: towards 0
 
 
+@pytest.mark.slow
 def test_metrics_of_an_untied_run(runs):
     exp, run_dir, rec = runs["fp32-knobs"]
     m = compute_metrics(run_dir / RECORDING)

@@ -159,6 +159,7 @@ def test_the_probe_names_a_server_that_ignores_conditional_writes(s3_root, monke
     assert "ignores conditional writes" in caplog.text and "train the same run twice" in caplog.text
 
 
+@pytest.mark.slow  # waits for a lease to lapse (~2.5 s)
 def test_one_lease_per_run_and_a_dead_trainers_lease_lapses(s3_root):
     from runner.runs.rundir import RunLocked
 
