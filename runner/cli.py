@@ -13,7 +13,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from runner.config import load_runs
 from runner.errors import ConfigError, UserError
-from runner.interrupt import EXIT_TERMINATED, by_sigterm, sigterm_as_interrupt
+from runner.interrupt import EXIT_TERMINATED, by_sigterm, sigint_as_ctrl_c, sigterm_as_interrupt
 from runner.layout import INDEX_JSONL, RunFiles, is_transient, recording_of
 from runner.settings import check_environment
 from runner.storage.location import Location, at, unless_read_only
@@ -249,7 +249,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if is_job_address(address) and not args.dry_run:
         return submit(args.experiment, _overrides(args), runs_root, address=address, force=args.force,
                       restart=args.restart, max_retries=args.max_retries, detach=args.detach)
-    if args.submission:
+    if args.submission:  # the driver of a submitted sweep (a Ray job, a Slurm job): `ray job stop` sends SIGINT
+        sigint_as_ctrl_c()
         check_submission(args.submission, args.corpus)
     from runner.launch.sweep import sweep
 

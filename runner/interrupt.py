@@ -56,6 +56,15 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
+def sigint_as_ctrl_c() -> None:
+    """SIGINT raises KeyboardInterrupt in this process from now on, whatever it inherited. `ray job
+    stop` sends a sweep's driver SIGINT (RAY_JOB_STOP_SIGNAL), but Ray blocks SIGINT in its own
+    processes and its job supervisor unblocks it in the job's only where its own environment names
+    that signal: twice in CI a stopped job's driver ran on to its end, the signal never taken."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def how_cancelled(interrupt: KeyboardInterrupt) -> str:
     """run.json's `error` of a run cancelled by `interrupt`."""
     by = "SIGTERM (scancel, a time limit, kill)" if by_sigterm(interrupt) else "the user (Ctrl-C)"

@@ -127,6 +127,22 @@ def test_a_second_sigterm_does_not_cut_short_the_clean_up_of_the_first():
     assert cleaned_up
 
 
+def test_a_submitted_driver_takes_sigint_even_when_it_inherited_it_blocked_and_ignored():
+    """What `ray job stop` sends a sweep's driver: taken as Ctrl-C (exit 130) though the process that
+    started it had SIGINT blocked and ignored, as Ray's own processes have."""
+    def as_ray_starts_it() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    code = ("import sys, time\nfrom runner.interrupt import sigint_as_ctrl_c\nsigint_as_ctrl_c()\nprint('ready', "
+            "flush=True)\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    sys.exit(130)\n")
+    driver = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO,
+                              preexec_fn=as_ray_starts_it)
+    assert driver.stdout is not None and driver.stdout.readline() == "ready\n"
+    driver.send_signal(signal.SIGINT)
+    assert driver.wait(timeout=20) == 130
+
+
 HOSTILE_YAML = [
     ("a: &a [1, 2]\nb: &b [*a, *a]\nname: bomb\n", "line 2: aliases (*a) are not allowed"),
     ("x: &x [*x]\n", "line 1: aliases (*x) are not allowed"),

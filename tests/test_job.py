@@ -235,8 +235,7 @@ def test_ctrl_c_stops_the_job_and_the_same_command_resumes_it(head, small_book):
     address, env, submitter, shared = head
     experiment = _experiment(submitter, small_book)
     runs = shared / "stopped"
-    # 2,000 steps (~40 s here): in one CI run the stop reached runs of 400 steps only after they had
-    # completed (8-9 s after they started, on a loaded machine)
+    # 2,000 steps (~40 s here): long enough that runs still train when the stop arrives on a loaded machine
     args = [str(experiment), "--address", address, "--runs", str(runs), "--set", "train.steps=2000",
             "--set", "train.checkpoint_every=50", "--set", "train.seed=[2]"]
     job = _submit(env, args, cwd=submitter, preexec_fn=sigint_as_in_a_terminal)
