@@ -38,7 +38,7 @@ notebook: setup
 	$(BIN)/pip install -q -e '.[s3,cluster,notebook]'
 	$(BIN)/jupyter lab --ip 127.0.0.1 --no-browser $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/dead_tokens.ipynb
 
-# the default suite: everything but the tests marked long (5.9 minutes in CI on the 2-core AVX512-BF16 AMD EPYC
+# the default suite: everything but the tests marked long (5.5-5.9 minutes in CI on the 2-core AVX512-BF16 AMD EPYC
 # of 2026-12-06, 405 tests; 4.6-7.25 on that kind before, 7.0-7.4 on the AVX2 one; docs/development.md)
 test: setup-test
 	$(BIN)/python -m pytest -m "not long"
