@@ -33,6 +33,8 @@ LEVEL = 3  # zstd's default; on bf16-true's gradients levels 1-9 all took 1.57-1
 CODEC: dict[str, str | int] = {"codec": "zstd", "level": LEVEL, "shuffle": "byte"}
 COMPRESSED = ("grads", "E_grads", "logits", KEYFRAMES)
 Read = Callable[[int, int], bytes]  # (offset, size) -> bytes of a file
+# The unsigned integers that hold a stored dtype's bits (as `RowReader.bits` gives them)
+BITS: dict[str, np.dtype] = {"BF16": np.dtype("<u2"), "F32": np.dtype("<u4")}
 
 
 class CorruptBlock(UserError):
@@ -68,10 +70,11 @@ def compress(source: Path, target: Path) -> None:
         header = read_header(lambda offset, n: os.pread(fd, n, offset))
         read: Read = lambda offset, n: os.pread(fd, n, header.data_start + offset)  # noqa: E731
         order = sorted(header.tensors, key=lambda name: header.tensors[name]["data_offsets"][0])
-        packed: dict[str, dict] = {
-            name: {"dtype": header.tensors[name]["dtype"], "shape": header.tensors[name]["shape"],
-                   "block_rows": block_rows(name), "ends": [0] * _blocks(header.tensors[name]["shape"], name)}
-            for name in order if name in COMPRESSED}
+        packed: dict[str, dict] = {}
+        for name in (n for n in order if n in COMPRESSED):
+            dtype, shape = header.tensors[name]["dtype"], header.tensors[name]["shape"]
+            packed[name] = {"dtype": dtype, "shape": shape, "block_rows": block_rows(name),
+                            "ends": [0] * _blocks(shape[0], block_rows(name))}
         spec = {**CODEC, "tensors": packed}
         # room for the header: every offset as long as any this file can have
         room = (len(_header(header, order, dict.fromkeys(order, 10 ** 15), spec, fill=10 ** 15)) + 7) // 8 * 8
@@ -90,8 +93,9 @@ def compress(source: Path, target: Path) -> None:
         os.close(fd)
 
 
-def _blocks(shape: list[int], name: str) -> int:
-    return -(-shape[0] // block_rows(name)) if shape else 0
+def _blocks(rows: int, per_block: int) -> int:
+    """How many blocks of `per_block` rows hold `rows` rows (the last may be short)."""
+    return -(-rows // per_block)
 
 
 def _compress_tensor(name: str, info: dict, read: Read, out: BinaryIO, ends: list[int]) -> int:
@@ -133,11 +137,6 @@ def _header(header: Header, order: list[str], sizes: dict[str, int], spec: dict,
     return json.dumps(entries, separators=(",", ":")).encode()
 
 
-def _bits(dtype: str) -> np.dtype:
-    """The unsigned integers that hold a stored dtype's bits (as `RowReader.bits` gives them)."""
-    return np.dtype(f"<u{ITEM_BYTES[dtype]}")
-
-
 class CompressedTensors:
     """The compressed tensors of a recording, read by blocks (the last one kept: rows are read in order)."""
 
@@ -153,8 +152,8 @@ class CompressedTensors:
             for name, s in self.specs.items():
                 info, ends = tensors[name], s["ends"]
                 stored = info["data_offsets"][1] - info["data_offsets"][0]
-                if info["dtype"] != "U8" or s["dtype"] not in ITEM_BYTES or ends != sorted(ends) or \
-                        len(ends) != -(-s["shape"][0] // s["block_rows"]) or (ends[-1] if ends else 0) != stored:
+                if info["dtype"] != "U8" or s["dtype"] not in BITS or ends != sorted(ends) or \
+                        len(ends) != _blocks(s["shape"][0], s["block_rows"]) or (ends[-1] if ends else 0) != stored:
                     raise ValueError(f"{name}: its blocks do not cover its {stored:,} bytes")
         except (KeyError, ValueError, TypeError, IndexError, ZeroDivisionError) as e:
             raise UserError(f"{where}: metadata: compression unusable ({e})") from None
@@ -169,9 +168,9 @@ class CompressedTensors:
         """Rows start..stop-1 of `name`, uncompressed: unsigned integers of the dtype's width."""
         s = self.specs[name]
         if stop <= start:
-            return np.empty((0, *s["shape"][1:]), _bits(s["dtype"]))
+            return np.empty((0, *s["shape"][1:]), BITS[s["dtype"]])
         per_block = s["block_rows"]
-        blocks = [self._block(name, index) for index in range(start // per_block, -(-stop // per_block))]
+        blocks = [self._block(name, index) for index in range(start // per_block, _blocks(stop, per_block))]
         first = start // per_block * per_block
         rows = np.concatenate(blocks) if len(blocks) != 1 else blocks[0]
         return rows[start - first:stop - first]
@@ -183,7 +182,7 @@ class CompressedTensors:
         begin = s["ends"][index - 1] if index else 0
         first, stop = index * s["block_rows"], min((index + 1) * s["block_rows"], s["shape"][0])
         frame = self.read(self.offsets[name] + begin, s["ends"][index] - begin)
-        dtype = _bits(s["dtype"])
+        dtype = BITS[s["dtype"]]
         try:
             data = unshuffle(zstandard.ZstdDecompressor().decompress(frame), dtype.itemsize)
             rows = data.view(dtype).reshape(stop - first, *s["shape"][1:])

@@ -16,11 +16,10 @@ import numpy as np
 
 from runner.errors import ConfigError, UserError
 from runner.layout import recording_of
+from runner.recording.compression import BITS, CompressedTensors
 from runner.recording.format import COMPRESSION, ITEM_BYTES, experiment_of, is_compact, read_header, stored_layout
 from runner.storage.blob import read
 from runner.storage.location import Location, at
-
-BITS: dict[str, np.dtype] = {"BF16": np.dtype("<u2"), "F32": np.dtype("<u4")}
 
 
 def as_fp32(bits: np.ndarray) -> np.ndarray:
@@ -63,8 +62,6 @@ class RowReader:
         self.stored = self.tensors
         self.compressed = None
         if COMPRESSION in self.metadata:  # a complete compact recording's large tensors (compression.py)
-            from runner.recording.compression import CompressedTensors
-
             try:
                 self.compressed = CompressedTensors(str(self.path), self.metadata, self.tensors,
                                                     lambda offset, n: read(self.blob, self.data_start + offset, n))
