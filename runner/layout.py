@@ -49,14 +49,16 @@ _LOCAL_ONLY = re.compile(rf"{re.escape(LOCK)}|.*{re.escape(PARTIAL)}(/.*)?|.*{re
                          rf"{re.escape(CHECKPOINT)}|{re.escape(MANIFEST)}")
 
 
-# Everything a run directory may hold: its files (or one being written: NAME.partial, NAME.tmp, or
-# .NAME.<random>.tmp), its folders' contents, and what a person's file browser leaves
+# Everything a run directory may hold: its files (or one being written: NAME.partial, NAME.tmp,
+# .NAME.<random>.tmp, or .tmpXXXXXX, which safetensors' save_file left when a crash cut short a
+# checkpoint's write before this project serialized them itself), its folders' contents, and what
+# a person's file browser leaves
 _RUN_FILES = (MANIFEST, RECORDING, CONVERTING, CHECKPOINT, PROGRESS, METRICS, METRICS_SOURCE, PARTIAL_METRICS, EVENTS,
               TRAIN_LOG, LOCK, LEASE)
 _RUN_FOLDERS = (TOKENIZER, MODELS, PARTS, REPORT)
 _RUN_FILE = re.compile(rf"\.?({'|'.join(map(re.escape, _RUN_FILES))})({re.escape(PARTIAL)}|(\.[^/]+)?{re.escape(TMP)})?"
                        rf"|({'|'.join(map(re.escape, _RUN_FOLDERS))})({re.escape(PARTIAL)})?/.+"
-                       rf"|{re.escape(PROBE_PREFIX)}[^/]*|(.+/)?\.DS_Store|\.ipynb_checkpoints/.*")
+                       rf"|{re.escape(PROBE_PREFIX)}[^/]*|\.tmp[A-Za-z0-9]{{6}}|(.+/)?\.DS_Store|\.ipynb_checkpoints/.*")
 
 
 class Joinable(Protocol):

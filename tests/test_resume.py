@@ -114,26 +114,32 @@ def test_sigkill_then_resume_with_bf16_products_through_fp32(experiment_file, tm
 
 
 def test_sigkill_during_a_checkpoint_write(experiment_file, uninterrupted, tmp_path):
-    """The process dies halfway through writing its third checkpoint; the second one is used."""
+    """The process dies halfway through writing its third checkpoint; the second one is used. The
+    leftover of an older version's crash (safetensors' save_file wrote a `.tmpXXXXXX` beside the
+    checkpoint) does not stop the resume either."""
     out = tmp_path / "run"
     killer = f"""
 import os, signal, sys
 import runner.training.checkpoint as ckpt
 calls = []
-def dying_save_file(tensors, path, metadata):
-    calls.append(path)
+def dying_serialize(tensors, metadata):
+    data = real_serialize(tensors, metadata=metadata)
+    calls.append(len(data))
     if len(calls) == 3:
-        with open(path, "wb") as f:
-            f.write(b"half a checkpoint")
+        with open({str(out / "checkpoint.safetensors.tmp")!r}, "wb") as f:
+            f.write(data[:len(data) // 2])
         os.kill(os.getpid(), signal.SIGKILL)
-    return real_save_file(tensors, path, metadata=metadata)
-real_save_file, ckpt.save_file = ckpt.save_file, dying_save_file
+    return data
+real_serialize, ckpt.serialize = ckpt.serialize, dying_serialize
 from runner.cli import main
 sys.exit(main({train_cmd(experiment_file, out)[3:]!r}))
 """
     result = subprocess.run([sys.executable, "-c", killer], capture_output=True)
     assert result.returncode == -signal.SIGKILL
-    assert (out / "checkpoint.safetensors.tmp").read_bytes() == b"half a checkpoint"
+    half = (out / "checkpoint.safetensors.tmp").read_bytes()
+    assert 0 < len(half) < (out / "checkpoint.safetensors").stat().st_size
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".tmp")) == []  # nothing of safetensors'
+    (out / ".tmpf3fBsR").write_bytes(half)
     assert subprocess.run(train_cmd(experiment_file, out), capture_output=True).returncode == 0
     assert json.loads((out / "run.json").read_text())["resumed_from_step"] == 2 * EVERY
     assert_identical(out, uninterrupted)

@@ -330,12 +330,22 @@ def test_a_cancelled_job_leaves_its_runs_cancelled_and_the_same_command_resumes_
 
 @pytest.mark.long
 def test_a_job_stopped_at_its_time_limit_resumes_on_resubmission_bit_for_bit(slurm, tmp_path):
+    """The limit is cut to a minute or two once the runs train (a `--time=1` job could be warned
+    before any run had started on a loaded machine: Slurm sends the warning up to a minute early)."""
     runs = slurm.base / "runs-time"
     longer = ("--set", "train.seed=[1]", "--set", "train.steps=3000", "--set", "train.checkpoint_every=100")
-    code, out = _finish(_sweep(slurm, runs, "--nodes", "2", "--sbatch=--time=1", *longer))
+    proc = _sweep(slurm, runs, "--nodes", "2", "--sbatch=--time=10", *longer)
+    exp_dir = runs / "smoke_sweep"
+    _wait_training(proc, exp_dir, past_step=100)
+    (log,) = exp_dir.glob("slurm/*/slurm-*.out")
+    job_id = log.stem.removeprefix("slurm-")
+    elapsed = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%M"], env=_env(slurm), check=True,
+                             capture_output=True, text=True).stdout.strip()
+    minutes = int(elapsed.split(":")[-2]) + 2  # 1-2 minutes left: inside the 120 s warning at once
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", f"TimeLimit={minutes}"], env=_env(slurm), check=True)
+    code, out = _finish(proc)
     assert code == 143, out
     assert "Slurm warns of the time limit (SIGUSR1)" in out or "TIMEOUT" in out
-    exp_dir = runs / "smoke_sweep"
     assert {m["status"] for m in _manifests(exp_dir)} == {"cancelled"}, out
 
     code, out = _finish(_sweep(slurm, runs, "--nodes", "2", *longer))

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as serialize
 
 from runner.config import Experiment
 from runner.errors import UserError
@@ -85,11 +85,13 @@ def save(run_dir: Path, run_id: str, step: int, train_s: float, model: torch.nn.
             tensors[f"rng.cuda.{i}"] = state
     tensors["losses"] = losses[:step].detach().cpu()
     files = RunFiles(run_dir)
+    # serialized here and written by atomic_path: safetensors' save_file writes a `.tmpXXXXXX` of its
+    # own beside the target, which a SIGKILL leaves in the run directory
     with atomic_path(files.checkpoint, files.checkpoint_tmp) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"run_id": run_id, "step": str(step), "train_s": repr(train_s),
-                            "threads": str(torch.get_num_threads()),
-                            RECORDING_DIGESTS: json.dumps(recording_digests, separators=(",", ":"))})
+        tmp.write_bytes(serialize({k: v.contiguous() for k, v in tensors.items()},
+                                  metadata={"run_id": run_id, "step": str(step), "train_s": repr(train_s),
+                                            "threads": str(torch.get_num_threads()),
+                                            RECORDING_DIGESTS: json.dumps(recording_digests, separators=(",", ":"))}))
 
 
 def load(run_dir: Path, run_id: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Checkpoint | None:
