@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -118,12 +117,6 @@ def wait_until(condition, what: str, timeout_s: float = 120.0, poll_s: float = 0
         if time.monotonic() >= deadline:
             pytest.fail(f"timed out after {timeout_s:g} s waiting for {what}")
         time.sleep(poll_s)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ray_cli(*args: str) -> list[str]:

@@ -8,11 +8,12 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from ports import free_ports
 
 ADMIN = {"AWS_ACCESS_KEY_ID": "lilgatsby-test", "AWS_SECRET_ACCESS_KEY": "lilgatsby-test-secret"}
 READER = {"AWS_ACCESS_KEY_ID": "lilgatsby-reader", "AWS_SECRET_ACCESS_KEY": "lilgatsby-reader-secret"}
@@ -26,21 +27,10 @@ def weed_binary() -> str | None:
     return shutil.which("weed") or shutil.which("weed", path=str(Path(sys.executable).parent))
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 class SeaweedFS:
     def __init__(self, directory: Path):
         self.directory = directory
-        self.ports = dict(zip(PORT_FLAGS, _free_ports(len(PORT_FLAGS)), strict=True))
+        self.ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=True))
         self.endpoint = f"http://127.0.0.1:{self.ports['s3.port']}"
         self.process: subprocess.Popen | None = None
         self.last_error = ""

@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ports import free_port
+
 DAEMONS = ("slurmctld", "slurmd", "munged", "sbatch", "squeue", "scancel", "nsenter", "unshare", "ip")
 CPUS_PER_NODE = 4  # more than this machine has (config_overrides): two jobs share a node, as on a cluster
 
@@ -115,7 +117,7 @@ class SlurmCluster:
                         for i, n in enumerate(self.names, start=1))
         (b / "slurm.conf").write_text(f"""ClusterName=lgs{self.tag}
 SlurmctldHost={os.uname().nodename}({self.ip(1)})
-SlurmctldPort={_free_port()}
+SlurmctldPort={free_port()}
 SlurmdPort=6818
 AuthType=auth/munge
 AuthInfo=socket={b}/munge/munge.sock
@@ -199,11 +201,3 @@ MinJobAge=600
             subprocess.run(["ip", "netns", "delete", f"lgs{self.tag}{name}"], capture_output=True)
         subprocess.run(["ip", "link", "delete", f"lgs{self.tag}br"], capture_output=True)
         shutil.rmtree(self.base, ignore_errors=True)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

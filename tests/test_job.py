@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ports import free_port
 
 from runner.cli import main
 from runner.config import load_runs
@@ -25,7 +26,7 @@ from runner.errors import UserError
 from runner.launch.job import exit_code
 from runner.launch.nodes import identity
 
-from conftest import REPO, alive_nodes, free_port, isolated_cluster, ray_cli, sigint_as_in_a_terminal, wait_until
+from conftest import REPO, alive_nodes, isolated_cluster, ray_cli, sigint_as_in_a_terminal, wait_until
 
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
 

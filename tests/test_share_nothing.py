@@ -18,13 +18,14 @@ from pathlib import Path
 
 import pytest
 import ray
+from ports import free_port
 
 import runner.launch.sweep
 from runner.cli import main
 from runner.data.corpus import read_book
 from runner.launch.nodes import identity, mismatch
 
-from conftest import REPO, alive_nodes, free_port, isolated_cluster, ray_cli, wait_until
+from conftest import REPO, alive_nodes, isolated_cluster, ray_cli, wait_until
 
 SMOKE_SWEEP = REPO / "experiments" / "smoke_sweep.yaml"
 SHORT = ["--set", "train.steps=20", "--set", "train.seed=[1]", "--quiet"]
