@@ -52,6 +52,9 @@ def test_the_batch_script_is_valid_bash_with_the_users_options_last(tmp_path):
     assert "TOKEN_FILE=ray-token" in script and 'RAY_AUTH_TOKEN_PATH="$JOB_DIR/$TOKEN_FILE"' in script
     assert "RAY_AUTH_TOKEN=" not in script
     assert "ray stop" not in script.replace("a bare `ray stop`", "")  # never every Ray on the node
+    words = render(_job(sbatch_args=["--partition", "gpu", "-A", "lab x", "--exclusive", "-t", "5"]))
+    assert re.findall(r"^#SBATCH (.+)$", words, flags=re.M)[-4:] == ["--partition gpu", "-A 'lab x'", "--exclusive",
+                                                                      "-t 5"]  # a value on its option's line
     gpu = render(_job(gpus_per_node=2, cpus_per_node=None, requeue=True, sbatch_args=[]))
     assert "#SBATCH --gpus-per-node=2" in gpu and "#SBATCH --requeue" in gpu and "--cpus-per-task" not in gpu
 
@@ -77,7 +80,10 @@ def test_the_array_script_trains_one_point_per_task_and_keeps_its_exit_code(tmp_
     (["--slurm", "--nodes", "0"], "--nodes 0: at least 1"),
     (["--slurm", "--sbatch=--nodes=3"], "--sbatch: --nodes=3: lilgatsby sets it (--nodes N for the node count)"),
     (["--slurm", "--sbatch=--time='1"], "--sbatch: No closing quotation: \"--time='1\""),
+    (["--slurm", "--sbatch=-N 3"], "--sbatch: -N: lilgatsby sets it (--nodes N for the node count)"),
+    (["--slurm", "--sbatch=-Jname"], "--sbatch: -Jname: lilgatsby sets it (--nodes N for the node count)"),
     (["--slurm"], "--slurm: sbatch is not on PATH: run the sweep on a Slurm login node"),
+    (["--slurm-array"], "--slurm-array: sbatch is not on PATH: run the sweep on a Slurm login node"),
 ])
 def test_what_a_slurm_submission_refuses_in_one_line(args, error, tmp_path, small_book, capsys, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no Slurm commands
@@ -110,10 +116,17 @@ def _fake_slurm(tmp_path: Path, monkeypatch, sbatch: str, sinfo: str = "exit 0")
     monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
 
 
+ON_GPU_PARTITION = """case "$*" in *"-p gpu"*) echo 'gpu:h100:8';; *) echo '(null)';; esac"""
+
+
 @pytest.mark.parametrize("sinfo, sbatch_option, gpus", [
     ("echo '(null)'", "--time=10", None),
     ("echo 'gpu:a100:4(S:0-1)'", "--time=10", "--gpus-per-node=1"),  # a run's gpus_per_run (1), rounded up
     ("echo 'gpu:a100:4(S:0-1)'", "--gres=gpu:2", None),  # the user's own GPU request wins
+    ("echo 'gpu:a100:4(S:0-1)'", "-G 2", None),
+    (ON_GPU_PARTITION, "-p gpu", "--gpus-per-node=1"),  # the partition asked for is the one asked about
+    (ON_GPU_PARTITION, "--partition=gpu", "--gpus-per-node=1"),
+    (ON_GPU_PARTITION, "-pcpu", None),
 ])
 def test_the_submitted_script_asks_for_what_the_experiment_needs(sinfo, sbatch_option, gpus, tmp_path, small_book,
                                                                  capsys, monkeypatch):
@@ -334,7 +347,7 @@ def test_a_job_stopped_at_its_time_limit_resumes_on_resubmission_bit_for_bit(slu
     before any run had started on a loaded machine: Slurm sends the warning up to a minute early)."""
     runs = slurm.base / "runs-time"
     longer = ("--set", "train.seed=[1]", "--set", "train.steps=3000", "--set", "train.checkpoint_every=100")
-    proc = _sweep(slurm, runs, "--nodes", "2", "--sbatch=--time=10", *longer)
+    proc = _sweep(slurm, runs, "--nodes", "2", "--sbatch=--time 10", *longer)  # a value as a word
     exp_dir = runs / "smoke_sweep"
     _wait_training(proc, exp_dir, past_step=100)
     (log,) = exp_dir.glob("slurm/*/slurm-*.out")

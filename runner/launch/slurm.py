@@ -46,6 +46,7 @@ ENDED = ("BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL
          "TIMEOUT")
 CPU_OPTIONS = ("-c", "--cpus-per-task")
 GPU_OPTIONS = ("-G", "--gpus", "--gpus-per-node", "--gres")
+OURS = ("-N", "--nodes", "-o", "--output", "-J", "--job-name")  # what the script sets
 
 
 def job_dir_for(runs_root: Location, experiment: str, tag: str) -> Path:
@@ -60,22 +61,37 @@ def sbatch_args(given: str | None) -> list[str]:
     """sbatch options from --sbatch, else from $LILGATSBY_SBATCH_ARGS; one line if they do not parse."""
     args, where = (split_sbatch_args(given, "--sbatch"), "--sbatch") if given is not None else \
         (sbatch_args_from_env(), SBATCH_ARGS)
-    bad = [a for a in args if a.split("=")[0] in ("--nodes", "-N", "--output", "-o", "--job-name", "-J")]
+    bad = [a for a in args if _gives([a], OURS)]
     if bad:
         raise ConfigError(f"{where}: {bad[0]}: lilgatsby sets it (--nodes N for the node count)")
     return args
 
 
-def _command(name: str) -> str:
+def _command(name: str, flag: str = "--slurm") -> str:
     found = shutil.which(name)
     if found is None:
-        raise ConfigError(f"--slurm: {name} is not on PATH: run the sweep on a Slurm login node")
+        raise ConfigError(f"{flag}: {name} is not on PATH: run the sweep on a Slurm login node")
     return found
+
+
+def option_value(args: list[str], names: tuple[str, ...]) -> str | None:
+    """The value sbatch takes from `args` for the option spelt `names` (`--long=V`, `--long V`,
+    `-s V`, `-sV`; the last one given wins, as in sbatch); None when it is not given."""
+    value = None
+    for i, arg in enumerate(args):
+        for name in names:
+            if arg == name:
+                value = args[i + 1] if i + 1 < len(args) else ""
+            elif name.startswith("--") and arg.startswith(name + "="):
+                value = arg[len(name) + 1:]
+            elif len(name) == 2 and arg.startswith(name) and not arg.startswith("--"):
+                value = arg[2:]
+    return value
 
 
 def partition_has_gpus(args: list[str]) -> bool:
     """Whether the nodes of the partition the job asks for (or the default one) offer GPUs."""
-    partition = next((a.split("=", 1)[1] for a in args if a.startswith("--partition=")), None)
+    partition = option_value(args, ("-p", "--partition"))
     out = subprocess.run([_command("sinfo"), "-h", "-o", "%G", *(["-p", partition] if partition else [])],
                          capture_output=True, text=True, check=False).stdout
     return "gpu" in out
@@ -101,7 +117,7 @@ def submit(path: Path, overrides: list[str], runs_root: Location, *, nodes: int,
         print(f"{exp_dir}: all {plural(len(runs), 'run')} complete; nothing to submit (--force trains them again)")
         return 0
     book = the_book(runs)
-    sbatch_bin = _command("sbatch")
+    sbatch_bin = _command("sbatch", "--slurm-array" if array else "--slurm")
     job_dir = job_dir_for(runs_root, exp.name, f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}")
     job_dir.mkdir(parents=True)
     job_id = None
@@ -159,7 +175,7 @@ def _sbatch(sbatch_bin: str, job_dir: Path, *args: str) -> str:
 
 
 def _gives(args: list[str], options: tuple[str, ...]) -> bool:
-    return any(a.split("=")[0] in options for a in args)
+    return option_value(args, options) is not None
 
 
 def job_states(jobs: list[str]) -> list[tuple[str, str, str]] | None:

@@ -70,8 +70,20 @@ def _header(job: BatchJob, shape: list[str], log_pattern: str, settings: dict[st
             f"#   {job.made_by}\n"
             "# `sbatch` this file again to resume it: finished runs are skipped, interrupted ones resume from\n"
             "# their checkpoints. What it does and needs: docs/sweeps.md, \"On a Slurm cluster\".\n"
-            + "".join(f"#SBATCH {shlex.quote(o)}\n" for o in options) + "\n"
+            + "".join(f"#SBATCH {line}\n" for line in _option_lines(options)) + "\n"
             + "".join(f"{k}={shlex.quote(v)}\n" for k, v in settings.items()))
+
+
+def _option_lines(args: list[str]) -> list[str]:
+    """One #SBATCH line per option, its value beside it when it came as a word of its own
+    (`--partition gpu`, `-p gpu`): sbatch reads each line as a command line of its own."""
+    lines: list[list[str]] = []
+    for arg in args:
+        if lines and not arg.startswith("-"):
+            lines[-1].append(arg)
+        else:
+            lines.append([arg])
+    return [shlex.join(words) for words in lines]
 
 
 ARRAY_BODY = r"""
