@@ -74,7 +74,7 @@ def _command(name: str, flag: str = "--slurm") -> str:
     return found
 
 
-def option_value(args: list[str], names: tuple[str, ...]) -> str | None:
+def _option_value(args: list[str], names: tuple[str, ...]) -> str | None:
     """The value sbatch takes from `args` for the option spelt `names` (`--long=V`, `--long V`,
     `-s V`, `-sV`; the last one given wins, as in sbatch); None when it is not given."""
     value = None
@@ -91,7 +91,7 @@ def option_value(args: list[str], names: tuple[str, ...]) -> str | None:
 
 def partition_has_gpus(args: list[str]) -> bool:
     """Whether the nodes of the partition the job asks for (or the default one) offer GPUs."""
-    partition = option_value(args, ("-p", "--partition"))
+    partition = _option_value(args, ("-p", "--partition"))
     out = subprocess.run([_command("sinfo"), "-h", "-o", "%G", *(["-p", partition] if partition else [])],
                          capture_output=True, text=True, check=False).stdout
     return "gpu" in out
@@ -175,7 +175,7 @@ def _sbatch(sbatch_bin: str, job_dir: Path, *args: str) -> str:
 
 
 def _gives(args: list[str], options: tuple[str, ...]) -> bool:
-    return option_value(args, options) is not None
+    return _option_value(args, options) is not None
 
 
 def job_states(jobs: list[str]) -> list[tuple[str, str, str]] | None:

@@ -72,9 +72,9 @@ def compress(source: Path, target: Path) -> None:
         order = sorted(header.tensors, key=lambda name: header.tensors[name]["data_offsets"][0])
         packed: dict[str, dict] = {}
         for name in (n for n in order if n in COMPRESSED):
-            dtype, shape = header.tensors[name]["dtype"], header.tensors[name]["shape"]
-            packed[name] = {"dtype": dtype, "shape": shape, "block_rows": block_rows(name),
-                            "ends": [0] * _blocks(shape[0], block_rows(name))}
+            info, per_block = header.tensors[name], block_rows(name)
+            packed[name] = {"dtype": info["dtype"], "shape": info["shape"], "block_rows": per_block,
+                            "ends": [0] * _blocks(info["shape"][0], per_block)}
         spec = {**CODEC, "tensors": packed}
         # room for the header: every offset as long as any this file can have
         room = (len(_header(header, order, dict.fromkeys(order, 10 ** 15), spec, fill=10 ** 15)) + 7) // 8 * 8
