@@ -38,8 +38,8 @@ notebook: setup
 	$(BIN)/pip install -q -e '.[s3,cluster,notebook]'
 	$(BIN)/jupyter lab --ip 127.0.0.1 --no-browser $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/dead_tokens.ipynb
 
-# the default suite: everything but the tests marked long (5.5-5.9 minutes in CI on the 2-core AVX512-BF16 AMD EPYC
-# of 2026-12-06, 405 tests; 4.6-7.25 on that kind before, 7.0-7.4 on the AVX2 one; docs/development.md)
+# the default suite: everything but the tests marked long (5.5-6.6 minutes in CI on the 2-core AVX512-BF16 AMD EPYC
+# of 2026-12-06, 405-413 tests; 4.6-7.25 on that kind before, 7.0-7.4 on the AVX2 one; docs/development.md)
 test: setup-test
 	$(BIN)/python -m pytest -m "not long"
 
@@ -47,7 +47,7 @@ test: setup-test
 test-long: setup-test
 	$(BIN)/python -m pytest -m long
 
-# the inner loop while changing code: no Ray, no subprocess trainings (58 s on that EPYC)
+# the inner loop while changing code: no Ray, no subprocess trainings (54-58 s on that EPYC)
 test-fast: setup-test
 	$(BIN)/python -m pytest -m "not slow and not long"
 
